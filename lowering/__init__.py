@@ -1,0 +1,21 @@
+"""Lowering passes on the Dynamo graph, before AOT autograd; installed as ``xy_inductor.lowering``.
+
+One pass per file, run in the order of ``PASSES``; each counts what it rewrote and says why it
+left a site alone.
+"""
+
+from xy_inductor.lowering.linear_to_gemm import LinearToGemm
+from xy_inductor.lowering.pass_base import LoweringPass, Site
+from xy_inductor.lowering.pipeline import PASSES, GraphReport, lower_graph, pipeline_uuid
+from xy_inductor.lowering.sdpa_to_attention import SdpaToAttention
+
+__all__ = [
+    "PASSES",
+    "GraphReport",
+    "LinearToGemm",
+    "LoweringPass",
+    "SdpaToAttention",
+    "Site",
+    "lower_graph",
+    "pipeline_uuid",
+]

@@ -1,0 +1,156 @@
+"""What every lowering pass shares: site records, site names, the match loop, ``uuid()``.
+
+A pass looks at the nodes it knows how to recognise (its *sites*), rewrites each one it can
+into an xyserve op, and records why it left the others alone. Nothing it does not rewrite is
+touched, so an unsupported site always runs exactly as traced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.fx
+from torch._subclasses.fake_tensor import FakeTensor
+
+__all__ = ["LoweringPass", "Site", "bind", "fake_value", "site_name"]
+
+
+@dataclass(frozen=True)
+class Site:
+    """One attention or linear site of a graph, and what the lowering did with it."""
+
+    kind: str
+    """``attention`` or ``linear``."""
+    name: str
+    """Where it comes from: the module path when there is one, else file:line."""
+    lowered: bool
+    """Whether it now runs as an xyserve op."""
+    reason: str | None
+    """Why it was left as it was (None when lowered)."""
+    pass_name: str
+    """The pass that recognised the site."""
+
+
+_SUBSCRIPT = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")
+
+
+def _clean_module_path(path: str) -> str:
+    # Dynamo writes module paths as sources: L['self'].model.layers[0]._modules['q_proj'].
+    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
+    path = path.replace("._modules", "").replace("_modules", "")
+    path = _SUBSCRIPT.sub(r".\1", path)
+    return path.strip(".") or "<root>"
+
+
+def site_name(node: torch.fx.Node) -> str:
+    """``model.layers.0.self_attn.q_proj`` for a module's call, else ``file.py:123`` of the call."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path, _cls = list(stack.values())[-1]
+        return _clean_module_path(path if isinstance(path, str) else str(path))
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
+    if frames:
+        file, line = frames[-1]
+        return f"{file.rsplit('/', 1)[-1]}:{line}"
+    return node.name
+
+
+def bind(node: torch.fx.Node, params: tuple[str, ...], defaults: dict[str, object]) -> dict:
+    """The call's arguments by name, defaults filled in (Dynamo keeps them as written)."""
+    bound = dict(defaults)
+    bound.update(zip(params, node.args, strict=False))
+    bound.update(node.kwargs)
+    return bound
+
+
+def fake_value(arg: object) -> object:
+    """The traced (fake) value behind a graph argument; constants are returned as they are."""
+    if isinstance(arg, torch.fx.Node):
+        return arg.meta.get("example_value", arg.meta.get("val"))
+    return arg
+
+
+def _infer_meta(target: object, args: tuple, kwargs: dict) -> object:
+    fake_args = tuple(fake_value(a) for a in args)
+    fake_kwargs = {k: fake_value(v) for k, v in kwargs.items()}
+    # The tensors' own mode: Dynamo gives the backend a different one in its tracing context.
+    modes = [a.fake_mode for a in fake_args if isinstance(a, FakeTensor)]
+    if not modes:
+        return None
+    with modes[0]:
+        return target(*fake_args, **fake_kwargs)
+
+
+class LoweringPass(ABC):
+    """Base of the passes in ``PASSES``: subclasses say what a site is, when it can be
+    lowered, and how to rewrite it."""
+
+    name: ClassVar[str]
+    """Short name, shown by ``explain``."""
+    kind: ClassVar[str]
+    """The kind of site it recognises: ``attention`` or ``linear``."""
+
+    def __init__(self) -> None:
+        self.matched = 0
+        """Sites rewritten by the last run."""
+
+    @abstractmethod
+    def is_site(self, node: torch.fx.Node) -> bool:
+        """Whether the node is a site of this pass's kind (lowered already or not)."""
+
+    @abstractmethod
+    def is_lowered(self, node: torch.fx.Node) -> bool:
+        """Whether the site already is the xyserve op (so a second run leaves it alone)."""
+
+    @abstractmethod
+    def why_not(self, node: torch.fx.Node) -> str | None:
+        """None when the site can be lowered, else the reason it cannot."""
+
+    @abstractmethod
+    def replacement(self, node: torch.fx.Node) -> tuple[object, tuple, dict]:
+        """The call that replaces the site: (target, args, kwargs)."""
+
+    def __call__(self, gm: torch.fx.GraphModule, skip_reason: str | None = None) -> list[Site]:
+        """Lower the sites of ``gm`` in place; with ``skip_reason``, only list them."""
+        self.matched = 0
+        sites = []
+        for node in list(gm.graph.nodes):
+            if not self.is_site(node):
+                continue
+            name = site_name(node)
+            if self.is_lowered(node):
+                sites.append(Site(self.kind, name, True, None, self.name))
+                continue
+            reason = skip_reason or self.why_not(node)
+            if reason is None:
+                self._rewrite(gm.graph, node)
+                self.matched += 1
+            sites.append(Site(self.kind, name, reason is None, reason, self.name))
+        if self.matched:
+            gm.graph.lint()
+            gm.recompile()
+        return sites
+
+    def _rewrite(self, graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+        target, args, kwargs = self.replacement(node)
+        with graph.inserting_before(node):
+            new = graph.call_function(target, args, kwargs)
+        new.meta = dict(node.meta)
+        value = _infer_meta(target, args, kwargs)
+        if value is not None:
+            new.meta["example_value"] = value
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+
+    def uuid(self) -> str:
+        """Changes when the pass's code changes, for compile caches that key on passes."""
+        classes = [c for c in type(self).__mro__ if issubclass(c, LoweringPass)]
+        sources = dict.fromkeys(inspect.getsource(inspect.getmodule(c)) for c in classes)
+        return hashlib.sha256("\0".join(sources).encode()).hexdigest()

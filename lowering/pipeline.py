@@ -1,0 +1,67 @@
+"""The ordered list of lowering passes, one option flag each, and the function that runs it.
+
+Order matters: attention is lowered before linear layers, so that later passes that look at
+both (horizontal fusion of the q/k/v projections) see the final attention ops.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass
+
+import torch.fx
+
+from xy_inductor.config import XyConfig
+from xy_inductor.lowering.linear_to_gemm import LinearToGemm
+from xy_inductor.lowering.pass_base import LoweringPass, Site
+from xy_inductor.lowering.sdpa_to_attention import SdpaToAttention
+
+__all__ = ["PASSES", "GraphReport", "lower_graph", "pipeline_uuid"]
+
+# (XyConfig flag that enables the pass, pass class), in the order they run.
+PASSES: tuple[tuple[str, type[LoweringPass]], ...] = (
+    ("lower_attention", SdpaToAttention),
+    ("lower_linear", LinearToGemm),
+)
+
+
+@dataclass(frozen=True)
+class GraphReport:
+    """What the lowering did to one graph."""
+
+    sites: tuple[Site, ...]
+    """Every site the passes recognised, lowered or not."""
+    matches: dict[str, int]
+    """Sites each pass rewrote in this run, by pass name."""
+    fallback: str | None = None
+    """Set when the whole graph was left as traced: why."""
+
+    def count(self, kind: str, *, lowered: bool | None = None) -> int:
+        return sum(s.kind == kind and (lowered is None or s.lowered == lowered) for s in self.sites)
+
+    def by_kind(self, *, lowered: bool) -> Counter:
+        return Counter(s.kind for s in self.sites if s.lowered == lowered)
+
+
+def lower_graph(
+    gm: torch.fx.GraphModule, config: XyConfig, *, skip_reason: str | None = None
+) -> GraphReport:
+    """Run the enabled passes on ``gm`` in place. With ``skip_reason``, only list the sites."""
+    sites: list[Site] = []
+    matches: dict[str, int] = {}
+    for flag, pass_cls in PASSES:
+        lowering_pass = pass_cls()
+        reason = skip_reason or (
+            None if getattr(config, flag) else f"disabled by option {flag}=False"
+        )
+        sites += lowering_pass(gm, skip_reason=reason)
+        matches[lowering_pass.name] = lowering_pass.matched
+    return GraphReport(tuple(sites), matches, skip_reason)
+
+
+def pipeline_uuid(config: XyConfig) -> str:
+    """Identifies the enabled passes and their code, for caches of compiled graphs."""
+    parts = [f"{flag}:{cls().uuid()}" for flag, cls in PASSES if getattr(config, flag)]
+    parts.append(f"inductor:{config.inductor}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()

@@ -1,0 +1,92 @@
+"""F.scaled_dot_product_attention -> torch.ops.xyserve.attention.
+
+Every argument form of the SDPA call lowers: bool or additive masks (broadcast over batch and
+heads), ``is_causal``, an explicit ``scale``, ``enable_gqa`` with fewer KV heads. Seen in Hugging
+Face's ``sdpa`` attention (Llama, Qwen2, Mistral) and in ``nn.MultiheadAttention``-free models
+that call SDPA directly. Left alone, with the reason: dropout, arguments only known at run time,
+tensors that are not ``[B, H, L, D]``, mixed dtypes or devices.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from xy_inductor.lowering.pass_base import LoweringPass, bind, fake_value
+
+__all__ = ["SdpaToAttention"]
+
+SDPA = torch._C._nn.scaled_dot_product_attention
+_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_DEFAULTS = {
+    "attn_mask": None,
+    "dropout_p": 0.0,
+    "is_causal": False,
+    "scale": None,
+    "enable_gqa": False,
+}
+
+
+def _attention_op():
+    return torch.ops.xyserve.attention.default
+
+
+class SdpaToAttention(LoweringPass):
+    name = "sdpa_to_attention"
+    kind = "attention"
+
+    def is_site(self, node: torch.fx.Node) -> bool:
+        return node.op == "call_function" and (node.target is SDPA or self.is_lowered(node))
+
+    def is_lowered(self, node: torch.fx.Node) -> bool:
+        return node.op == "call_function" and node.target is _attention_op()
+
+    def why_not(self, node: torch.fx.Node) -> str | None:
+        a = bind(node, _PARAMS, _DEFAULTS)
+        q, k, v = (fake_value(a[n]) for n in ("query", "key", "value"))
+        if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+            return "query/key/value carry no traced tensor value"
+        for const in ("dropout_p", "is_causal", "scale", "enable_gqa"):
+            if isinstance(a[const], torch.fx.Node):
+                return f"{const} is only known at run time; xyserve.attention needs a constant"
+        if a["dropout_p"] != 0:
+            return f"dropout_p={a['dropout_p']}: xyserve.attention has no dropout (inference only)"
+        if (q.dim(), k.dim(), v.dim()) != (4, 4, 4):
+            return (
+                f"query/key/value are {q.dim()}/{k.dim()}/{v.dim()}-D; "
+                "xyserve.attention takes [B, H, L, D]"
+            )
+        if not (q.dtype == k.dtype == v.dtype):
+            return f"dtypes differ: query {q.dtype}, key {k.dtype}, value {v.dtype}"
+        if not q.dtype.is_floating_point:
+            return f"{q.dtype} attention: xyserve.attention is for floating point"
+        if not (q.device == k.device == v.device):
+            return f"devices differ: query {q.device}, key {k.device}, value {v.device}"
+        hq, hkv, hv = q.shape[1], k.shape[1], v.shape[1]
+        if not all(isinstance(h, int) for h in (hq, hkv, hv)):
+            return "head counts are symbolic; xyserve.attention needs them fixed"
+        if hkv != hv:
+            return f"key has {hkv} heads but value has {hv}"
+        if hq != hkv and not a["enable_gqa"]:
+            return f"query has {hq} heads, key {hkv}, and enable_gqa=False"
+        if hq % hkv:
+            return f"query heads ({hq}) are not a multiple of key/value heads ({hkv})"
+        mask = fake_value(a["attn_mask"])
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor):
+                return "attn_mask carries no traced tensor value"
+            if a["is_causal"]:
+                return "both attn_mask and is_causal=True are given"
+            if mask.dtype != torch.bool and mask.dtype != q.dtype:
+                return f"attn_mask is {mask.dtype}: xyserve.attention takes bool or {q.dtype}"
+            if mask.dim() > 4:
+                return f"attn_mask is {mask.dim()}-D; at most 4 dims broadcast to [B, H, Lq, Lk]"
+            if mask.device != q.device:
+                return f"attn_mask is on {mask.device}, query on {q.device}"
+        return None
+
+    def replacement(self, node: torch.fx.Node) -> tuple[object, tuple, dict]:
+        a = bind(node, _PARAMS, _DEFAULTS)
+        scale = None if a["scale"] is None else float(a["scale"])
+        args = (a["query"], a["key"], a["value"], a["attn_mask"], bool(a["is_causal"]), scale)
+        return _attention_op(), args, {}

@@ -1,0 +1,207 @@
+"""The xyserve custom ops, defined once: ``torch.ops.xyserve.gemm`` and ``.attention``.
+
+Each op has a fake implementation that computes the output from the input sizes alone, so it
+traces with symbolic sizes and never reads data, and a real implementation that hands the call
+to the provider registry (``providers.run``). The argument checks are shared by both and
+raise ``ValueError``: the fake implementations check with ``torch._check_value``, which also
+holds for symbolic sizes; the real ones with a plain ``if``, which costs nanoseconds instead of
+microseconds on every call.
+
+``gemm_impl`` and ``attention_impl`` are the real implementations as plain functions.
+``DIRECT_CALLS`` maps each op to its implementation: a graph that runs as traced (no Inductor)
+calls them directly, skipping the custom-op layers of the dispatcher (about 20 us a call, which
+at decode is as long as a small GEMM).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from xy_inductor.runtime import providers
+
+__all__ = [
+    "DIRECT_CALLS",
+    "attention",
+    "attention_impl",
+    "check_attention_args",
+    "check_gemm_args",
+    "gemm",
+    "gemm_impl",
+]
+
+Check = Callable[[bool, Callable[[], str]], None]
+
+
+def _raise_unless(cond: bool, message: Callable[[], str]) -> None:
+    if not cond:
+        raise ValueError(message())
+
+
+def _same(a: torch.Tensor, b: torch.Tensor, what: str, op: str, check: Check) -> None:
+    check(a.dtype == b.dtype, lambda: f"xyserve.{op}: {what} dtypes differ: {a.dtype} vs {b.dtype}")
+    check(
+        a.device == b.device,
+        lambda: f"xyserve.{op}: {what} devices differ: {a.device} vs {b.device}",
+    )
+
+
+def check_gemm_args(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, check: Check = _raise_unless
+) -> None:
+    check(x.dim() >= 1, lambda: "xyserve.gemm: x must have at least 1 dim [..., K]")
+    check(weight.dim() == 2, lambda: f"xyserve.gemm: weight must be [N, K], got {weight.dim()}-D")
+    check(
+        x.shape[-1] == weight.shape[1],
+        lambda: (
+            f"xyserve.gemm: x has K={x.shape[-1]} but weight is [N, K] with K={weight.shape[1]}"
+        ),
+    )
+    _same(x, weight, "x and weight", "gemm", check)
+    if bias is not None:
+        check(
+            bias.dim() == 1 and bias.shape[0] == weight.shape[0],
+            lambda: f"xyserve.gemm: bias must be [N={weight.shape[0]}], got {tuple(bias.shape)}",
+        )
+        _same(x, bias, "x and bias", "gemm", check)
+
+
+def gemm_impl(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ weight.T + bias``: x ``[..., K]``, weight ``[N, K]``, bias ``[N]`` or None.
+
+    Returns ``[..., N]``.
+
+    The output is contiguous.
+    """
+    check_gemm_args(x, weight, bias)
+    return providers.run("gemm", x, weight, bias)
+
+
+gemm = torch.library.custom_op("xyserve::gemm", gemm_impl, mutates_args=())
+
+
+@gemm.register_fake
+def _gemm_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    check_gemm_args(x, weight, bias, torch._check_value)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def check_attention_args(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    check: Check = _raise_unless,
+) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check(
+            t.dim() == 4,
+            lambda t=t, name=name: (
+                f"xyserve.attention: {name} must be [B, H, L, D], got {t.dim()}-D"
+            ),
+        )
+    _same(q, k, "q and k", "attention", check)
+    _same(q, v, "q and v", "attention", check)
+    check(
+        q.shape[0] == k.shape[0] and k.shape[0] == v.shape[0],
+        lambda: (
+            f"xyserve.attention: batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}"
+        ),
+    )
+    check(
+        k.shape[1] == v.shape[1] and k.shape[2] == v.shape[2],
+        lambda: (
+            f"xyserve.attention: k {tuple(k.shape)} and v {tuple(v.shape)} must share [B, Hkv, Lk]"
+        ),
+    )
+    check(
+        q.shape[1] % k.shape[1] == 0,
+        lambda: (
+            f"xyserve.attention: q heads ({q.shape[1]}) must be a multiple of "
+            f"kv heads ({k.shape[1]})"
+        ),
+    )
+    check(
+        q.shape[3] == k.shape[3],
+        lambda: f"xyserve.attention: q head dim {q.shape[3]} differs from k head dim {k.shape[3]}",
+    )
+    if attn_mask is None:
+        return
+    check(
+        not is_causal,
+        lambda: "xyserve.attention: give either attn_mask or is_causal=True, not both",
+    )
+    check(
+        attn_mask.dtype == torch.bool or attn_mask.dtype == q.dtype,
+        lambda: f"xyserve.attention: attn_mask must be bool or {q.dtype}, got {attn_mask.dtype}",
+    )
+    check(
+        attn_mask.dim() <= 4,
+        lambda: (
+            f"xyserve.attention: attn_mask has {attn_mask.dim()} dims; at most 4 "
+            "broadcast to [B, H, Lq, Lk]"
+        ),
+    )
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    for i in range(1, attn_mask.dim() + 1):
+        m = attn_mask.shape[-i]
+        # Only a literal 1 broadcasts: a symbolic size that happens to be 1 must match, or the
+        # check would turn into a guard on that size.
+        if isinstance(m, int) and m == 1:
+            continue
+        check(
+            m == target[-i],
+            lambda m=m, i=i: (
+                f"xyserve.attention: attn_mask {tuple(attn_mask.shape)} does not broadcast "
+                f"to [B, Hq, Lq, Lk] = {target} (dim -{i}: {m})"
+            ),
+        )
+
+
+def attention_output(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """An empty ``[B, Hq, Lq, Dv]`` output laid out as ``[B, Lq, Hq, Dv]`` in memory.
+
+    This is the layout flash kernels write, and it makes the usual ``out.transpose(1, 2)
+    .reshape(B, Lq, Hq * Dv)`` that follows attention a view instead of a copy.
+    """
+    B, H, L, _ = q.shape
+    return q.new_empty((B, L, H, v.shape[3])).transpose(1, 2)
+
+
+def attention_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention, grouped-query native, no dropout.
+
+    q ``[B, Hq, Lq, D]``, k ``[B, Hkv, Lk, D]``, v ``[B, Hkv, Lk, Dv]`` with Hq a multiple of
+    Hkv (query head h reads kv head ``h // (Hq // Hkv)``; K and V are never repeated).
+    ``attn_mask`` broadcasts to ``[B, Hq, Lq, Lk]``: bool (True = attend) or additive in q's
+    dtype. ``is_causal`` masks as ``F.scaled_dot_product_attention`` does (aligned top-left).
+    ``scale`` defaults to ``D ** -0.5``. Returns ``[B, Hq, Lq, Dv]`` stored as ``[B, Lq, Hq, Dv]``.
+    """
+    check_attention_args(q, k, v, attn_mask, is_causal)
+    return providers.run("attention", q, k, v, attn_mask, is_causal, scale)
+
+
+attention = torch.library.custom_op("xyserve::attention", attention_impl, mutates_args=())
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, attn_mask=None, is_causal=False, scale=None):
+    check_attention_args(q, k, v, attn_mask, is_causal, torch._check_value)
+    return attention_output(q, v)
+
+
+DIRECT_CALLS: dict[object, Callable[..., torch.Tensor]] = {
+    torch.ops.xyserve.gemm.default: gemm_impl,
+    torch.ops.xyserve.attention.default: attention_impl,
+}

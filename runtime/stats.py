@@ -1,0 +1,113 @@
+"""Counters kept by the backend and by the xyserve ops; read with ``xy_inductor.stats()``.
+
+Process-wide, like ``torch._dynamo.utils.counters``: a compiled graph can run anywhere in the
+program, so the counts cannot live on one object. ``reset_stats()`` zeroes them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+__all__ = ["Stats", "reset_stats", "stats"]
+
+
+@dataclass
+class _Counters:
+    backend_compiles: int = 0
+    compile_seconds: float = 0.0
+    graphs_lowered: int = 0
+    graphs_fallback: int = 0
+    sites_lowered: Counter = field(default_factory=Counter)  # kind -> n
+    sites_unlowered: Counter = field(default_factory=Counter)  # kind -> n
+    calls: Counter = field(default_factory=Counter)  # (op, provider) -> n
+    declined: Counter = field(default_factory=Counter)  # (op, provider, reason) -> n
+
+
+_COUNTERS = _Counters()
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A snapshot of the counters at the time ``stats()`` was called."""
+
+    backend_compiles: int
+    """Graphs Dynamo handed to the xyserve backend (one per compile or recompile)."""
+    compile_seconds: float
+    """Wall time spent inside the backend: lowering, plus Inductor when ``inductor=True``."""
+    graphs_lowered: int
+    """Graphs that went through the lowering passes."""
+    graphs_fallback: int
+    """Graphs run exactly as traced, unlowered (e.g. they needed gradients)."""
+    sites_lowered: dict[str, int]
+    """Sites rewritten into xyserve ops, per kind (``attention``, ``linear``)."""
+    sites_unlowered: dict[str, int]
+    """Sites left as they were, per kind; ``xy_inductor.explain`` says why."""
+    calls: dict[str, dict[str, int]]
+    """Run-time calls per op, then per provider that ran them."""
+    declined: dict[str, dict[str, int]]
+    """Per op, per ``provider: reason``: how often a provider's checker declined a call."""
+
+    def __str__(self) -> str:
+        lines = [
+            f"backend compiles  {self.backend_compiles}  ({self.compile_seconds:.2f} s in backend)",
+            f"graphs            {self.graphs_lowered} lowered, "
+            f"{self.graphs_fallback} run as traced",
+        ]
+        for kind in sorted(set(self.sites_lowered) | set(self.sites_unlowered)):
+            lo, un = self.sites_lowered.get(kind, 0), self.sites_unlowered.get(kind, 0)
+            lines.append(f"{kind + ' sites':<17} {lo} lowered, {un} left as they were")
+        for op, per_provider in sorted(self.calls.items()):
+            calls = ", ".join(f"{p}: {n}" for p, n in sorted(per_provider.items()))
+            lines.append(f"xyserve.{op:<9} {calls}")
+        for op, per_reason in sorted(self.declined.items()):
+            for why, n in sorted(per_reason.items()):
+                lines.append(f"xyserve.{op:<9} declined {n}x by {why}")
+        return "\n".join(lines)
+
+
+def stats() -> Stats:
+    """Backend compiles, lowered and fallback graphs, calls per op and provider."""
+    c = _COUNTERS
+    calls: dict[str, dict[str, int]] = {}
+    for (op, provider), n in c.calls.items():
+        calls.setdefault(op, {})[provider] = n
+    declined: dict[str, dict[str, int]] = {}
+    for (op, provider, reason), n in c.declined.items():
+        declined.setdefault(op, {})[f"{provider}: {reason}"] = n
+    return Stats(
+        backend_compiles=c.backend_compiles,
+        compile_seconds=c.compile_seconds,
+        graphs_lowered=c.graphs_lowered,
+        graphs_fallback=c.graphs_fallback,
+        sites_lowered=dict(c.sites_lowered),
+        sites_unlowered=dict(c.sites_unlowered),
+        calls=calls,
+        declined=declined,
+    )
+
+
+def reset_stats() -> None:
+    """Zero every counter."""
+    global _COUNTERS
+    _COUNTERS = _Counters()
+
+
+def record_compile(seconds: float, *, fallback: bool, lowered: Counter, unlowered: Counter) -> None:
+    c = _COUNTERS
+    c.backend_compiles += 1
+    c.compile_seconds += seconds
+    if fallback:
+        c.graphs_fallback += 1
+    else:
+        c.graphs_lowered += 1
+    c.sites_lowered.update(lowered)
+    c.sites_unlowered.update(unlowered)
+
+
+def record_call(op: str, provider: str) -> None:
+    _COUNTERS.calls[op, provider] += 1
+
+
+def record_decline(op: str, provider: str, reason: str) -> None:
+    _COUNTERS.declined[op, provider, reason] += 1

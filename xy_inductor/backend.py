@@ -1,0 +1,104 @@
+"""The xyserve backend: what Dynamo calls with each graph it captures.
+
+Registered as ``xyserve`` through the ``torch_dynamo_backends`` entry point, so
+``torch.compile(model, backend="xyserve", options={...})`` finds it after ``pip install``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torch.fx
+
+from xy_inductor.config import BACKEND_OPTIONS, XyConfig
+from xy_inductor.lowering import lower_graph
+from xy_inductor.runtime import stats as _stats
+from xy_inductor.runtime.ops import DIRECT_CALLS
+
+__all__ = ["compile_graph", "fallback_reason", "make_backend", "xyserve_backend"]
+
+log = logging.getLogger("xy_inductor")
+
+CompiledFn = Callable[..., object]
+
+
+def xyserve_backend(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[object],
+    *,
+    options: Mapping[str, object] | None = None,
+    mode: str | None = None,
+) -> CompiledFn:
+    """The ``xyserve`` backend: lower attention and linear sites, run or compile the rest."""
+    if mode not in (None, "default"):
+        raise ValueError(
+            f"xyserve does not take torch.compile(mode={mode!r}); "
+            f"pass options={{...}} instead (valid: {', '.join(BACKEND_OPTIONS)})"
+        )
+    return compile_graph(gm, example_inputs, XyConfig.from_options(options, backend_only=True))
+
+
+def make_backend(config: XyConfig) -> CompiledFn:
+    """A backend bound to ``config``: what ``xy_inductor.compile`` hands to torch.compile."""
+
+    def xyserve(gm: torch.fx.GraphModule, example_inputs: Sequence[object]) -> CompiledFn:
+        return compile_graph(gm, example_inputs, config)
+
+    return xyserve
+
+
+def fallback_reason(example_inputs: Sequence[object]) -> str | None:
+    """Why a whole graph must run as traced, or None."""
+    if torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs
+    ):
+        return (
+            "the graph needs gradients (grad mode is on and an input requires grad); xyserve is "
+            "inference-only, so the graph runs as traced: call it under torch.no_grad() or "
+            "torch.inference_mode()"
+        )
+    return None
+
+
+def _call_directly(gm: torch.fx.GraphModule) -> None:
+    """Make the graph call the xyserve implementations without the dispatcher's custom-op
+    layers. Only for graphs that run as traced: Inductor needs the ops themselves."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in DIRECT_CALLS:
+            node.target = DIRECT_CALLS[node.target]
+            changed = True
+    if changed:
+        gm.recompile()
+
+
+def compile_graph(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[object], config: XyConfig
+) -> CompiledFn:
+    """Lower ``gm`` in place and return what runs it."""
+    start = time.perf_counter()
+    reason = fallback_reason(example_inputs)
+    report = lower_graph(gm, config, skip_reason=reason)
+    if reason is not None:
+        warnings.warn(f"xyserve: {reason}", stacklevel=2)
+        compiled: CompiledFn = gm.forward
+    elif config.inductor:
+        from torch._inductor.compile_fx import compile_fx
+
+        compiled = compile_fx(gm, list(example_inputs))
+    else:
+        _call_directly(gm)
+        compiled = gm.forward
+    seconds = time.perf_counter() - start
+    _stats.record_compile(
+        seconds,
+        fallback=reason is not None,
+        lowered=report.by_kind(lowered=True),
+        unlowered=report.by_kind(lowered=False),
+    )
+    log.debug("xyserve compiled a graph in %.3f s: %s", seconds, report.matches)
+    return compiled

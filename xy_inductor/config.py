@@ -1,0 +1,72 @@
+"""The one options object of xy-inductor: ``XyConfig``.
+
+Every entry point builds it from keyword options (``xy_inductor.compile(m, inductor=True)``,
+``torch.compile(m, backend="xyserve", options={"inductor": True})``,
+``xy_inductor.hf.accelerate(model, inductor=True)``), so an unknown name or a value of the wrong
+type is a ``ValueError`` naming it, at compile time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+__all__ = ["BACKEND_OPTIONS", "XyConfig"]
+
+
+@dataclass(frozen=True)
+class XyConfig:
+    lower_attention: bool = True
+    """Rewrite ``F.scaled_dot_product_attention`` sites into ``torch.ops.xyserve.attention``."""
+
+    lower_linear: bool = True
+    """Rewrite ``F.linear`` sites into ``torch.ops.xyserve.gemm``."""
+
+    inductor: bool = False
+    """Compile the rest of each graph with Inductor, once, with symbolic sizes; the xyserve ops
+    stay opaque calls. Off: the lowered graph runs as traced, and compiling costs only tracing."""
+
+    dynamic: bool | None = True
+    """``torch.compile(dynamic=...)`` for ``xy_inductor.compile``. True traces sizes as symbols
+    from the first call, which gives the fewest graphs. (``hf.accelerate`` marks the varying
+    sizes itself and ignores it.) Not a backend option."""
+
+    fullgraph: bool = False
+    """``torch.compile(fullgraph=...)`` for ``xy_inductor.compile`` and ``hf.accelerate``: raise
+    on a graph break instead of splitting the model into several graphs. Not a backend option."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            allowed = (bool, type(None)) if f.name == "dynamic" else (bool,)
+            if not isinstance(value, allowed):
+                expected = "True, False or None" if f.name == "dynamic" else "True or False"
+                raise ValueError(
+                    f"xyserve option {f.name!r} expects {expected}, got {value!r} "
+                    f"({type(value).__name__})"
+                )
+
+    @classmethod
+    def from_options(
+        cls, options: Mapping[str, object] | None, *, backend_only: bool = False
+    ) -> XyConfig:
+        """Build from keyword options; ``backend_only`` rejects the torch.compile-level ones."""
+        options = dict(options or {})
+        names = BACKEND_OPTIONS if backend_only else tuple(f.name for f in dataclasses.fields(cls))
+        for key in options:
+            if key in names:
+                continue
+            if backend_only and key in _FRONT_END_OPTIONS:
+                raise ValueError(
+                    f"xyserve option {key!r} is a torch.compile argument, not a backend option: "
+                    f"pass torch.compile(..., {key}=...) or use xy_inductor.compile(..., {key}=...)"
+                )
+            raise ValueError(f"unknown xyserve option {key!r}; valid options: {', '.join(names)}")
+        return cls(**options)
+
+
+_FRONT_END_OPTIONS = ("dynamic", "fullgraph")
+BACKEND_OPTIONS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(XyConfig) if f.name not in _FRONT_END_OPTIONS
+)

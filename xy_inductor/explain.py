@@ -1,0 +1,106 @@
+"""``xy_inductor.explain``: which attention and linear sites xyserve lowers, and why not the others.
+
+It traces the call with Dynamo exactly as the backend would see it and runs the lowering passes
+on a copy of each graph. The call itself runs the original, unlowered graphs: no xyserve kernel
+runs and nothing is compiled by Inductor.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from xy_inductor.backend import fallback_reason
+from xy_inductor.config import XyConfig
+from xy_inductor.lowering import GraphReport, Site, lower_graph
+
+__all__ = ["ExplainReport", "explain"]
+
+
+@dataclass(frozen=True)
+class ExplainReport:
+    graphs: int
+    """Graphs Dynamo captured for the call (more than one means graph breaks)."""
+    attention_total: int
+    attention_lowered: int
+    linear_total: int
+    linear_lowered: int
+    unlowered: list[tuple[str, str]]
+    """(site, reason) for every site left as it was."""
+    fallbacks: list[str]
+    """One entry per graph that runs entirely as traced: why."""
+    sites: tuple[Site, ...]
+    """Every site of every graph."""
+
+    @classmethod
+    def from_graphs(cls, graphs: list[GraphReport]) -> ExplainReport:
+        sites = tuple(s for g in graphs for s in g.sites)
+
+        def count(kind: str, lowered: bool | None = None) -> int:
+            return sum(g.count(kind, lowered=lowered) for g in graphs)
+
+        return cls(
+            graphs=len(graphs),
+            attention_total=count("attention"),
+            attention_lowered=count("attention", True),
+            linear_total=count("linear"),
+            linear_lowered=count("linear", True),
+            unlowered=[(s.name, s.reason or "") for s in sites if not s.lowered],
+            fallbacks=[g.fallback for g in graphs if g.fallback],
+            sites=sites,
+        )
+
+    def __str__(self) -> str:
+        lines = [
+            f"xyserve explain: {self.graphs} graph{'s' * (self.graphs != 1)}",
+            f"  {'kind':<10} {'sites':>6} {'lowered':>8}",
+            f"  {'attention':<10} {self.attention_total:>6} {self.attention_lowered:>8}",
+            f"  {'linear':<10} {self.linear_total:>6} {self.linear_lowered:>8}",
+        ]
+        for reason in self.fallbacks:
+            lines.append(f"  graph run as traced: {reason}")
+        if self.sites:
+            # Layers repeat: fold their indices so a 32-layer model reads like a 1-layer one.
+            folded = Counter(
+                (s.kind, re.sub(r"\.\d+\.", ".*.", s.name), s.lowered, s.reason or "")
+                for s in self.sites
+            )
+            width = max(len(name) for _, name, _, _ in folded)
+            lines.append(f"  {'site':<{width}}  {'kind':<9} {'count':>5}  status")
+            for (kind, name, lowered, reason), n in folded.items():
+                status = "lowered" if lowered else f"left as is: {reason}"
+                lines.append(f"  {name:<{width}}  {kind:<9} {n:>5}  {status}")
+        return "\n".join(lines)
+
+
+def explain(model_or_fn: Callable, *args: object, **kwargs: object) -> ExplainReport:
+    """Trace ``model_or_fn(*args, **kwargs)`` and report what xyserve would lower.
+
+    A model accelerated with ``xy_inductor.hf.accelerate`` is traced the way its ``generate()``
+    calls are: with its own options, size markings and masks.
+    """
+    if not callable(model_or_fn):
+        raise ValueError(
+            f"xy_inductor.explain expects a module or function, got {type(model_or_fn).__name__}"
+        )
+    accelerator = getattr(model_or_fn, "_xyserve_accelerator", None)
+    config = accelerator.config if accelerator is not None else XyConfig()
+    graphs: list[GraphReport] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        reason = fallback_reason(example_inputs)
+        lowered = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        graphs.append(lower_graph(lowered, config, skip_reason=reason))
+        return gm.forward
+
+    if accelerator is not None:
+        accelerator.trace_with(backend, args, kwargs)
+    else:
+        torch.compile(model_or_fn, backend=backend, dynamic=config.dynamic)(*args, **kwargs)
+    return ExplainReport.from_graphs(graphs)
