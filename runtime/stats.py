@@ -18,6 +18,7 @@ class _Counters:
     compile_seconds: float = 0.0
     graphs_lowered: int = 0
     graphs_fallback: int = 0
+    inductor_failures: int = 0
     sites_lowered: Counter = field(default_factory=Counter)  # kind -> n
     sites_unlowered: Counter = field(default_factory=Counter)  # kind -> n
     calls: Counter = field(default_factory=Counter)  # (op, provider) -> n
@@ -39,6 +40,8 @@ class Stats:
     """Graphs that went through the lowering passes."""
     graphs_fallback: int
     """Graphs run exactly as traced, unlowered (e.g. they needed gradients)."""
+    inductor_failures: int
+    """Graphs Inductor failed on (``inductor=True``); they run lowered, without Inductor."""
     sites_lowered: dict[str, int]
     """Sites rewritten into xyserve ops, per kind (``attention``, ``linear``)."""
     sites_unlowered: dict[str, int]
@@ -54,6 +57,8 @@ class Stats:
             f"graphs            {self.graphs_lowered} lowered, "
             f"{self.graphs_fallback} run as traced",
         ]
+        if self.inductor_failures:
+            lines.append(f"inductor failures {self.inductor_failures} (ran lowered, no Inductor)")
         for kind in sorted(set(self.sites_lowered) | set(self.sites_unlowered)):
             lo, un = self.sites_lowered.get(kind, 0), self.sites_unlowered.get(kind, 0)
             lines.append(f"{kind + ' sites':<17} {lo} lowered, {un} left as they were")
@@ -80,6 +85,7 @@ def stats() -> Stats:
         compile_seconds=c.compile_seconds,
         graphs_lowered=c.graphs_lowered,
         graphs_fallback=c.graphs_fallback,
+        inductor_failures=c.inductor_failures,
         sites_lowered=dict(c.sites_lowered),
         sites_unlowered=dict(c.sites_unlowered),
         calls=calls,
@@ -93,9 +99,12 @@ def reset_stats() -> None:
     _COUNTERS = _Counters()
 
 
-def record_compile(seconds: float, *, fallback: bool, lowered: Counter, unlowered: Counter) -> None:
+def record_compile(
+    seconds: float, *, fallback: bool, lowered: Counter, unlowered: Counter, inductor_failed: bool
+) -> None:
     c = _COUNTERS
     c.backend_compiles += 1
+    c.inductor_failures += inductor_failed
     c.compile_seconds += seconds
     if fallback:
         c.graphs_fallback += 1

@@ -76,6 +76,26 @@ def _call_directly(gm: torch.fx.GraphModule) -> None:
         gm.recompile()
 
 
+def _inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[object]) -> CompiledFn | None:
+    """Inductor-compile the lowered graph; None (and a warning) if Inductor fails on it.
+
+    The lowered graph is correct as it is, so an Inductor failure costs speed, not the call.
+    """
+    from torch._inductor.compile_fx import compile_fx
+
+    try:
+        return compile_fx(gm, list(example_inputs))
+    except Exception as e:  # any Inductor failure degrades to the traced graph
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        warnings.warn(
+            f"xyserve: Inductor failed on a graph ({type(e).__name__}: {first_line}); "
+            "running it lowered but without Inductor",
+            stacklevel=2,
+        )
+        log.debug("Inductor failure", exc_info=True)
+        return None
+
+
 def compile_graph(
     gm: torch.fx.GraphModule, example_inputs: Sequence[object], config: XyConfig
 ) -> CompiledFn:
@@ -86,19 +106,18 @@ def compile_graph(
     if reason is not None:
         warnings.warn(f"xyserve: {reason}", stacklevel=2)
         compiled: CompiledFn = gm.forward
-    elif config.inductor:
-        from torch._inductor.compile_fx import compile_fx
-
-        compiled = compile_fx(gm, list(example_inputs))
     else:
-        _call_directly(gm)
-        compiled = gm.forward
+        compiled = _inductor(gm, example_inputs) if config.inductor else None
+        if compiled is None:
+            _call_directly(gm)
+            compiled = gm.forward
     seconds = time.perf_counter() - start
     _stats.record_compile(
         seconds,
         fallback=reason is not None,
         lowered=report.by_kind(lowered=True),
         unlowered=report.by_kind(lowered=False),
+        inductor_failed=config.inductor and reason is None and compiled is gm.forward,
     )
     log.debug("xyserve compiled a graph in %.3f s: %s", seconds, report.matches)
     return compiled

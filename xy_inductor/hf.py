@@ -231,13 +231,19 @@ class _Accelerator:
         for layer in getattr(cache, "layers", []):
             for attr in ("keys", "values"):
                 t = getattr(layer, attr, None)
-                if isinstance(t, torch.Tensor) and t.dim() == 4:
-                    # Static caches tag their tensors as static inputs, which Dynamo traces with
-                    # fixed sizes; xyserve does not use CUDA graphs, so the tag only costs graphs.
-                    if hasattr(t, "_dynamo_static_input_type"):
-                        del t._dynamo_static_input_type
-                    torch._dynamo.mark_dynamic(t, 0)
-                    torch._dynamo.mark_dynamic(t, 2)
+                if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                    continue
+                if not t.is_contiguous():
+                    # Dynamo guards on strides. An Inductor-compiled prefill may leave the cache
+                    # in another layout than decode produces; one copy avoids a recompile.
+                    t = t.contiguous()
+                    setattr(layer, attr, t)
+                # Static caches tag their tensors as static inputs, which Dynamo traces with
+                # fixed sizes; xyserve does not use CUDA graphs, so the tag only costs graphs.
+                if hasattr(t, "_dynamo_static_input_type"):
+                    del t._dynamo_static_input_type
+                torch._dynamo.mark_dynamic(t, 0)
+                torch._dynamo.mark_dynamic(t, 2)
 
     def _mark_positions(self, t: torch.Tensor, batch: int) -> torch.Tensor:
         # [B, L] or [L]; a batch of 1 broadcast over a larger batch stays static.
