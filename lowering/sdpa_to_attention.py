@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from xy_inductor.lowering.pass_base import LoweringPass, bind, fake_value
 
@@ -62,15 +63,16 @@ class SdpaToAttention(LoweringPass):
             return f"{q.dtype} attention: xyserve.attention is for floating point"
         if not (q.device == k.device == v.device):
             return f"devices differ: query {q.device}, key {k.device}, value {v.device}"
+        # Head counts may be symbols (dynamic=True on raw q/k/v inputs): decide only what is
+        # provable without adding a guard, and leave the rest alone.
         hq, hkv, hv = q.shape[1], k.shape[1], v.shape[1]
-        if not all(isinstance(h, int) for h in (hq, hkv, hv)):
-            return "head counts are symbolic; xyserve.attention needs them fixed"
-        if hkv != hv:
-            return f"key has {hkv} heads but value has {hv}"
-        if hq != hkv and not a["enable_gqa"]:
-            return f"query has {hq} heads, key {hkv}, and enable_gqa=False"
-        if hq % hkv:
-            return f"query heads ({hq}) are not a multiple of key/value heads ({hkv})"
+        if not statically_known_true(hkv == hv):
+            return f"key has {hkv} heads, value {hv}: not provably equal"
+        if not statically_known_true(hq == hkv):
+            if not a["enable_gqa"]:
+                return f"query has {hq} heads, key {hkv}, and enable_gqa=False"
+            if not statically_known_true(hq % hkv == 0):
+                return f"query heads ({hq}) are not provably a multiple of key/value heads ({hkv})"
         mask = fake_value(a["attn_mask"])
         if mask is not None:
             if not isinstance(mask, torch.Tensor):

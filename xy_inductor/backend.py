@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.fx
+from torch._dynamo.exc import RestartAnalysis, ShortenTraceback, SkipFrame
 
 from xy_inductor.config import BACKEND_OPTIONS, XyConfig
 from xy_inductor.lowering import lower_graph
@@ -85,6 +86,8 @@ def _inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[object]) -> Com
 
     try:
         return compile_fx(gm, list(example_inputs))
+    except (RestartAnalysis, SkipFrame, ShortenTraceback):
+        raise  # Dynamo's own control flow (e.g. re-trace with scalars as tensors), not failures
     except Exception as e:  # any Inductor failure degrades to the traced graph
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         warnings.warn(
@@ -103,21 +106,24 @@ def compile_graph(
     start = time.perf_counter()
     reason = fallback_reason(example_inputs)
     report = lower_graph(gm, config, skip_reason=reason)
+    inductor_failed = False
+    compiled: CompiledFn | None = None
     if reason is not None:
         warnings.warn(f"xyserve: {reason}", stacklevel=2)
-        compiled: CompiledFn = gm.forward
-    else:
-        compiled = _inductor(gm, example_inputs) if config.inductor else None
-        if compiled is None:
+    elif config.inductor:
+        compiled = _inductor(gm, example_inputs)
+        inductor_failed = compiled is None
+    if compiled is None:
+        if reason is None:
             _call_directly(gm)
-            compiled = gm.forward
+        compiled = gm.forward
     seconds = time.perf_counter() - start
     _stats.record_compile(
         seconds,
         fallback=reason is not None,
         lowered=report.by_kind(lowered=True),
         unlowered=report.by_kind(lowered=False),
-        inductor_failed=config.inductor and reason is None and compiled is gm.forward,
+        inductor_failed=inductor_failed,
     )
     log.debug("xyserve compiled a graph in %.3f s: %s", seconds, report.matches)
     return compiled

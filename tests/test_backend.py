@@ -1,0 +1,212 @@
+"""The xyserve backend end to end on small modules: options, numerics, recompiles, fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from helpers import TOLERANCE, rel_error
+
+import xy_inductor
+from xy_inductor.config import BACKEND_OPTIONS, XyConfig
+
+
+class Block(nn.Module):
+    """One pre-norm attention block with GQA, written the way Llama-style models are."""
+
+    def __init__(self, dim: int = 64, heads: int = 4, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.norm = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=False)
+        self.o = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, length, _ = x.shape
+        h = self.norm(x)
+        q = self.q(h).view(b, length, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(h).view(b, length, 2, self.kv_heads, self.head_dim).unbind(2)
+        a = F.scaled_dot_product_attention(
+            q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        )
+        return x + self.o(a.transpose(1, 2).reshape(b, length, -1))
+
+
+def make_block(dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return Block().to(dtype).eval()
+
+
+def randn(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_named_backend_lowers_and_matches_eager(dtype):
+    model = make_block(dtype)
+    compiled = torch.compile(model, backend="xyserve", dynamic=True)
+    with torch.no_grad():
+        for length in (7, 37, 129):
+            x = randn(2, length, 64, dtype=dtype, seed=length)
+            assert rel_error(compiled(x), model(x)) < TOLERANCE[dtype]
+    s = xy_inductor.stats()
+    assert s.backend_compiles == 1 and s.graphs_lowered == 1
+    assert s.sites_lowered == {"attention": 1, "linear": 3}
+    assert s.calls == {"attention": {"aten": 3}, "gemm": {"aten": 9}}
+
+
+def test_compile_gives_one_graph_for_all_lengths_and_batches():
+    model = make_block()
+    compiled = xy_inductor.compile(model)
+    with torch.no_grad():
+        for b, length in [(2, 7), (3, 37), (2, 129), (5, 2)]:
+            x = randn(b, length, 64, seed=length)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+        assert xy_inductor.stats().backend_compiles == 1
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for b, length in [(4, 11), (2, 300)]:
+                compiled(randn(b, length, 64))
+    assert xy_inductor.stats().backend_compiles == 1
+
+
+def test_inductor_option_keeps_ops_opaque_and_matches_eager():
+    model = make_block()
+    compiled = xy_inductor.compile(model, inductor=True)
+    with torch.no_grad():
+        for length in (7, 37):
+            x = randn(2, length, 64, seed=length)
+            assert rel_error(compiled(x), model(x)) < TOLERANCE[torch.float32]
+    s = xy_inductor.stats()
+    assert s.backend_compiles == 1 and s.inductor_failures == 0
+    # Inductor's generated code called the xyserve ops, which ran on the ATen provider.
+    assert s.calls == {"attention": {"aten": 2}, "gemm": {"aten": 6}}
+
+
+def test_inductor_failure_falls_back_to_the_lowered_graph(monkeypatch):
+    import torch._inductor.compile_fx as compile_fx_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated Inductor bug")
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", broken)
+    model = make_block()
+    compiled = xy_inductor.compile(model, inductor=True)
+    x = randn(2, 9, 64)
+    with (
+        torch.no_grad(),
+        pytest.warns(UserWarning, match="Inductor failed on a graph .*simulated Inductor bug"),
+    ):
+        out = compiled(x)
+    assert rel_error(out, model(x)) < TOLERANCE[torch.float32]
+    s = xy_inductor.stats()
+    assert s.inductor_failures == 1 and s.calls["gemm"] == {"aten": 3}
+
+
+def test_graph_that_needs_gradients_runs_as_traced():
+    model = make_block().train()
+    compiled = xy_inductor.compile(model)
+    x = randn(2, 9, 64)
+    with pytest.warns(UserWarning, match="inference-only"):
+        out = compiled(x)
+    out.sum().backward()  # gradients flow: the graph is the original one
+    assert model.q.weight.grad is not None
+    s = xy_inductor.stats()
+    assert (s.graphs_fallback, s.graphs_lowered) == (1, 0)
+    assert s.sites_unlowered == {"attention": 1, "linear": 3} and s.calls == {}
+
+
+# -- options ----------------------------------------------------------------------------------
+
+
+def test_unknown_option_is_rejected_at_compile_time():
+    with pytest.raises(ValueError, match="unknown xyserve option 'inductr'; valid options: "):
+        xy_inductor.compile(make_block(), inductr=True)
+
+
+def test_bad_option_value_is_rejected():
+    with pytest.raises(ValueError, match="option 'inductor' expects True or False, got 'yes'"):
+        xy_inductor.compile(make_block(), inductor="yes")
+    with pytest.raises(ValueError, match="option 'dynamic' expects True, False or None, got 1"):
+        XyConfig(dynamic=1)
+
+
+def test_unknown_option_through_torch_compile_names_it():
+    # torch.compile validates nothing itself: the backend sees the options on the first call,
+    # and Dynamo wraps the backend's ValueError in BackendCompilerFailed.
+    compiled = torch.compile(make_block(), backend="xyserve", options={"bogus": 1})
+    with pytest.raises(
+        torch._dynamo.exc.BackendCompilerFailed, match="unknown xyserve option 'bogus'"
+    ) as info:
+        compiled(randn(1, 3, 64))
+    assert isinstance(info.value.inner_exception, ValueError)
+
+
+def test_torch_compile_level_options_are_not_backend_options():
+    compiled = torch.compile(make_block(), backend="xyserve", options={"fullgraph": True})
+    with pytest.raises(Exception, match=r"'fullgraph' is a torch\.compile argument"):
+        compiled(randn(1, 3, 64))
+
+
+def test_mode_is_rejected_with_the_valid_options():
+    compiled = torch.compile(make_block(), backend="xyserve", mode="max-autotune")
+    with pytest.raises(Exception, match=r"does not take torch\.compile\(mode='max-autotune'\)"):
+        compiled(randn(1, 3, 64))
+
+
+def test_backend_options_are_the_config_fields_without_front_end_ones():
+    assert BACKEND_OPTIONS == ("lower_attention", "lower_linear", "inductor")
+
+
+def test_options_reach_the_backend_through_torch_compile():
+    model = make_block()
+    compiled = torch.compile(model, backend="xyserve", options={"lower_linear": False})
+    with torch.no_grad():
+        compiled(randn(1, 5, 64))
+    s = xy_inductor.stats()
+    assert s.sites_lowered == {"attention": 1} and s.sites_unlowered == {"linear": 3}
+
+
+# -- explain ----------------------------------------------------------------------------------
+
+
+def test_explain_reports_sites_without_running_xyserve_kernels():
+    model = make_block()
+    with torch.no_grad():
+        report = xy_inductor.explain(model, randn(2, 7, 64))
+    assert (report.attention_total, report.attention_lowered) == (1, 1)
+    assert (report.linear_total, report.linear_lowered) == (3, 3)
+    assert report.graphs == 1 and report.unlowered == [] and report.fallbacks == []
+    assert {s.name for s in report.sites} == {"q", "kv", "o", "test_backend.py:31"}
+    s = xy_inductor.stats()
+    assert s.calls == {} and s.backend_compiles == 0  # explain neither runs nor counts kernels
+    text = str(report)
+    assert "attention" in text and "lowered" in text
+
+
+def test_explain_says_why_a_site_is_left_alone():
+    def fn(q, k, v, x, w):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.5), F.linear(x, w)
+
+    args = (randn(1, 2, 5, 8), randn(1, 2, 5, 8), randn(1, 2, 5, 8), randn(3, 8), randn(8))
+    with torch.no_grad():
+        report = xy_inductor.explain(fn, *args)
+    assert report.attention_lowered == 0 and report.linear_lowered == 0
+    reasons = [reason for _site, reason in report.unlowered]
+    assert len(reasons) == 2
+    assert any("dropout_p=0.5" in r for r in reasons)
+    assert any("weight is 1-D" in r for r in reasons)
+    assert "left as is: dropout_p=0.5" in str(report)
+
+
+def test_explain_reports_gradient_fallback():
+    report = xy_inductor.explain(make_block().train(), randn(1, 5, 64))
+    assert report.linear_total == 3 and report.linear_lowered == 0
+    assert len(report.fallbacks) == 1 and "inference-only" in report.fallbacks[0]
+
+
+def test_explain_rejects_non_callables():
+    with pytest.raises(ValueError, match="expects a module or function, got int"):
+        xy_inductor.explain(3)

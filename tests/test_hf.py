@@ -1,0 +1,105 @@
+"""Hugging Face generate() through xy_inductor.hf.accelerate: same tokens, at most 2 graphs."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import xy_inductor
+from xy_inductor import hf
+from xy_inductor import workload as wl
+
+# A shorter version of the workload: batch 1 with prompt lengths that include 1, then
+# left-padded batches of 2 and 3.
+CALLS = ((7,), (1,), (33,), (5, 3), (9, 2, 4))
+NEW_TOKENS = 4
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return wl.tiny_llama()
+
+
+def expected_tokens(model, cache):
+    return wl.generate_pass(model, cache, CALLS, NEW_TOKENS).outputs
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_generate_matches_eager_with_at_most_two_graphs(reference, cache):
+    expected = expected_tokens(reference, cache)
+    model = hf.accelerate(wl.copy_model(reference))
+    first = wl.generate_pass(model, cache, CALLS, NEW_TOKENS)
+    for want, got in zip(expected, first.outputs, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    compiles = xy_inductor.stats().backend_compiles
+    assert 1 <= compiles <= 2, f"{compiles} backend compiles"
+    # A second pass over the same workload must not compile anything.
+    with torch.compiler.set_stance("fail_on_recompile"):
+        second = wl.generate_pass(model, cache, CALLS, NEW_TOKENS)
+    for want, got in zip(expected, second.outputs, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    s = xy_inductor.stats()
+    assert s.backend_compiles == compiles and s.graphs_fallback == 0
+    layers = reference.config.num_hidden_layers
+    # Every graph lowered every site; the ops ran on the ATen provider.
+    assert s.sites_unlowered == {}
+    assert s.sites_lowered == {
+        "attention": layers * compiles,
+        "linear": (7 * layers + 1) * compiles,
+    }
+    assert set(s.calls) == {"gemm", "attention"} and set(s.calls["gemm"]) == {"aten"}
+
+
+def test_explain_shows_every_site_lowered(reference):
+    model = hf.accelerate(wl.copy_model(reference))
+    ids, mask = wl.prompt_batch([9, 4], reference.config.vocab_size, seed=0)
+    with torch.no_grad():
+        report = xy_inductor.explain(model, input_ids=ids, attention_mask=mask, logits_to_keep=1)
+    layers = reference.config.num_hidden_layers
+    assert (report.attention_total, report.attention_lowered) == (layers, layers)
+    assert (report.linear_total, report.linear_lowered) == (7 * layers + 1, 7 * layers + 1)
+    names = {s.name for s in report.sites}
+    assert "lm_head" in names and "model.layers.0.self_attn.q_proj" in names
+    assert report.unlowered == []
+
+
+def test_accelerate_keeps_the_forward_signature_and_restore_undoes_it(reference):
+    model = wl.copy_model(reference)
+    before = inspect.signature(model.forward)
+    hf.accelerate(model)
+    assert inspect.signature(model.forward) == before  # generate() inspects it
+    assert model.config._attn_implementation == hf.ATTN_IMPLEMENTATION
+    assert model.generation_config.disable_compile is True
+    hf.restore(model)
+    assert "forward" not in vars(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert not hasattr(model, "_xyserve_accelerator")
+    with pytest.raises(ValueError, match="was not accelerated"):
+        hf.restore(model)
+
+
+def test_accelerate_twice_replaces_the_first(reference):
+    model = hf.accelerate(wl.copy_model(reference))
+    hf.accelerate(model, inductor=False, lower_linear=False)
+    assert model._xyserve_accelerator.config.lower_linear is False
+    hf.restore(model)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_accelerate_rejects_bad_input(reference):
+    with pytest.raises(ValueError, match="expects a Hugging Face PreTrainedModel, got Linear"):
+        hf.accelerate(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="unknown xyserve option 'inductr'"):
+        hf.accelerate(wl.copy_model(reference), inductr=True)
+
+
+def test_accelerated_forward_matches_eager_logits(reference):
+    model = hf.accelerate(wl.copy_model(reference))
+    ids, mask = wl.prompt_batch([11, 6], reference.config.vocab_size, seed=3)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).logits
+        want = reference(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()  # padded positions' logits are not meaningful in either
+    torch.testing.assert_close(got[valid], want[valid], rtol=1e-4, atol=1e-4)

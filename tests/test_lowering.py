@@ -1,0 +1,261 @@
+"""The lowering passes: op counts before/after, numerics, look-alikes, reasons, idempotence."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from helpers import TOLERANCE, capture, count_calls, rel_error, run
+
+from xy_inductor import XyConfig
+from xy_inductor.lowering import PASSES, LinearToGemm, SdpaToAttention, lower_graph
+from xy_inductor.lowering.linear_to_gemm import LINEAR
+from xy_inductor.lowering.sdpa_to_attention import SDPA
+
+GEMM = torch.ops.xyserve.gemm.default
+ATTENTION = torch.ops.xyserve.attention.default
+SIZES = (1, 7, 37, 129)
+
+
+def randn(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+def test_pass_list_is_explicit_and_ordered():
+    assert [(flag, cls) for flag, cls in PASSES] == [
+        ("lower_attention", SdpaToAttention),
+        ("lower_linear", LinearToGemm),
+    ]
+
+
+# -- SDPA -> xyserve.attention ---------------------------------------------------------------
+
+
+def sdpa_causal(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def sdpa_gqa_mask_scale(q, k, v, mask):
+    # Keyword order and a positional mask, as in Hugging Face's sdpa_attention_forward.
+    return F.scaled_dot_product_attention(q, k, v, mask, scale=0.2, enable_gqa=True)
+
+
+def sdpa_positional(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, mask, 0.0, False, scale=0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("length", SIZES)
+@pytest.mark.parametrize("variant", ["causal", "gqa_bool_mask", "float_mask_positional"])
+def test_sdpa_pass_counts_and_numerics(dtype, length, variant):
+    b, hq, hkv, d = 2, 8, 2, 16
+    q = randn(b, hq, length, d, dtype=dtype, seed=1)
+    if variant == "causal":
+        fn, k, v = (
+            sdpa_causal,
+            randn(b, hq, length, d, dtype=dtype, seed=2),
+            randn(b, hq, length, d, dtype=dtype, seed=3),
+        )
+        args = (q, k, v)
+    elif variant == "gqa_bool_mask":
+        fn = sdpa_gqa_mask_scale
+        k, v = (
+            randn(b, hkv, length + 3, d, dtype=dtype, seed=2),
+            randn(b, hkv, length + 3, d, dtype=dtype, seed=3),
+        )
+        mask = torch.ones(length, length + 3, dtype=torch.bool).tril(3)[None, None]
+        args = (q, k, v, mask)
+    else:
+        fn = sdpa_positional
+        k, v = (
+            randn(b, hq, length, d, dtype=dtype, seed=2),
+            randn(b, hq, length, d, dtype=dtype, seed=3),
+        )
+        args = (q, k, v, randn(1, 1, length, length, dtype=dtype, seed=4))
+    # Static sizes: with dynamic=True the head counts of raw q/k/v inputs would be symbols
+    # (covered by test_sdpa_pass_leaves_symbolic_gqa_heads).
+    gm, inputs = capture(fn, *args, dynamic=False)
+    expected = run(gm, inputs)
+    assert (count_calls(gm, SDPA), count_calls(gm, ATTENTION)) == (1, 0)
+
+    p = SdpaToAttention()
+    sites = p(gm)
+    assert p.matched == 1 and [s.lowered for s in sites] == [True]
+    assert (count_calls(gm, SDPA), count_calls(gm, ATTENTION)) == (0, 1)
+    out = run(gm, inputs)
+    assert rel_error(out, expected) < TOLERANCE[dtype]
+    reference = fn(*(a.double() if a.is_floating_point() else a for a in args))
+    assert rel_error(out, reference) < TOLERANCE[dtype]
+
+
+def test_sdpa_pass_lowers_dynamic_sizes_with_equal_heads():
+    args = (randn(2, 4, 7, 16), randn(2, 4, 9, 16, seed=1), randn(2, 4, 9, 16, seed=2))
+    gm, inputs = capture(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), *args)
+    expected = run(gm, inputs)
+    assert [s.lowered for s in SdpaToAttention()(gm)] == [True]
+    assert rel_error(run(gm, inputs), expected) < TOLERANCE[torch.float32]
+
+
+def test_sdpa_pass_lowers_symbolic_gqa_heads_that_sdpa_proved():
+    # Head counts of raw inputs are symbols under dynamic=True; SDPA's own trace asserts that
+    # Hq is a multiple of Hkv, which is what the pass needs to lower without a new guard.
+    args = (randn(2, 8, 7, 16), randn(2, 2, 7, 16, seed=1), randn(2, 2, 7, 16, seed=2))
+    gm, inputs = capture(
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), *args
+    )
+    expected = run(gm, inputs)
+    assert [s.lowered for s in SdpaToAttention()(gm)] == [True]
+    assert rel_error(run(gm, inputs), expected) < TOLERANCE[torch.float32]
+
+
+def manual_attention(q, k, v):
+    # Looks like attention, but is not an SDPA call: this pass must leave it alone.
+    return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1) @ v
+
+
+def test_sdpa_pass_ignores_manual_attention():
+    args = (randn(1, 2, 7, 16), randn(1, 2, 7, 16, seed=1), randn(1, 2, 7, 16, seed=2))
+    gm, _ = capture(manual_attention, *args)
+    before = gm.code
+    p = SdpaToAttention()
+    assert p(gm) == [] and p.matched == 0
+    assert gm.code == before
+
+
+@pytest.mark.parametrize(
+    ("fn", "args", "reason"),
+    [
+        (
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.1),
+            (randn(1, 2, 7, 16), randn(1, 2, 7, 16), randn(1, 2, 7, 16)),
+            "dropout_p=0.1",
+        ),
+        (
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+            (randn(2, 7, 16), randn(2, 7, 16), randn(2, 7, 16)),
+            "takes [B, H, L, D]",
+        ),
+        (
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+            (randn(2, 1, 2, 7, 16), randn(2, 1, 2, 7, 16), randn(2, 1, 2, 7, 16)),
+            "are 5/5/5-D",
+        ),
+    ],
+    ids=["dropout", "3d", "5d"],
+)
+def test_sdpa_pass_leaves_unsupported_calls_with_a_reason(fn, args, reason):
+    gm, _ = capture(fn, *args)
+    before = gm.code
+    sites = SdpaToAttention()(gm)
+    assert len(sites) == 1 and not sites[0].lowered and reason in sites[0].reason
+    assert gm.code == before
+
+
+# -- F.linear -> xyserve.gemm -----------------------------------------------------------------
+
+
+class TwoLinears(nn.Module):
+    def __init__(self, k: int, n: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(k, n)
+        self.down = nn.Linear(n, k, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.up(x)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", SIZES)
+def test_linear_pass_counts_and_numerics(dtype, m):
+    model = TwoLinears(37, 129).to(dtype).eval()
+    x = randn(2, m, 37, dtype=dtype)
+    gm, inputs = capture(model, x)
+    with torch.no_grad():
+        expected = model(x)
+        reference = copy.deepcopy(model).double()(x.double())
+    assert (count_calls(gm, LINEAR), count_calls(gm, GEMM)) == (2, 0)
+    p = LinearToGemm()
+    sites = p(gm)
+    assert p.matched == 2 and [s.name for s in sites] == ["up", "down"]
+    assert (count_calls(gm, LINEAR), count_calls(gm, GEMM)) == (0, 2)
+    out = run(gm, inputs)
+    assert rel_error(out, expected) < TOLERANCE[dtype]
+    assert rel_error(out, reference) < TOLERANCE[dtype]
+
+
+def matmul_linear(x, w, b):
+    # x @ w.T + b computes what F.linear does but is not an F.linear call: not this pass's site.
+    return x @ w.t() + b
+
+
+def test_linear_pass_ignores_matmul_lookalike():
+    args = (randn(3, 8), randn(4, 8, seed=1), randn(4, seed=2))
+    gm, _ = capture(matmul_linear, *args)
+    before = gm.code
+    p = LinearToGemm()
+    assert p(gm) == [] and p.matched == 0 and gm.code == before
+
+
+def test_linear_pass_leaves_vector_weight_with_a_reason():
+    gm, _ = capture(lambda x, w: F.linear(x, w), randn(3, 8), randn(8, seed=1))
+    sites = LinearToGemm()(gm)
+    assert len(sites) == 1 and not sites[0].lowered
+    assert "weight is 1-D" in sites[0].reason
+    assert count_calls(gm, LINEAR) == 1
+
+
+# -- the pipeline -----------------------------------------------------------------------------
+
+
+def block(x, w_q, w_o):
+    b, length, _ = x.shape
+    q = F.linear(x, w_q).view(b, length, 2, 8).transpose(1, 2)
+    a = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    return F.linear(a.transpose(1, 2).reshape(b, length, 16), w_o)
+
+
+def test_lowering_is_idempotent():
+    args = (randn(2, 7, 16), randn(16, 16, seed=1), randn(16, 16, seed=2))
+    gm, _ = capture(block, *args)
+    first = lower_graph(gm, XyConfig())
+    code = gm.code
+    second = lower_graph(gm, XyConfig())
+    assert first.matches == {"sdpa_to_attention": 1, "linear_to_gemm": 2}
+    assert second.matches == {"sdpa_to_attention": 0, "linear_to_gemm": 0}
+    assert gm.code == code
+    assert [(s.kind, s.lowered) for s in second.sites] == [(s.kind, s.lowered) for s in first.sites]
+
+
+def test_disabled_pass_reports_its_sites_with_the_option():
+    gm, _ = capture(block, randn(2, 7, 16), randn(16, 16, seed=1), randn(16, 16, seed=2))
+    report = lower_graph(gm, XyConfig(lower_linear=False))
+    assert report.count("attention", lowered=True) == 1
+    assert report.count("linear", lowered=False) == 2
+    assert all(
+        s.reason == "disabled by option lower_linear=False"
+        for s in report.sites
+        if s.kind == "linear"
+    )
+    assert count_calls(gm, LINEAR) == 2
+
+
+def test_skip_reason_lists_sites_without_rewriting():
+    gm, _ = capture(block, randn(2, 7, 16), randn(16, 16, seed=1), randn(16, 16, seed=2))
+    code = gm.code
+    report = lower_graph(gm, XyConfig(), skip_reason="needs gradients")
+    assert report.fallback == "needs gradients" and gm.code == code
+    assert (
+        report.count("attention"),
+        report.count("linear"),
+        report.count("linear", lowered=True),
+    ) == (1, 2, 0)
+
+
+def test_pass_uuid_is_stable_and_distinct():
+    assert SdpaToAttention().uuid() == SdpaToAttention().uuid()
+    assert LinearToGemm().uuid() != SdpaToAttention().uuid()
+    assert len(SdpaToAttention().uuid()) == 64

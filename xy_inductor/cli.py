@@ -1,0 +1,124 @@
+"""The ``xyserve`` console script: ``demo``, ``bench``, ``explain``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["main"]
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="call", file=sys.stderr, dynamic_ncols=True)
+
+
+def _reference_row(result):  # the eager row of a cache, from the same measurement
+    from xy_inductor.bench import Result
+
+    return Result(
+        config="eager",
+        cache=result.cache,
+        graphs=0,
+        recompiles_second_pass=0,
+        compile_seconds=0.0,
+        first_pass_seconds=0.0,
+        steady_tokens_per_second=result.eager_tokens_per_second,
+        eager_tokens_per_second=result.eager_tokens_per_second,
+        ratio_to_eager=1.0,
+        identical=True,
+        threads=result.threads,
+    )
+
+
+def demo(args: argparse.Namespace) -> int:
+    """Eager vs xyserve on the built-in tiny Llama, both Hugging Face caches."""
+    from xy_inductor import bench
+    from xy_inductor import workload as wl
+
+    calls = wl.WORKLOAD[: args.calls] if args.calls else wl.WORKLOAD
+    caches = ("dynamic", "static")
+    print(
+        f"tiny Llama (random weights, {wl.TINY_LLAMA['num_hidden_layers']} layers, "
+        f"hidden {wl.TINY_LLAMA['hidden_size']}), {len(calls)} generate() calls of "
+        f"{wl.NEW_TOKENS} new tokens, prompt lengths 1..{max(max(c) for c in calls)}, "
+        f"batches 1..{max(len(c) for c in calls)}, {torch.get_num_threads()} threads",
+        flush=True,
+    )
+    start = time.perf_counter()
+    results = []
+    total = len(caches) * bench.passes_per_measure(args.rounds) * len(calls)
+    with _progress(total, "eager vs xyserve") as bar:
+        for cache in caches:
+            result = bench.measure("xyserve", cache, args.rounds, calls, progress=bar.update)
+            results += [_reference_row(result), result]
+    print(bench.format_table(results))
+    print(
+        f"graphs: compiled by Dynamo over the first pass; 2nd-pass: recompiles on a second pass "
+        f"(want 0); steady: median of {args.rounds} passes alternating with eager. "
+        f"{time.perf_counter() - start:.0f} s in all."
+    )
+    return 0 if all(r.identical and r.recompiles_second_pass == 0 for r in results) else 1
+
+
+def bench_cmd(args: argparse.Namespace) -> int:
+    """Every configuration, each in a fresh process, side by side."""
+    from xy_inductor import bench
+
+    results = []
+    for cache in args.caches:
+        for config in args.configs:
+            print(f"measuring {config} / {cache} ...", file=sys.stderr, flush=True)
+            results.append(bench.run_isolated(config, cache, args.rounds, args.calls))
+    print(bench.format_table(results))
+    return 0
+
+
+def explain_cmd(args: argparse.Namespace) -> int:
+    """What xyserve lowers in the tiny Llama's forward, as ``generate()`` calls it."""
+    from xy_inductor import explain, hf
+    from xy_inductor import workload as wl
+
+    model = hf.accelerate(wl.tiny_llama(num_hidden_layers=args.layers))
+    ids, mask = wl.prompt_batch([args.length], model.config.vocab_size, seed=0)
+    with torch.no_grad():
+        print(explain(model, input_ids=ids, attention_mask=mask, logits_to_keep=1))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from xy_inductor.bench import CONFIGS
+
+    parser = argparse.ArgumentParser(prog="xyserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help=demo.__doc__)
+    p.add_argument("--rounds", type=int, default=2, help="steady-state rounds (default 2)")
+    p.add_argument("--calls", type=int, default=None, help="only the first N workload calls")
+    p.set_defaults(run=demo)
+    p = sub.add_parser("bench", help=bench_cmd.__doc__)
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument(
+        "--caches", nargs="+", default=["dynamic", "static"], choices=["dynamic", "static"]
+    )
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--calls", type=int, default=None, help="only the first N workload calls")
+    p.set_defaults(run=bench_cmd)
+    p = sub.add_parser("explain", help=explain_cmd.__doc__)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--length", type=int, default=17, help="prompt length traced")
+    p.set_defaults(run=explain_cmd)
+    args = parser.parse_args(argv)
+    if getattr(args, "rounds", 1) < 1:
+        parser.error("--rounds must be at least 1")
+    if getattr(args, "calls", None) is not None and args.calls < 1:
+        parser.error("--calls must be at least 1")
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
