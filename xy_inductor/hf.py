@@ -106,8 +106,18 @@ def _symbolic_sizes() -> Iterator[None]:
     """Trace marked sizes of 1 as symbols, and keep equal sizes as separate symbols."""
     from torch.fx.experimental import _config as fx_config
 
-    with fx_config.patch(backed_size_oblivious=True, use_duck_shape=False):
+    # Private settings: patch only those this torch version has.
+    wanted = {"backed_size_oblivious": True, "use_duck_shape": False}
+    with fx_config.patch(**{k: v for k, v in wanted.items() if hasattr(fx_config, k)}):
         yield
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
 
 
 def _mark(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -233,10 +243,11 @@ class _Accelerator:
                 t = getattr(layer, attr, None)
                 if not isinstance(t, torch.Tensor) or t.dim() != 4:
                     continue
-                if not t.is_contiguous():
-                    # Dynamo guards on strides. An Inductor-compiled prefill may leave the cache
-                    # in another layout than decode produces; one copy avoids a recompile.
-                    t = t.contiguous()
+                if t.stride() != _contiguous_strides(t.shape):
+                    # Dynamo guards on every stride, size-1 dims included (which is_contiguous
+                    # ignores). An Inductor-compiled prefill may leave the cache in another
+                    # layout than decode produces; one copy avoids a recompile.
+                    t = t.clone(memory_format=torch.contiguous_format)
                     setattr(layer, attr, t)
                 # Static caches tag their tensors as static inputs, which Dynamo traces with
                 # fixed sizes; xyserve does not use CUDA graphs, so the tag only costs graphs.
@@ -282,7 +293,9 @@ def accelerate(model: torch.nn.Module, **options: object) -> torch.nn.Module:
     ``options`` are the fields of ``XyConfig``. The model's ``forward`` is replaced by a wrapper
     with the same signature, its attention implementation is set to ``"xyserve"``, and Hugging
     Face's own auto-compilation is turned off for it; ``restore(model)`` undoes all three.
-    Returns the model.
+    Caches passed to the model are prepared in place, without changing their contents: a static
+    cache is initialised early, KV tensors are made contiguous, and their static-address tag
+    (used only by CUDA graphs) is dropped. Returns the model.
     """
     for attr in ("config", "forward"):
         if not hasattr(model, attr):
