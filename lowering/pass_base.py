@@ -44,7 +44,7 @@ def _clean_module_path(path: str) -> str:
     # Dynamo writes module paths as sources: L['self'].model.layers[0]._modules['q_proj'], or
     # L['args'][0].model... when a bound method was compiled.
     path = re.sub(r"^L\['[^']*'\](\[\d+\])?\.?", "", path)
-    path = path.replace("._modules", "").replace("_modules", "")
+    path = re.sub(r"(^|\.)_modules(?=\[)", "", path)
     path = _SUBSCRIPT.sub(r".\1", path)
     return path.strip(".") or "<root>"
 

@@ -48,7 +48,7 @@ class OpKernel:
 @dataclass(frozen=True)
 class Provider:
     name: str
-    """Shown in ``stats()`` and ``explain``: ``aten``, ``triton``, ``ascend``."""
+    """Shown in ``stats()``: ``aten``, ``triton``, ``ascend``."""
     available: Callable[[], bool]
     """Whether this process can run the provider at all (library installed, device present)."""
     kernels: Mapping[str, OpKernel]
