@@ -1,6 +1,6 @@
 """What calling an xyserve op costs on top of its kernel, and what that does to a decode step.
 
-Part 1, per call (gemm at decode size, M=1, K=512, N=1408, no grad), side by side:
+Part 1, per call (gemm, M=1 with K=N=64, then at decode size K=512 N=1408; no grad):
   F.linear                        the kernel alone
   gemm_impl                       our checks + provider dispatch (what graphs run as traced call)
   torch.ops.xyserve.gemm          the torch.library.custom_op op (what Inductor's code calls)
@@ -50,20 +50,24 @@ def per_call_us(fn, n: int = 20000, repeats: int = 5) -> float:
 
 
 def part1() -> None:
-    x, w = torch.randn(1, 1, 512), torch.randn(1408, 512)
-    with torch.no_grad():
-        rows = {
-            "F.linear": per_call_us(lambda: F.linear(x, w, None)),
-            "gemm_impl (direct)": per_call_us(lambda: ops.gemm_impl(x, w, None)),
-            "custom_op": per_call_us(lambda: torch.ops.xyserve.gemm.default(x, w, None)),
-            "define/impl twin": per_call_us(
-                lambda: torch.ops.xyserve_twin.gemm.default(x, w, None)
-            ),
-        }
-    base = rows["F.linear"]
-    print(f"{'gemm call, M=1 K=512 N=1408':<30} {'us/call':>8} {'over F.linear':>14}")
-    for name, us in rows.items():
-        print(f"{name:<30} {us:>8.1f} {us - base:>+14.1f}")
+    # A tiny GEMM shows the overhead alone; the decode-size one shows it next to a real kernel.
+    for m, k, n in ((1, 64, 64), (1, 512, 1408)):
+        x, w = torch.randn(1, m, k), torch.randn(n, k)
+        with torch.no_grad():
+            rows = {
+                "F.linear": per_call_us(lambda x=x, w=w: F.linear(x, w, None)),
+                "gemm_impl (direct)": per_call_us(lambda x=x, w=w: ops.gemm_impl(x, w, None)),
+                "custom_op": per_call_us(
+                    lambda x=x, w=w: torch.ops.xyserve.gemm.default(x, w, None)
+                ),
+                "define/impl twin": per_call_us(
+                    lambda x=x, w=w: torch.ops.xyserve_twin.gemm.default(x, w, None)
+                ),
+            }
+        base = rows["F.linear"]
+        print(f"{f'gemm call, M={m} K={k} N={n}':<30} {'us/call':>8} {'over F.linear':>14}")
+        for name, us in rows.items():
+            print(f"{name:<30} {us:>8.1f} {us - base:>+14.1f}")
 
 
 def decode_ms(model, steps: int = 30) -> float:
@@ -91,9 +95,8 @@ def decode_ms(model, steps: int = 30) -> float:
 
 
 def part2(rounds: int = 5) -> None:
-    import xy_inductor.lowering.linear_to_gemm as linear_pass
-    import xy_inductor.lowering.sdpa_to_attention as sdpa_pass
     from xy_inductor import workload as wl
+    from xy_inductor.lowering import LinearToGemm, SdpaToAttention
 
     torch._dynamo.config.recompile_limit = 64  # several models of one class in one process
     reference = wl.tiny_llama()
@@ -105,14 +108,14 @@ def part2(rounds: int = 5) -> None:
     variants["xyserve inductor (custom_op)"] = xy_inductor.hf.accelerate(
         wl.copy_model(reference), inductor=True
     )
-    gemm_op, attention_op = linear_pass._gemm_op, sdpa_pass._attention_op
-    linear_pass._gemm_op = lambda: torch.ops.xyserve_twin.gemm.default
-    sdpa_pass._attention_op = lambda: torch.ops.xyserve_twin.attention.default
+    gemm_op, attention_op = LinearToGemm.lowered_op, SdpaToAttention.lowered_op
+    LinearToGemm.lowered_op = lambda self: torch.ops.xyserve_twin.gemm.default
+    SdpaToAttention.lowered_op = lambda self: torch.ops.xyserve_twin.attention.default
     try:
         twin = xy_inductor.hf.accelerate(wl.copy_model(reference), inductor=True)
         decode_ms(twin, 2)  # compile while the lowering targets the twins
     finally:
-        linear_pass._gemm_op, sdpa_pass._attention_op = gemm_op, attention_op
+        LinearToGemm.lowered_op, SdpaToAttention.lowered_op = gemm_op, attention_op
     variants["xyserve inductor (define/impl)"] = twin
     for model in variants.values():
         decode_ms(model, 2)

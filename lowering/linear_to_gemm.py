@@ -19,19 +19,13 @@ _PARAMS = ("input", "weight", "bias")
 _DEFAULTS = {"bias": None}
 
 
-def _gemm_op():
-    return torch.ops.xyserve.gemm.default
-
-
 class LinearToGemm(LoweringPass):
     name = "linear_to_gemm"
     kind = "linear"
+    target = LINEAR
 
-    def is_site(self, node: torch.fx.Node) -> bool:
-        return node.op == "call_function" and (node.target is LINEAR or self.is_lowered(node))
-
-    def is_lowered(self, node: torch.fx.Node) -> bool:
-        return node.op == "call_function" and node.target is _gemm_op()
+    def lowered_op(self) -> object:
+        return torch.ops.xyserve.gemm.default
 
     def why_not(self, node: torch.fx.Node) -> str | None:
         a = bind(node, _PARAMS, _DEFAULTS)
@@ -57,4 +51,4 @@ class LinearToGemm(LoweringPass):
 
     def replacement(self, node: torch.fx.Node) -> tuple[object, tuple, dict]:
         a = bind(node, _PARAMS, _DEFAULTS)
-        return _gemm_op(), (a["input"], a["weight"], a["bias"]), {}
+        return self.lowered_op(), (a["input"], a["weight"], a["bias"]), {}

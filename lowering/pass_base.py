@@ -102,13 +102,21 @@ class LoweringPass(ABC):
         self.matched = 0
         """Sites rewritten by the last run."""
 
-    @abstractmethod
-    def is_site(self, node: torch.fx.Node) -> bool:
-        """Whether the node is a site of this pass's kind (lowered already or not)."""
+    target: ClassVar[object]
+    """The call this pass rewrites (e.g. ``torch._C._nn.linear``)."""
 
     @abstractmethod
+    def lowered_op(self) -> object:
+        """The xyserve op it rewrites into (looked up late: the ops register at import)."""
+
+    def is_site(self, node: torch.fx.Node) -> bool:
+        """Whether the node is a site of this pass's kind, lowered already or not. Passes that
+        match patterns rather than one call override it."""
+        return node.op == "call_function" and (node.target is self.target or self.is_lowered(node))
+
     def is_lowered(self, node: torch.fx.Node) -> bool:
         """Whether the site already is the xyserve op (so a second run leaves it alone)."""
+        return node.op == "call_function" and node.target is self.lowered_op()
 
     @abstractmethod
     def why_not(self, node: torch.fx.Node) -> str | None:

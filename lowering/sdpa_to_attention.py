@@ -28,19 +28,13 @@ _DEFAULTS = {
 }
 
 
-def _attention_op():
-    return torch.ops.xyserve.attention.default
-
-
 class SdpaToAttention(LoweringPass):
     name = "sdpa_to_attention"
     kind = "attention"
+    target = SDPA
 
-    def is_site(self, node: torch.fx.Node) -> bool:
-        return node.op == "call_function" and (node.target is SDPA or self.is_lowered(node))
-
-    def is_lowered(self, node: torch.fx.Node) -> bool:
-        return node.op == "call_function" and node.target is _attention_op()
+    def lowered_op(self) -> object:
+        return torch.ops.xyserve.attention.default
 
     def why_not(self, node: torch.fx.Node) -> str | None:
         a = bind(node, _PARAMS, _DEFAULTS)
@@ -91,4 +85,4 @@ class SdpaToAttention(LoweringPass):
         a = bind(node, _PARAMS, _DEFAULTS)
         scale = None if a["scale"] is None else float(a["scale"])
         args = (a["query"], a["key"], a["value"], a["attn_mask"], bool(a["is_causal"]), scale)
-        return _attention_op(), args, {}
+        return self.lowered_op(), args, {}
