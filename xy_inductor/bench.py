@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -25,7 +26,7 @@ import torch
 
 from xy_inductor import workload as wl
 
-__all__ = ["CONFIGS", "Result", "format_table", "measure", "run_isolated"]
+__all__ = ["CONFIGS", "Result", "format_table", "measure", "run_isolated", "summary"]
 
 
 def _torch_compile(**kwargs: object) -> Callable[[torch.nn.Module], torch.nn.Module]:
@@ -161,6 +162,28 @@ def format_table(results: Sequence[Result]) -> str:
             f"{r.compile_seconds:>9.1f} {r.steady_tokens_per_second:>12.1f} "
             f"{r.ratio_to_eager:>7.2f}  {'yes' if r.identical else 'NO'}"
         )
+    return "\n".join(lines)
+
+
+def summary(results: Sequence[Result]) -> str:
+    """The header line and the two ratios the targets are stated in."""
+    first = results[0]
+    lines = [
+        f"torch {torch.__version__}, {platform.machine()}, {first.threads} threads, "
+        f"tokens/s = new tokens over wall time of a pass (median over rounds)"
+    ]
+    by = {(r.config, r.cache): r for r in results}
+    for cache in dict.fromkeys(r.cache for r in results):
+        ind, xy = by.get(("inductor", cache)), by.get(("xyserve", cache))
+        xyi, ind_dyn = by.get(("xyserve-inductor", cache)), by.get(("inductor-dynamic", cache))
+        if ind and xy:
+            ratio = xy.compile_seconds / ind.compile_seconds
+            lines.append(f"{cache}: xyserve compile time / Inductor's: {ratio:.3f}")
+        if ind_dyn and xyi:
+            lines.append(
+                f"{cache}: x eager, xyserve-inductor vs Inductor dynamic=True: "
+                f"{xyi.ratio_to_eager:.2f} vs {ind_dyn.ratio_to_eager:.2f}"
+            )
     return "\n".join(lines)
 
 

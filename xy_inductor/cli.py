@@ -70,12 +70,16 @@ def bench_cmd(args: argparse.Namespace) -> int:
     """Every configuration, each in a fresh process, side by side."""
     from xy_inductor import bench
 
+    start = time.perf_counter()
     results = []
     for cache in args.caches:
         for config in args.configs:
             print(f"measuring {config} / {cache} ...", file=sys.stderr, flush=True)
             results.append(bench.run_isolated(config, cache, args.rounds, args.calls))
     print(bench.format_table(results))
+    print(bench.summary(results))
+    seconds = time.perf_counter() - start
+    print(f"{args.rounds} rounds, each configuration in a fresh process; {seconds:.0f} s")
     return 0
 
 
