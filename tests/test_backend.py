@@ -206,6 +206,9 @@ def test_explain_reports_gradient_fallback():
     report = xy_inductor.explain(make_block().train(), randn(1, 5, 64))
     assert report.linear_total == 3 and report.linear_lowered == 0
     assert len(report.fallbacks) == 1 and "inference-only" in report.fallbacks[0]
+    text = str(report)
+    assert text.count("inference-only") == 1  # said once, not per site
+    assert "its graph runs as traced (above)" in text
 
 
 def test_explain_rejects_non_callables():

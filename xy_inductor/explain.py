@@ -74,7 +74,12 @@ class ExplainReport:
             width = max(len(name) for _, name, _, _ in folded)
             lines.append(f"  {'site':<{width}}  {'kind':<9} {'count':>5}  status")
             for (kind, name, lowered, reason), n in folded.items():
-                status = "lowered" if lowered else f"left as is: {reason}"
+                if lowered:
+                    status = "lowered"
+                elif reason in self.fallbacks:
+                    status = "left as is: its graph runs as traced (above)"
+                else:
+                    status = f"left as is: {reason}"
                 lines.append(f"  {name:<{width}}  {kind:<9} {n:>5}  {status}")
         return "\n".join(lines)
 
