@@ -9,8 +9,8 @@ microseconds on every call.
 
 ``gemm_impl`` and ``attention_impl`` are the real implementations as plain functions.
 ``DIRECT_CALLS`` maps each op to its implementation: a graph that runs as traced (no Inductor)
-calls them directly, skipping the custom-op layers of the dispatcher (about 20 us a call, which
-at decode is as long as a small GEMM).
+calls them directly, skipping the custom-op layers of the dispatcher (10 to 20 us a call,
+``benchmarks/op_overhead.py``; at decode that is as long as a small GEMM).
 """
 
 from __future__ import annotations
@@ -72,9 +72,7 @@ def gemm_impl(
 ) -> torch.Tensor:
     """``x @ weight.T + bias``: x ``[..., K]``, weight ``[N, K]``, bias ``[N]`` or None.
 
-    Returns ``[..., N]``.
-
-    The output is contiguous.
+    Returns a contiguous ``[..., N]``.
     """
     check_gemm_args(x, weight, bias)
     return providers.run("gemm", x, weight, bias)
@@ -106,18 +104,23 @@ def check_attention_args(
         )
     _same(q, k, "q and k", "attention", check)
     _same(q, v, "q and v", "attention", check)
-    check(
-        q.shape[0] == k.shape[0] and k.shape[0] == v.shape[0],
-        lambda: (
-            f"xyserve.attention: batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}"
-        ),
-    )
-    check(
-        k.shape[1] == v.shape[1] and k.shape[2] == v.shape[2],
-        lambda: (
-            f"xyserve.attention: k {tuple(k.shape)} and v {tuple(v.shape)} must share [B, Hkv, Lk]"
-        ),
-    )
+    # One condition per check: `and` on symbolic sizes would force each into a guard.
+    for other in (k, v):
+        check(
+            q.shape[0] == other.shape[0],
+            lambda: (
+                f"xyserve.attention: batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, "
+                f"v {v.shape[0]}"
+            ),
+        )
+    for dim in (1, 2):
+        check(
+            k.shape[dim] == v.shape[dim],
+            lambda: (
+                f"xyserve.attention: k {tuple(k.shape)} and v {tuple(v.shape)} must share "
+                "[B, Hkv, Lk]"
+            ),
+        )
     check(
         q.shape[1] % k.shape[1] == 0,
         lambda: (
