@@ -12,6 +12,7 @@ DESIGN.md, and so that configurations never share Dynamo's per-function cache.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -73,6 +74,20 @@ class Result:
     identical: bool
     """Greedy tokens identical to eager on every call of every pass."""
     threads: int
+
+    def eager_row(self) -> Result:
+        """The eager reference of this measurement, as a row of its own."""
+        return dataclasses.replace(
+            self,
+            config="eager",
+            graphs=0,
+            recompiles_second_pass=0,
+            compile_seconds=0.0,
+            first_pass_seconds=0.0,
+            steady_tokens_per_second=self.eager_tokens_per_second,
+            ratio_to_eager=1.0,
+            identical=True,
+        )
 
 
 def measure(

@@ -18,24 +18,6 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="call", file=sys.stderr, dynamic_ncols=True)
 
 
-def _reference_row(result):  # the eager row of a cache, from the same measurement
-    from xy_inductor.bench import Result
-
-    return Result(
-        config="eager",
-        cache=result.cache,
-        graphs=0,
-        recompiles_second_pass=0,
-        compile_seconds=0.0,
-        first_pass_seconds=0.0,
-        steady_tokens_per_second=result.eager_tokens_per_second,
-        eager_tokens_per_second=result.eager_tokens_per_second,
-        ratio_to_eager=1.0,
-        identical=True,
-        threads=result.threads,
-    )
-
-
 def demo(args: argparse.Namespace) -> int:
     """Eager vs xyserve on the built-in tiny Llama, both Hugging Face caches."""
     from xy_inductor import bench
@@ -56,7 +38,7 @@ def demo(args: argparse.Namespace) -> int:
     with _progress(total, "eager vs xyserve") as bar:
         for cache in caches:
             result = bench.measure("xyserve", cache, args.rounds, calls, progress=bar.update)
-            results += [_reference_row(result), result]
+            results += [result.eager_row(), result]
     print(bench.format_table(results))
     print(
         f"graphs: compiled by Dynamo over the first pass; 2nd-pass: recompiles on a second pass "

@@ -22,8 +22,10 @@ __all__ = [
     "WORKLOAD",
     "PassResult",
     "compile_seconds",
+    "copy_model",
     "generate_pass",
     "graphs_compiled",
+    "median_tokens_per_second",
     "prompt_batch",
     "tiny_llama",
 ]

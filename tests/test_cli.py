@@ -1,0 +1,36 @@
+"""The xyserve console script, end to end on a short workload."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+SCRIPT = str(pathlib.Path(sys.executable).with_name("xyserve"))
+
+
+def test_demo_runs_and_reports_identical_tokens():
+    # The demo exits 1 if tokens differ from eager or the second pass recompiles.
+    out = subprocess.run(
+        [SCRIPT, "demo", "--calls", "3", "--rounds", "1"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith("xyserve")]
+    assert [(r[1], r[2], r[3], r[-1]) for r in rows] == [
+        ("dynamic", "2", "0", "yes"),
+        ("static", "1", "0", "yes"),
+    ]
+
+
+def test_explain_prints_every_site_lowered():
+    out = subprocess.run(
+        [SCRIPT, "explain", "--layers", "1"], capture_output=True, text=True, check=True
+    )
+    assert "attention       1        1" in out.stdout
+    assert "linear          8        8" in out.stdout
+    assert "lm_head" in out.stdout
+
+
+def test_bad_arguments_are_rejected():
+    out = subprocess.run([SCRIPT, "demo", "--rounds", "0"], capture_output=True, text=True)
+    assert out.returncode == 2 and "--rounds must be at least 1" in out.stderr
