@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.fx
-from torch._dynamo.exc import RestartAnalysis, ShortenTraceback, SkipFrame
+from torch._dynamo.exc import RestartAnalysis, SkipFrame
 
 from xy_inductor.config import BACKEND_OPTIONS, XyConfig
 from xy_inductor.lowering import lower_graph
@@ -86,9 +86,9 @@ def _inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[object]) -> Com
 
     try:
         return compile_fx(gm, list(example_inputs))
-    except (RestartAnalysis, SkipFrame, ShortenTraceback):
+    except (RestartAnalysis, SkipFrame):
         raise  # Dynamo's own control flow (e.g. re-trace with scalars as tensors), not failures
-    except Exception as e:  # any Inductor failure degrades to the traced graph
+    except Exception as e:  # any Inductor failure (InductorError...) degrades to the traced graph
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         warnings.warn(
             f"xyserve: Inductor failed on a graph ({type(e).__name__}: {first_line}); "
