@@ -41,9 +41,14 @@ class SdpaToAttention(LoweringPass):
         q, k, v = (fake_value(a[n]) for n in ("query", "key", "value"))
         if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
             return "query/key/value carry no traced tensor value"
-        for const in ("dropout_p", "is_causal", "scale", "enable_gqa"):
+        for const in ("dropout_p", "is_causal", "enable_gqa"):
             if isinstance(a[const], torch.fx.Node):
                 return f"{const} is only known at run time; xyserve.attention needs a constant"
+        # A scale may be a run-time float (dynamic=True traces a module's float attribute as a
+        # 0-d tensor and .item()): it is passed through, the op only needs it when it runs.
+        scale = fake_value(a["scale"])
+        if scale is not None and not isinstance(scale, (int, float, torch.SymFloat, torch.SymInt)):
+            return f"scale is a {type(scale).__name__}; xyserve.attention takes a float"
         if a["dropout_p"] != 0:
             return f"dropout_p={a['dropout_p']}: xyserve.attention has no dropout (inference only)"
         if (q.dim(), k.dim(), v.dim()) != (4, 4, 4):
@@ -83,6 +88,8 @@ class SdpaToAttention(LoweringPass):
 
     def replacement(self, node: torch.fx.Node) -> tuple[object, tuple, dict]:
         a = bind(node, _PARAMS, _DEFAULTS)
-        scale = None if a["scale"] is None else float(a["scale"])
+        scale = a["scale"]
+        if isinstance(scale, int):
+            scale = float(scale)  # the op's schema says float
         args = (a["query"], a["key"], a["value"], a["attn_mask"], bool(a["is_causal"]), scale)
         return self.lowered_op(), args, {}

@@ -215,3 +215,27 @@ def test_explain_reports_gradient_fallback():
 def test_explain_rejects_non_callables():
     with pytest.raises(ValueError, match="expects a module or function, got int"):
         xy_inductor.explain(3)
+
+
+class ScaledAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scaling = 0.3
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, scale=self.scaling, is_causal=True)
+
+
+@pytest.mark.parametrize("inductor", [False, True])
+def test_scale_known_only_at_run_time_is_lowered_and_followed(inductor):
+    # When a module's float attribute changes, Dynamo re-traces it as a 0-d tensor and .item():
+    # the scale is then a run-time value, and the op must use the current one.
+    model = ScaledAttention()
+    compiled = xy_inductor.compile(model, inductor=inductor)
+    with torch.no_grad():
+        for scaling in (0.3, 0.5, 0.7):
+            model.scaling = scaling
+            q, k, v = (randn(2, 4, 7, 8, seed=i) for i in range(3))
+            assert rel_error(compiled(q, k, v), model(q, k, v)) < TOLERANCE[torch.float32]
+    s = xy_inductor.stats()
+    assert s.sites_unlowered == {} and s.sites_lowered["attention"] == s.backend_compiles
