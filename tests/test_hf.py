@@ -153,3 +153,17 @@ def test_inductor_mode_does_not_recompile_on_cache_layout():
         torch.testing.assert_close(out, want, rtol=0, atol=0)
     s = xy_inductor.stats()
     assert s.backend_compiles == 2 and s.inductor_failures == 0
+
+
+def test_lower_attention_false_keeps_sdpa_and_says_so(reference):
+    model = hf.accelerate(wl.copy_model(reference), lower_attention=False)
+    assert model.config._attn_implementation == hf.SDPA_IMPLEMENTATION
+    ids, mask = wl.prompt_batch([6], reference.config.vocab_size, seed=1)
+    with torch.no_grad():
+        report = xy_inductor.explain(model, input_ids=ids, attention_mask=mask)
+    layers = reference.config.num_hidden_layers
+    assert (report.attention_total, report.attention_lowered) == (layers, 0)
+    assert {reason for _site, reason in report.unlowered} == {
+        "disabled by option lower_attention=False"
+    }
+    assert report.linear_lowered == report.linear_total == 7 * layers + 1

@@ -37,27 +37,30 @@ import torch.nn.functional as F
 from xy_inductor.backend import make_backend
 from xy_inductor.config import XyConfig
 
-__all__ = ["ATTN_IMPLEMENTATION", "accelerate", "attention_forward", "restore"]
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "SDPA_IMPLEMENTATION",
+    "accelerate",
+    "attention_forward",
+    "restore",
+]
 
 ATTN_IMPLEMENTATION = "xyserve"
+SDPA_IMPLEMENTATION = "xyserve_sdpa"
 
 
-def attention_forward(
+def _attention(
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
-    **kwargs: Any,
+    dropout: float,
+    scaling: float | None,
+    is_causal: bool | None,
+    kwargs: dict,
+    use_op: bool,
 ) -> tuple[torch.Tensor, None]:
-    """Hugging Face attention function: SDPA with grouped KV heads, no branch on sequence length.
-
-    Variants it does not cover (position biases, soft-capping) go to Hugging Face's own SDPA
-    function unchanged.
-    """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
@@ -71,17 +74,66 @@ def attention_forward(
         is_causal = bool(causal) and query.shape[2] > 1
     else:
         is_causal = False
-    out = F.scaled_dot_product_attention(
-        query,
-        key,
-        value,
-        attn_mask=attention_mask,
-        dropout_p=dropout,
-        scale=scaling,
-        is_causal=is_causal,
-        enable_gqa=query.shape[1] != key.shape[1],
-    )
+    mask_ok = attention_mask is None or attention_mask.dtype in (torch.bool, query.dtype)
+    if use_op and dropout == 0.0 and mask_ok:
+        # The op's output is laid out [B, L, H, D]: the transpose below is contiguous for any
+        # length, so the traced graph carries no guard on it (SDPA's layout can depend on the
+        # strides of q/k/v, and then .contiguous() guards on q_len != 1).
+        out = torch.ops.xyserve.attention.default(
+            query, key, value, attention_mask, is_causal, scaling
+        )
+    else:
+        out = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            dropout_p=dropout,
+            scale=scaling,
+            is_causal=is_causal,
+            enable_gqa=query.shape[1] != key.shape[1],
+        )
     return out.transpose(1, 2).contiguous(), None
+
+
+def attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Hugging Face attention function ``"xyserve"``: ``torch.ops.xyserve.attention``, grouped
+    KV heads, no branch on sequence length.
+
+    With dropout (training) it calls SDPA; variants the op does not cover (position biases,
+    soft-capping) go to Hugging Face's own SDPA function unchanged.
+    """
+    return _attention(
+        module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs, True
+    )
+
+
+def sdpa_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Hugging Face attention function ``"xyserve_sdpa"`` (for ``lower_attention=False``): plain
+    SDPA with grouped KV heads and no branch on sequence length."""
+    return _attention(
+        module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs, False
+    )
 
 
 def _mask_function(*args: Any, **kwargs: Any) -> torch.Tensor | None:
@@ -97,8 +149,9 @@ def _register_with_transformers() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(ATTN_IMPLEMENTATION, attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _mask_function)
+    for name, fn in ((ATTN_IMPLEMENTATION, attention_forward), (SDPA_IMPLEMENTATION, sdpa_forward)):
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, _mask_function)
 
 
 @contextlib.contextmanager
@@ -154,9 +207,12 @@ class _Accelerator:
         self.compiled = self._compile(make_backend(config))
 
     def _compile(self, backend: Callable) -> Callable:
-        # dynamic=False: only the sizes `prepare` marks vary; weights and head counts stay static.
+        # dynamic=None: the sizes `prepare` marks are symbols from the first trace; anything else
+        # (weights, head counts) starts static and turns symbolic only if it changes, like the
+        # `cumulative_length` int of a sliding-window cache layer (dynamic=False would
+        # specialise every value of it: one graph per decode step).
         return torch.compile(
-            self.forward, backend=backend, dynamic=False, fullgraph=self.config.fullgraph
+            self.forward, backend=backend, dynamic=None, fullgraph=self.config.fullgraph
         )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -317,8 +373,9 @@ def accelerate(model: torch.nn.Module, **options: object) -> torch.nn.Module:
         restore(model)
     _register_with_transformers()
     accelerator = _Accelerator(model, config)  # records what restore() puts back
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+    implementation = ATTN_IMPLEMENTATION if config.lower_attention else SDPA_IMPLEMENTATION
+    model.set_attn_implementation(implementation)
+    if model.config._attn_implementation != implementation:
         warnings.warn(
             f"xyserve: {type(model).__name__} does not take Hugging Face attention functions; "
             "its attention is traced as written, which may add graphs",
