@@ -5,6 +5,7 @@ left a site alone.
 """
 
 from xy_inductor.lowering.linear_to_gemm import LinearToGemm
+from xy_inductor.lowering.manual_attention import ManualAttention
 from xy_inductor.lowering.pass_base import LoweringPass, Site
 from xy_inductor.lowering.pipeline import PASSES, GraphReport, lower_graph, pipeline_uuid
 from xy_inductor.lowering.sdpa_to_attention import SdpaToAttention
@@ -14,6 +15,7 @@ __all__ = [
     "GraphReport",
     "LinearToGemm",
     "LoweringPass",
+    "ManualAttention",
     "SdpaToAttention",
     "Site",
     "lower_graph",

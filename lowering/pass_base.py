@@ -18,7 +18,7 @@ import torch
 import torch.fx
 from torch._subclasses.fake_tensor import FakeTensor
 
-__all__ = ["LoweringPass", "Site", "bind", "fake_value", "site_name"]
+__all__ = ["LoweringPass", "Site", "bind", "fake_value", "infer_meta", "site_name"]
 
 
 @dataclass(frozen=True)
@@ -78,14 +78,25 @@ def fake_value(arg: object) -> object:
     return arg
 
 
-def _infer_meta(target: object, args: tuple, kwargs: dict) -> object:
+def infer_meta(op: str, target: object, args: tuple, kwargs: dict) -> object:
+    """The traced value a new ``call_function``/``call_method`` node would have, computed from
+    its arguments' fake values (None if they have none)."""
     fake_args = tuple(fake_value(a) for a in args)
     fake_kwargs = {k: fake_value(v) for k, v in kwargs.items()}
     # The tensors' own mode: Dynamo gives the backend a different one in its tracing context.
-    modes = [a.fake_mode for a in fake_args if isinstance(a, FakeTensor)]
+    values = (*fake_args, *fake_kwargs.values())
+    modes = [a.fake_mode for a in values if isinstance(a, FakeTensor)]
     if not modes:
+        # Scalar arithmetic (a scale times a symbolic float) needs no mode; anything else
+        # without a fake tensor to go by is left without a value.
+        if op == "call_function" and all(
+            isinstance(a, (int, float, torch.SymInt, torch.SymFloat)) for a in values
+        ):
+            return target(*fake_args, **fake_kwargs)
         return None
     with modes[0]:
+        if op == "call_method":
+            return getattr(fake_args[0], target)(*fake_args[1:], **fake_kwargs)
         return target(*fake_args, **fake_kwargs)
 
 
@@ -124,7 +135,13 @@ class LoweringPass(ABC):
 
     @abstractmethod
     def replacement(self, node: torch.fx.Node) -> tuple[object, tuple, dict]:
-        """The call that replaces the site: (target, args, kwargs)."""
+        """The call that replaces the site: (target, args, kwargs). Runs with the graph's
+        insertion point just before the site, so helper nodes it makes go there."""
+
+    def absorbed(self, node: torch.fx.Node) -> list[torch.fx.Node]:
+        """Nodes the rewrite may leave unused (e.g. a repeat of KV heads), outermost first;
+        each is erased if nothing uses it any more."""
+        return []
 
     def __call__(self, gm: torch.fx.GraphModule, skip_reason: str | None = None) -> list[Site]:
         """Lower the sites of ``gm`` in place; with ``skip_reason``, only list them."""
@@ -148,15 +165,19 @@ class LoweringPass(ABC):
         return sites
 
     def _rewrite(self, graph: torch.fx.Graph, node: torch.fx.Node) -> None:
-        target, args, kwargs = self.replacement(node)
+        absorbed = self.absorbed(node)
         with graph.inserting_before(node):
+            target, args, kwargs = self.replacement(node)
             new = graph.call_function(target, args, kwargs)
         new.meta = dict(node.meta)
-        value = _infer_meta(target, args, kwargs)
+        value = infer_meta("call_function", target, args, kwargs)
         if value is not None:
             new.meta["example_value"] = value
         node.replace_all_uses_with(new)
         graph.erase_node(node)
+        for dead in absorbed:
+            if not dead.users:
+                graph.erase_node(dead)
 
     def uuid(self) -> str:
         """Changes when the pass's code changes, for compile caches that key on passes."""

@@ -14,14 +14,18 @@ import torch.fx
 
 from xy_inductor.config import XyConfig
 from xy_inductor.lowering.linear_to_gemm import LinearToGemm
+from xy_inductor.lowering.manual_attention import ManualAttention
 from xy_inductor.lowering.pass_base import LoweringPass, Site
 from xy_inductor.lowering.sdpa_to_attention import SdpaToAttention
 
 __all__ = ["PASSES", "GraphReport", "lower_graph", "pipeline_uuid"]
 
-# (XyConfig flag that enables the pass, pass class), in the order they run.
+# (XyConfig flag that enables the pass, pass class), in the order they run. The SDPA pass
+# comes first: it counts every xyserve.attention node as a lowered site, so attention that the
+# manual pass lowers afterwards is counted once (and again, once, on a second run).
 PASSES: tuple[tuple[str, type[LoweringPass]], ...] = (
     ("lower_attention", SdpaToAttention),
+    ("lower_manual_attention", ManualAttention),
     ("lower_linear", LinearToGemm),
 )
 

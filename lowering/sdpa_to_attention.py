@@ -1,10 +1,12 @@
 """F.scaled_dot_product_attention -> torch.ops.xyserve.attention.
 
 Every argument form of the SDPA call lowers: bool or additive masks (broadcast over batch and
-heads), ``is_causal``, an explicit ``scale``, ``enable_gqa`` with fewer KV heads. Seen in Hugging
-Face's ``sdpa`` attention (Llama, Qwen2, Mistral) and in ``nn.MultiheadAttention``-free models
-that call SDPA directly. Left alone, with the reason: dropout, arguments only known at run time,
-tensors that are not ``[B, H, L, D]``, mixed dtypes or devices.
+heads), ``is_causal``, an explicit ``scale`` (also one known only at run time), ``enable_gqa``
+with fewer KV heads. Seen in Hugging Face's ``sdpa`` attention (Llama, Qwen2, Mistral, Phi-3,
+Gemma, GPT-2) and in models that call SDPA directly. K and V repeated to the query's head count
+first (``repeat_kv``, which Hugging Face's SDPA path does whenever it has a mask) are read
+un-repeated: the op is grouped-query native. Left alone, with the reason: dropout, flags only
+known at run time, tensors that are not ``[B, H, L, D]``, mixed dtypes or devices.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from xy_inductor.lowering.pass_base import LoweringPass, bind, fake_value
+from xy_inductor.lowering.patterns import unrepeat_kv
 
 __all__ = ["SdpaToAttention"]
 
@@ -86,10 +89,23 @@ class SdpaToAttention(LoweringPass):
                 return f"attn_mask is on {mask.device}, query on {q.device}"
         return None
 
+    def _unrepeated(self, node: torch.fx.Node) -> tuple[object, object, list[torch.fx.Node]]:
+        """K and V as the op should read them: the un-repeated tensors when both are repeats
+        of the same count, else as they are."""
+        a = bind(node, _PARAMS, _DEFAULTS)
+        k, v = unrepeat_kv(a["key"]), unrepeat_kv(a["value"])
+        if k is None or v is None or k[1] != v[1]:
+            return a["key"], a["value"], []
+        return k[0], v[0], k[2] + v[2]
+
     def replacement(self, node: torch.fx.Node) -> tuple[object, tuple, dict]:
         a = bind(node, _PARAMS, _DEFAULTS)
         scale = a["scale"]
         if isinstance(scale, int):
             scale = float(scale)  # the op's schema says float
-        args = (a["query"], a["key"], a["value"], a["attn_mask"], bool(a["is_causal"]), scale)
+        key, value, _ = self._unrepeated(node)
+        args = (a["query"], key, value, a["attn_mask"], bool(a["is_causal"]), scale)
         return self.lowered_op(), args, {}
+
+    def absorbed(self, node: torch.fx.Node) -> list[torch.fx.Node]:
+        return self._unrepeated(node)[2]

@@ -35,6 +35,8 @@ def capture(
 
 def run(gm: torch.fx.GraphModule, inputs: list) -> torch.Tensor:
     """The graph's (single) output."""
+    # Dynamo hands size placeholders to the backend as SymInts; running needs their values.
+    inputs = [int(x) if isinstance(x, torch.SymInt) else x for x in inputs]
     with torch.no_grad():
         out = gm(*inputs)
     return out[0] if isinstance(out, (tuple, list)) else out

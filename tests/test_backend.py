@@ -159,7 +159,12 @@ def test_mode_is_rejected_with_the_valid_options():
 
 
 def test_backend_options_are_the_config_fields_without_front_end_ones():
-    assert BACKEND_OPTIONS == ("lower_attention", "lower_linear", "inductor")
+    assert BACKEND_OPTIONS == (
+        "lower_attention",
+        "lower_manual_attention",
+        "lower_linear",
+        "inductor",
+    )
 
 
 def test_options_reach_the_backend_through_torch_compile():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from helpers import TOLERANCE, capture, count_calls, rel_error, run
 
 from xy_inductor import XyConfig
-from xy_inductor.lowering import PASSES, LinearToGemm, SdpaToAttention, lower_graph
+from xy_inductor.lowering import PASSES, LinearToGemm, ManualAttention, SdpaToAttention, lower_graph
 from xy_inductor.lowering.linear_to_gemm import LINEAR
 from xy_inductor.lowering.sdpa_to_attention import SDPA
 
@@ -28,6 +28,7 @@ def randn(*shape, dtype=torch.float32, seed=0):
 def test_pass_list_is_explicit_and_ordered():
     assert [(flag, cls) for flag, cls in PASSES] == [
         ("lower_attention", SdpaToAttention),
+        ("lower_manual_attention", ManualAttention),
         ("lower_linear", LinearToGemm),
     ]
 
@@ -224,8 +225,8 @@ def test_lowering_is_idempotent():
     first = lower_graph(gm, XyConfig())
     code = gm.code
     second = lower_graph(gm, XyConfig())
-    assert first.matches == {"sdpa_to_attention": 1, "linear_to_gemm": 2}
-    assert second.matches == {"sdpa_to_attention": 0, "linear_to_gemm": 0}
+    assert first.matches == {"sdpa_to_attention": 1, "manual_attention": 0, "linear_to_gemm": 2}
+    assert second.matches == {"sdpa_to_attention": 0, "manual_attention": 0, "linear_to_gemm": 0}
     assert gm.code == code
     assert [(s.kind, s.lowered) for s in second.sites] == [(s.kind, s.lowered) for s in first.sites]
 
@@ -259,3 +260,71 @@ def test_pass_uuid_is_stable_and_distinct():
     assert SdpaToAttention().uuid() == SdpaToAttention().uuid()
     assert LinearToGemm().uuid() != SdpaToAttention().uuid()
     assert len(SdpaToAttention().uuid()) == 64
+
+
+# -- repeat_kv absorption -----------------------------------------------------------------------
+
+
+def repeat_kv(x, n):
+    # transformers' repeat_kv: what its SDPA path runs whenever there is a mask
+    b, h, length, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n, length, d).reshape(b, h * n, length, d)
+
+
+def sdpa_on_repeated_kv(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, repeat_kv(k, 4), repeat_kv(v, 4), attn_mask=mask)
+
+
+def sdpa_on_repeat_interleave(q, k, v, mask):
+    k, v = k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def sdpa_repeat_also_returned(q, k, v, mask):
+    k = repeat_kv(k, 4)
+    return F.scaled_dot_product_attention(q, k, repeat_kv(v, 4), attn_mask=mask), k
+
+
+def gqa_inputs(length=7):
+    q = randn(2, 8, length, 16, seed=1)
+    k, v = randn(2, 2, length, 16, seed=2), randn(2, 2, length, 16, seed=3)
+    return q, k, v, torch.ones(length, length, dtype=torch.bool).tril()[None, None]
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("fn", [sdpa_on_repeated_kv, sdpa_on_repeat_interleave])
+def test_sdpa_pass_reads_kv_unrepeated(fn, dynamic):
+    gm, inputs = capture(fn, *gqa_inputs(), dynamic=dynamic)
+    expected = run(gm, inputs)
+    assert [s.lowered for s in SdpaToAttention()(gm)] == [True]
+    (node,) = [n for n in gm.graph.nodes if n.target is ATTENTION]
+    assert [node.args[i].meta["example_value"].shape[1] for i in (1, 2)] == [2, 2]
+    assert not any(n.target in ("expand", "reshape", "repeat_interleave") for n in gm.graph.nodes)
+    assert rel_error(run(gm, inputs), expected) < TOLERANCE[torch.float32]
+
+
+def test_repeat_used_elsewhere_stays_for_its_other_user():
+    gm, inputs = capture(sdpa_repeat_also_returned, *gqa_inputs(), dynamic=False)
+    expected = run(gm, inputs)
+    SdpaToAttention()(gm)
+    (node,) = [n for n in gm.graph.nodes if n.target is ATTENTION]
+    assert node.args[1].meta["example_value"].shape[1] == 2  # attention reads K unrepeated
+    assert sum(n.target == "reshape" for n in gm.graph.nodes) == 1  # the returned repeat stays
+    with torch.no_grad():
+        out, k = gm(*inputs)
+    assert k.shape[1] == 8 and rel_error(out, expected) < TOLERANCE[torch.float32]
+
+
+def test_kv_repeated_differently_is_lowered_without_absorbing():
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(
+            q, repeat_kv(k, 4), v.repeat_interleave(4, dim=1).contiguous()
+        )
+
+    q, k, v, _ = gqa_inputs()
+    gm, inputs = capture(fn, q, k, v, dynamic=False)
+    expected = run(gm, inputs)
+    assert [s.lowered for s in SdpaToAttention()(gm)] == [True]
+    (node,) = [n for n in gm.graph.nodes if n.target is ATTENTION]
+    assert node.args[1].meta["example_value"].shape[1] == 8
+    assert rel_error(run(gm, inputs), expected) < TOLERANCE[torch.float32]

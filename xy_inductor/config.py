@@ -20,6 +20,10 @@ class XyConfig:
     lower_attention: bool = True
     """Rewrite ``F.scaled_dot_product_attention`` sites into ``torch.ops.xyserve.attention``."""
 
+    lower_manual_attention: bool = True
+    """Rewrite attention written out by hand (``softmax(q @ kᵀ * scale + mask) @ v``, as in
+    Hugging Face's ``eager`` attention) into ``torch.ops.xyserve.attention``."""
+
     lower_linear: bool = True
     """Rewrite ``F.linear`` sites into ``torch.ops.xyserve.gemm``."""
 
