@@ -1,22 +1,125 @@
-"""F.linear -> torch.ops.xyserve.gemm.
+"""Linear layers -> torch.ops.xyserve.gemm, in the spellings real models use:
 
-Every ``nn.Linear`` traces to ``F.linear`` under Dynamo, with or without bias: the q/k/v/o
-projections, MLPs and ``lm_head`` of Llama-style models. Left alone, with the reason: weights
-that are not ``[N, K]``, mixed dtypes or devices, integer inputs.
+- ``F.linear(x, w, b)``: every ``nn.Linear`` under Dynamo (Llama, Qwen2, Mistral, Phi-3, Gemma,
+  BERT/MiniLM projections and MLPs, ``lm_head``);
+- ``x @ w.t()``, ``x @ w.T``, ``x @ w.transpose(0, 1)``, ``torch.matmul(x, w.t())``, each
+  optionally ``+ b``, with ``w`` an ``[N, K]`` weight (hand-written models);
+- ``torch.addmm(b, x2d, w)`` with ``w`` a ``[K, N]`` weight: GPT-2's ``Conv1D``;
+- ``torch.matmul(x, w)`` / ``x @ w`` with ``w`` a 2-D ``[K, N]`` weight parameter.
+
+A weight is a module parameter (or a constant attribute of the graph module): a matmul of two
+activations, such as attention's ``q @ kᵀ``, is not a linear site. Left alone, with the reason:
+weights that are not 2-D, mixed dtypes or devices, integer inputs.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.fx
 
 from xy_inductor.lowering.pass_base import LoweringPass, bind, fake_value
+from xy_inductor.lowering.patterns import is_op, is_weight, make_node, only_user
 
 __all__ = ["LinearToGemm"]
 
 LINEAR = torch._C._nn.linear
 _PARAMS = ("input", "weight", "bias")
 _DEFAULTS = {"bias": None}
+
+
+@dataclass(frozen=True)
+class _Linear:
+    """A linear site as ``x @ weight.T + bias``; ``transposed`` when the graph holds the
+    weight as ``[K, N]`` (it is handed to the op as a transposed view)."""
+
+    x: object
+    weight: object
+    bias: object
+    transposed: bool
+    absorbed: tuple[torch.fx.Node, ...] = ()
+
+
+def _weight_of_transpose(node: object) -> torch.fx.Node | None:
+    """``w`` if ``node`` is a 2-D weight ``w`` transposed (``.t()``, ``.T``, ``.transpose``)."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    swaps_2d = is_op(node, "transpose") and sorted(d % 2 for d in node.args[1:3]) == [0, 1]
+    attribute = (
+        node.op == "call_function" and node.target is getattr and node.args[1:] in (("T",), ("mT",))
+    )
+    if not (is_op(node, "t") or swaps_2d or attribute):
+        return None
+    source = node.args[0]
+    value = fake_value(source)
+    return (
+        source
+        if is_weight(source) and isinstance(value, torch.Tensor) and value.dim() == 2
+        else None
+    )
+
+
+def _matmul_linear(node: torch.fx.Node) -> _Linear | None:
+    """``x @ w.t()`` or ``x @ W`` with a weight, as a linear site."""
+    if not is_op(node, "matmul") or len(node.args) != 2:
+        return None
+    x, rhs = node.args
+    w = _weight_of_transpose(rhs)
+    if w is not None:
+        return _Linear(x, w, None, False, (rhs,))
+    value = fake_value(rhs)
+    if is_weight(rhs) and isinstance(value, torch.Tensor) and value.dim() == 2:
+        return _Linear(x, rhs, None, True)
+    return None
+
+
+def _linear(node: torch.fx.Node) -> _Linear | None:
+    """The linear layer ``node`` computes, if it is one (see the module docstring)."""
+    if node.op == "call_function" and node.target is LINEAR:
+        a = bind(node, _PARAMS, _DEFAULTS)
+        return _Linear(a["input"], a["weight"], a["bias"], False)
+    if (
+        is_op(node, "addmm")
+        and node.op == "call_function"
+        and len(node.args) == 3
+        and not node.kwargs
+    ):
+        bias, x, w = node.args
+        value = fake_value(w)
+        if is_weight(w) and isinstance(value, torch.Tensor) and value.dim() == 2:
+            return _Linear(x, w, bias, True)
+        return None
+    if is_op(node, "add") and node.op == "call_function" and len(node.args) == 2:
+        # x @ w.t() + b (or b + x @ w.t()): one site, the bias folded into the gemm.
+        for mm, bias in (node.args, node.args[::-1]):
+            inner = _matmul_linear(mm) if isinstance(mm, torch.fx.Node) else None
+            if inner is not None and only_user(mm) is node and _is_bias(bias, inner):
+                return _Linear(inner.x, inner.weight, bias, inner.transposed, (mm, *inner.absorbed))
+        return None
+    linear = _matmul_linear(node)
+    if linear is not None and _folds_into_add(node, linear):
+        return None  # its add is the site
+    return linear
+
+
+def _is_bias(bias: object, linear: _Linear) -> bool:
+    b, w = fake_value(bias), fake_value(linear.weight)
+    if not isinstance(b, torch.Tensor) or not isinstance(w, torch.Tensor) or b.dim() != 1:
+        return False
+    n = w.shape[1] if linear.transposed else w.shape[0]
+    return b.shape[0] == n if isinstance(b.shape[0], int) else False
+
+
+def _folds_into_add(node: torch.fx.Node, linear: _Linear) -> bool:
+    user = only_user(node)
+    return (
+        user is not None
+        and is_op(user, "add")
+        and user.op == "call_function"
+        and len(user.args) == 2
+        and _is_bias(user.args[1] if user.args[0] is node else user.args[0], linear)
+    )
 
 
 class LinearToGemm(LoweringPass):
@@ -27,9 +130,14 @@ class LinearToGemm(LoweringPass):
     def lowered_op(self) -> object:
         return torch.ops.xyserve.gemm.default
 
+    def is_site(self, node: torch.fx.Node) -> bool:
+        return self.is_lowered(node) or (
+            node.op in ("call_function", "call_method") and _linear(node) is not None
+        )
+
     def why_not(self, node: torch.fx.Node) -> str | None:
-        a = bind(node, _PARAMS, _DEFAULTS)
-        x, w, b = (fake_value(a[n]) for n in _PARAMS)
+        linear = _linear(node)
+        x, w, b = (fake_value(t) for t in (linear.x, linear.weight, linear.bias))
         if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
             return "input/weight carry no traced tensor value"
         if b is not None and not isinstance(b, torch.Tensor):
@@ -50,5 +158,11 @@ class LinearToGemm(LoweringPass):
         return None
 
     def replacement(self, node: torch.fx.Node) -> tuple[object, tuple, dict]:
-        a = bind(node, _PARAMS, _DEFAULTS)
-        return self.lowered_op(), (a["input"], a["weight"], a["bias"]), {}
+        linear = _linear(node)
+        weight = linear.weight
+        if linear.transposed:
+            weight = make_node(node.graph, "call_method", "t", (weight,))
+        return self.lowered_op(), (linear.x, weight, linear.bias), {}
+
+    def absorbed(self, node: torch.fx.Node) -> list[torch.fx.Node]:
+        return list(_linear(node).absorbed)
