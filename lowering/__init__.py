@@ -4,6 +4,11 @@ One pass per file, run in the order of ``PASSES``; each counts what it rewrote a
 left a site alone.
 """
 
+from xy_inductor.lowering.fuse_siblings import (
+    FuseSiblingGemms,
+    lay_out_weights,
+    sibling_parameters,
+)
 from xy_inductor.lowering.linear_to_gemm import LinearToGemm
 from xy_inductor.lowering.manual_attention import ManualAttention
 from xy_inductor.lowering.pass_base import LoweringPass, Site
@@ -12,12 +17,15 @@ from xy_inductor.lowering.sdpa_to_attention import SdpaToAttention
 
 __all__ = [
     "PASSES",
+    "FuseSiblingGemms",
     "GraphReport",
     "LinearToGemm",
     "LoweringPass",
     "ManualAttention",
     "SdpaToAttention",
     "Site",
+    "lay_out_weights",
     "lower_graph",
     "pipeline_uuid",
+    "sibling_parameters",
 ]

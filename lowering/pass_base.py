@@ -81,10 +81,11 @@ def fake_value(arg: object) -> object:
 def infer_meta(op: str, target: object, args: tuple, kwargs: dict) -> object:
     """The traced value a new ``call_function``/``call_method`` node would have, computed from
     its arguments' fake values (None if they have none)."""
-    fake_args = tuple(fake_value(a) for a in args)
-    fake_kwargs = {k: fake_value(v) for k, v in kwargs.items()}
+    # map_arg reaches nodes inside lists too (gemm_fused takes a list of weights).
+    fake_args = torch.fx.node.map_arg(args, fake_value)
+    fake_kwargs = torch.fx.node.map_arg(kwargs, fake_value)
+    values = torch.utils._pytree.tree_leaves((fake_args, fake_kwargs))
     # The tensors' own mode: Dynamo gives the backend a different one in its tracing context.
-    values = (*fake_args, *fake_kwargs.values())
     modes = [a.fake_mode for a in values if isinstance(a, FakeTensor)]
     if not modes:
         # Scalar arithmetic (a scale times a symbolic float) needs no mode; anything else

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch.fx
 
 from xy_inductor.config import XyConfig
+from xy_inductor.lowering.fuse_siblings import FuseSiblingGemms
 from xy_inductor.lowering.linear_to_gemm import LinearToGemm
 from xy_inductor.lowering.manual_attention import ManualAttention
 from xy_inductor.lowering.pass_base import LoweringPass, Site
@@ -27,6 +28,7 @@ PASSES: tuple[tuple[str, type[LoweringPass]], ...] = (
     ("lower_attention", SdpaToAttention),
     ("lower_manual_attention", ManualAttention),
     ("lower_linear", LinearToGemm),
+    ("fuse_siblings", FuseSiblingGemms),  # after linear_to_gemm: it groups gemm nodes
 )
 
 

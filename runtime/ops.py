@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from xy_inductor.runtime import providers
+from xy_inductor.runtime import stats as _stats
 
 __all__ = [
     "DIRECT_CALLS",
@@ -28,7 +29,10 @@ __all__ = [
     "check_attention_args",
     "check_gemm_args",
     "gemm",
+    "gemm_fused",
+    "gemm_fused_impl",
     "gemm_impl",
+    "stacked_rows",
 ]
 
 Check = Callable[[bool, Callable[[], str]], None]
@@ -204,7 +208,66 @@ def _attention_fake(q, k, v, attn_mask=None, is_causal=False, scale=None):
     return attention_output(q, v)
 
 
+def stacked_rows(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """One tensor viewing ``tensors`` stacked along dim 0, when they already lie that way in one
+    storage (row blocks of one buffer, as ``fuse_weights`` lays sibling weights); else None."""
+    first = tensors[0]
+    offset = first.storage_offset()
+    for t in tensors:
+        if (
+            not t.is_contiguous()
+            or t.dtype != first.dtype
+            or t.device != first.device
+            or t.shape[1:] != first.shape[1:]
+            or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+            or t.storage_offset() != offset
+        ):
+            return None
+        offset += t.numel()
+    rows = sum(t.shape[0] for t in tensors)
+    return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
+
+
+def gemm_fused_impl(
+    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]
+) -> torch.Tensor:
+    """Sibling linear layers on one input: ``cat([x @ w.T + b for each w, b], -1)``.
+
+    ``biases`` is empty or one per weight. When the weights are row blocks of one buffer, one
+    GEMM reads them in place (nothing is copied, so nothing can be stale); otherwise each runs
+    on its own and the outputs are concatenated.
+    """
+    torch._check_value(len(weights) >= 1, lambda: "xyserve.gemm_fused: no weights")
+    torch._check_value(
+        len(biases) in (0, len(weights)),
+        lambda: f"xyserve.gemm_fused: {len(biases)} biases for {len(weights)} weights",
+    )
+    for i, w in enumerate(weights):
+        check_gemm_args(x, w, biases[i] if biases else None)
+    weight = stacked_rows(weights)
+    bias = (stacked_rows(biases) if biases else None) if weight is not None else None
+    if weight is not None and (bias is not None or not biases):
+        _stats.record_fusion(fused=True)
+        return providers.run("gemm", x, weight, bias)
+    _stats.record_fusion(fused=False)
+    outs = [
+        providers.run("gemm", x, w, biases[i] if biases else None) for i, w in enumerate(weights)
+    ]
+    return torch.cat(outs, dim=-1)
+
+
+gemm_fused = torch.library.custom_op("xyserve::gemm_fused", gemm_fused_impl, mutates_args=())
+
+
+@gemm_fused.register_fake
+def _gemm_fused_fake(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]):
+    for i, w in enumerate(weights):
+        check_gemm_args(x, w, biases[i] if biases else None, torch._check_value)
+    return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
+
+
 DIRECT_CALLS: dict[object, Callable[..., torch.Tensor]] = {
     torch.ops.xyserve.gemm.default: gemm_impl,
     torch.ops.xyserve.attention.default: attention_impl,
+    torch.ops.xyserve.gemm_fused.default: gemm_fused_impl,
 }

@@ -23,6 +23,8 @@ class _Counters:
     sites_unlowered: Counter = field(default_factory=Counter)  # kind -> n
     calls: Counter = field(default_factory=Counter)  # (op, provider) -> n
     declined: Counter = field(default_factory=Counter)  # (op, provider, reason) -> n
+    fused_calls: int = 0
+    unfused_calls: int = 0
 
 
 _COUNTERS = _Counters()
@@ -50,6 +52,10 @@ class Stats:
     """Run-time calls per op, then per provider that ran them."""
     declined: dict[str, dict[str, int]]
     """Per op, per ``provider: reason``: how often a provider's checker declined a call."""
+    fused_calls: int
+    """``gemm_fused`` calls that ran as one GEMM over weights laid out in one buffer."""
+    unfused_calls: int
+    """``gemm_fused`` calls whose weights were not (any more) in one buffer: one GEMM each."""
 
     def __str__(self) -> str:
         lines = [
@@ -65,6 +71,10 @@ class Stats:
         for op, per_provider in sorted(self.calls.items()):
             calls = ", ".join(f"{p}: {n}" for p, n in sorted(per_provider.items()))
             lines.append(f"xyserve.{op:<9} {calls}")
+        if self.fused_calls or self.unfused_calls:
+            lines.append(
+                f"sibling gemms     {self.fused_calls} fused, {self.unfused_calls} run one by one"
+            )
         for op, per_reason in sorted(self.declined.items()):
             for why, n in sorted(per_reason.items()):
                 lines.append(f"xyserve.{op:<9} declined {n}x by {why}")
@@ -90,6 +100,8 @@ def stats() -> Stats:
         sites_unlowered=dict(c.sites_unlowered),
         calls=calls,
         declined=declined,
+        fused_calls=c.fused_calls,
+        unfused_calls=c.unfused_calls,
     )
 
 
@@ -116,6 +128,13 @@ def record_compile(
 
 def record_call(op: str, provider: str) -> None:
     _COUNTERS.calls[op, provider] += 1
+
+
+def record_fusion(*, fused: bool) -> None:
+    if fused:
+        _COUNTERS.fused_calls += 1
+    else:
+        _COUNTERS.unfused_calls += 1
 
 
 def record_decline(op: str, provider: str, reason: str) -> None:

@@ -22,13 +22,13 @@ class GraphCapture:
 
 
 def capture(
-    fn: Callable, *args: object, dynamic: bool | None = True
+    fn: Callable, *args: object, dynamic: bool | None = True, **kwargs: object
 ) -> tuple[torch.fx.GraphModule, list]:
-    """The single Dynamo graph of ``fn(*args)`` and the real inputs it is called with (module
-    parameters included)."""
+    """The single Dynamo graph of ``fn(*args, **kwargs)`` and the real inputs it is called with
+    (module parameters included)."""
     backend = GraphCapture()
     with torch.no_grad():
-        torch.compile(fn, backend=backend, dynamic=dynamic, fullgraph=True)(*args)
+        torch.compile(fn, backend=backend, dynamic=dynamic, fullgraph=True)(*args, **kwargs)
     assert len(backend.graphs) == 1
     return backend.graphs[0], backend.example_inputs[0]
 

@@ -16,7 +16,7 @@ import torch.fx
 from torch._dynamo.exc import RestartAnalysis, SkipFrame
 
 from xy_inductor.config import BACKEND_OPTIONS, XyConfig
-from xy_inductor.lowering import lower_graph
+from xy_inductor.lowering import lay_out_weights, lower_graph, sibling_parameters
 from xy_inductor.runtime import stats as _stats
 from xy_inductor.runtime.ops import DIRECT_CALLS
 
@@ -108,6 +108,8 @@ def compile_graph(
     report = lower_graph(gm, config, skip_reason=reason)
     inductor_failed = False
     compiled: CompiledFn | None = None
+    # Read before Inductor, which rewrites gm; moved after it, which reads the inputs' layout.
+    siblings = sibling_parameters(gm, example_inputs) if reason is None else []
     if reason is not None:
         warnings.warn(f"xyserve: {reason}", stacklevel=2)
     elif config.inductor:
@@ -117,6 +119,9 @@ def compile_graph(
         if reason is None:
             _call_directly(gm)
         compiled = gm.forward
+    if siblings:
+        moved = lay_out_weights(siblings)
+        log.info("xyserve: moved the weights of %d sibling groups into one buffer each", moved)
     seconds = time.perf_counter() - start
     _stats.record_compile(
         seconds,

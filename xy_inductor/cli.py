@@ -65,16 +65,55 @@ def bench_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _family_rows(families: Sequence[str]) -> list[tuple[str, str, object]]:
+    from xy_inductor import explain
+    from xy_inductor import workload as wl
+
+    rows = []
+    for family in families:
+        for attn in ("sdpa", "eager"):
+            if family == "minilm":
+                model, tokenizer = wl.minilm(attn)
+                batch = dict(
+                    tokenizer(
+                        ["A sentence.", "Another, longer one."], padding=True, return_tensors="pt"
+                    )
+                )
+            else:
+                model = wl.tiny_model(family, attn)
+                ids, mask = wl.prompt_batch([9, 5], model.config.vocab_size, seed=0)
+                batch = {"input_ids": ids, "attention_mask": mask}
+            with torch.no_grad():
+                rows.append((family, attn, explain(model, **batch)))
+            torch._dynamo.reset()
+    return rows
+
+
 def explain_cmd(args: argparse.Namespace) -> int:
-    """What xyserve lowers in the tiny Llama's forward, as ``generate()`` calls it."""
+    """What xyserve lowers: the tiny Llama as generate() calls it, or model families."""
     from xy_inductor import explain, hf
     from xy_inductor import workload as wl
 
-    model = hf.accelerate(wl.tiny_llama(num_hidden_layers=args.layers))
-    ids, mask = wl.prompt_batch([args.length], model.config.vocab_size, seed=0)
-    with torch.no_grad():
-        print(explain(model, input_ids=ids, attention_mask=mask, logits_to_keep=1))
-    return 0
+    if args.family is None:
+        model = hf.accelerate(wl.tiny_llama(num_hidden_layers=args.layers))
+        ids, mask = wl.prompt_batch([args.length], model.config.vocab_size, seed=0)
+        with torch.no_grad():
+            print(explain(model, input_ids=ids, attention_mask=mask, logits_to_keep=1))
+        return 0
+    families = [*wl.FAMILIES, "minilm"] if args.family == "all" else [args.family]
+    rows = _family_rows(families)
+    if len(rows) == 2 and args.family != "all":
+        for family, attn, report in rows:
+            print(f"{family} ({attn} attention)\n{report}\n")
+        return 0
+    print("| model | attention | attention sites lowered | linear sites lowered |")
+    print("| --- | --- | --- | --- |")
+    for family, attn, r in rows:
+        print(
+            f"| {family} | {attn} | {r.attention_lowered} / {r.attention_total} "
+            f"| {r.linear_lowered} / {r.linear_total} |"
+        )
+    return 0 if all(not r.unlowered for _, _, r in rows) else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,6 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("explain", help=explain_cmd.__doc__)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--length", type=int, default=17, help="prompt length traced")
+    p.add_argument(
+        "--family",
+        choices=["all", "llama", "qwen2", "mistral", "phi3", "gemma", "gpt2", "minilm"],
+        help="explain tiny random-weight models of a family (or the real MiniLM) instead",
+    )
     p.set_defaults(run=explain_cmd)
     args = parser.parse_args(argv)
     if getattr(args, "rounds", 1) < 1:

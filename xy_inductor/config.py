@@ -27,6 +27,12 @@ class XyConfig:
     lower_linear: bool = True
     """Rewrite ``F.linear`` sites into ``torch.ops.xyserve.gemm``."""
 
+    fuse_siblings: bool = False
+    """Fuse linear layers that read the same input (q/k/v, gate/up) into one GEMM. When the
+    backend compiles, it moves each group's weights into one buffer (values and Parameter
+    objects stay; later in-place updates are seen). Off by default: on the CPU it does not pay
+    (``benchmarks/fusion.py``)."""
+
     inductor: bool = False
     """Compile the rest of each graph with Inductor, once, with symbolic sizes; the xyserve ops
     stay opaque calls. Off: the lowered graph runs as traced, and compiling costs only tracing."""

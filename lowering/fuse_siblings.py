@@ -1,0 +1,130 @@
+"""Sibling GEMMs on one input -> one torch.ops.xyserve.gemm_fused, split after.
+
+The q/k/v projections of an attention block (Llama, Qwen2, Mistral, Gemma, BERT) and the
+gate/up projections of a gated MLP read the same tensor. After ``linear_to_gemm`` they are
+``gemm(x, w_i, b_i)`` nodes with the same ``x``; this pass replaces each such group with one
+``gemm_fused(x, [w_i], [b_i])`` and a split of its output.
+
+Fusion pays only if the weights are one buffer, so that one GEMM reads them without a copy.
+``lay_out_weights`` makes them so, once, when the backend compiles: it moves each group's
+parameters into one buffer and points the parameters at their rows (values and Parameter objects
+stay). Nothing is cached, so nothing can be stale: in-place updates land in the buffer, and a
+parameter given new storage later is noticed at run time and run on its own (counted).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import torch
+import torch.fx
+
+from xy_inductor.lowering.pass_base import LoweringPass, Site, fake_value
+from xy_inductor.lowering.patterns import is_weight, make_node
+from xy_inductor.runtime.ops import stacked_rows
+
+__all__ = ["FuseSiblingGemms", "lay_out_weights", "sibling_parameters"]
+
+
+def _gemm_op() -> object:
+    return torch.ops.xyserve.gemm.default
+
+
+class FuseSiblingGemms(LoweringPass):
+    name = "fuse_siblings"
+    kind = "linear"
+    target = None
+
+    def lowered_op(self) -> object:
+        return torch.ops.xyserve.gemm_fused.default
+
+    def is_site(self, node: torch.fx.Node) -> bool:
+        return False  # it regroups sites that linear_to_gemm already counted
+
+    def why_not(self, node: torch.fx.Node) -> str | None:
+        return None
+
+    def replacement(self, node: torch.fx.Node) -> tuple[object, tuple, dict]:
+        raise NotImplementedError  # groups, not single sites: see __call__
+
+    def __call__(self, gm: torch.fx.GraphModule, skip_reason: str | None = None) -> list[Site]:
+        self.matched = 0
+        if skip_reason is not None:
+            return []
+        groups: dict[tuple, list[torch.fx.Node]] = {}
+        for node in gm.graph.nodes:
+            key = _group_key(node)
+            if key is not None:
+                groups.setdefault(key, []).append(node)
+        for nodes in groups.values():
+            if len(nodes) >= 2:
+                self._fuse(gm.graph, nodes)
+                self.matched += 1
+        if self.matched:
+            gm.graph.lint()
+            gm.recompile()
+        return []
+
+    def _fuse(self, graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:
+        x = nodes[0].args[0]
+        weights = [n.args[1] for n in nodes]
+        biases = [n.args[2] for n in nodes] if nodes[0].args[2] is not None else []
+        sizes = [fake_value(w).shape[0] for w in weights]
+        with graph.inserting_before(nodes[0]):
+            fused = make_node(graph, "call_function", self.lowered_op(), (x, weights, biases))
+            fused.meta.update({k: v for k, v in nodes[0].meta.items() if k != "example_value"})
+            parts = make_node(graph, "call_function", torch.split, (fused, sizes, -1))
+            for i, node in enumerate(nodes):
+                part = make_node(graph, "call_function", operator.getitem, (parts, i))
+                node.replace_all_uses_with(part)
+        for node in nodes:
+            graph.erase_node(node)
+
+
+def _group_key(node: torch.fx.Node) -> tuple | None:
+    """Gemms that can fuse share this key: input, K, dtype, device, bias or not."""
+    if node.op != "call_function" or node.target is not _gemm_op():
+        return None
+    x, w, b = node.args
+    value = fake_value(w)
+    if not is_weight(w) or not isinstance(value, torch.Tensor) or not value.is_contiguous():
+        return None
+    if b is not None and not is_weight(b):
+        return None
+    return (x, value.shape[1], value.dtype, value.device, b is None)
+
+
+def sibling_parameters(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[object]
+) -> list[list[torch.nn.Parameter]]:
+    """The parameters behind each fused group of weights (and of biases) in ``gm``: the real
+    ``nn.Parameter`` inputs the backend was given. Groups with anything else are skipped."""
+    placeholders = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    groups = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.xyserve.gemm_fused.default:
+            continue
+        for group in (node.args[1], node.args[2]):
+            params = [example_inputs[placeholders[n]] for n in group if n in placeholders]
+            complete = bool(params) and len(params) == len(group)
+            if complete and all(isinstance(p, torch.nn.Parameter) for p in params):
+                groups.append(params)
+    return groups
+
+
+def lay_out_weights(groups: list[list[torch.nn.Parameter]]) -> int:
+    """Give each group of parameters one buffer (see the module docstring); returns how many
+    groups it moved."""
+    moved = 0
+    for params in groups:
+        if stacked_rows(params) is not None:
+            continue
+        with torch.no_grad():
+            buffer = torch.cat([p.detach() for p in params])
+            offset = 0
+            for p in params:
+                p.data = buffer[offset : offset + p.shape[0]]
+                offset += p.shape[0]
+        moved += 1
+    return moved
