@@ -163,6 +163,7 @@ def test_backend_options_are_the_config_fields_without_front_end_ones():
         "lower_attention",
         "lower_manual_attention",
         "lower_linear",
+        "fuse_siblings",
         "inductor",
     )
 

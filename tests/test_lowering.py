@@ -12,7 +12,14 @@ import torch.nn.functional as F
 from helpers import TOLERANCE, capture, count_calls, rel_error, run
 
 from xy_inductor import XyConfig
-from xy_inductor.lowering import PASSES, LinearToGemm, ManualAttention, SdpaToAttention, lower_graph
+from xy_inductor.lowering import (
+    PASSES,
+    FuseSiblingGemms,
+    LinearToGemm,
+    ManualAttention,
+    SdpaToAttention,
+    lower_graph,
+)
 from xy_inductor.lowering.linear_to_gemm import LINEAR
 from xy_inductor.lowering.sdpa_to_attention import SDPA
 
@@ -31,6 +38,7 @@ def test_pass_list_is_explicit_and_ordered():
         ("lower_attention", SdpaToAttention),
         ("lower_manual_attention", ManualAttention),
         ("lower_linear", LinearToGemm),
+        ("fuse_siblings", FuseSiblingGemms),
     ]
 
 
@@ -226,8 +234,14 @@ def test_lowering_is_idempotent():
     first = lower_graph(gm, XyConfig())
     code = gm.code
     second = lower_graph(gm, XyConfig())
-    assert first.matches == {"sdpa_to_attention": 1, "manual_attention": 0, "linear_to_gemm": 2}
-    assert second.matches == {"sdpa_to_attention": 0, "manual_attention": 0, "linear_to_gemm": 0}
+    counts = {
+        "sdpa_to_attention": 1,
+        "manual_attention": 0,
+        "linear_to_gemm": 2,
+        "fuse_siblings": 0,
+    }
+    assert first.matches == counts
+    assert second.matches == {name: 0 for name in counts}
     assert gm.code == code
     assert [(s.kind, s.lowered) for s in second.sites] == [(s.kind, s.lowered) for s in first.sites]
 
