@@ -180,8 +180,15 @@ class LoweringPass(ABC):
             if not dead.users:
                 graph.erase_node(dead)
 
+    def options(self) -> dict[str, object]:
+        """Settings that change what the pass does; part of ``uuid()``."""
+        return {}
+
     def uuid(self) -> str:
-        """Changes when the pass's code changes, for compile caches that key on passes."""
+        """Changes when the pass's code (its modules, base class included) or its options
+        change, for compile caches that key on the passes that ran."""
         classes = [c for c in type(self).__mro__ if issubclass(c, LoweringPass)]
-        sources = dict.fromkeys(inspect.getsource(inspect.getmodule(c)) for c in classes)
-        return hashlib.sha256("\0".join(sources).encode()).hexdigest()
+        parts = dict.fromkeys(inspect.getsource(inspect.getmodule(c)) for c in classes)
+        parts[type(self).__qualname__] = None
+        parts[repr(sorted(self.options().items()))] = None
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()

@@ -413,3 +413,76 @@ def test_add_that_is_not_a_bias_is_not_folded():
     assert [s.lowered for s in sites] == [True]
     assert any(n.target is operator.add for n in gm.graph.nodes)  # the residual add stays
     assert rel_error(run(gm, inputs), expected) < TOLERANCE[torch.float32]
+
+
+def test_pass_uuid_changes_with_code_and_options(tmp_path, monkeypatch):
+    source = (
+        "import torch\n"
+        "from xy_inductor.lowering.linear_to_gemm import LinearToGemm\n"
+        "class Custom(LinearToGemm):\n"
+        "    name = 'custom'\n"
+        "    def why_not(self, node):\n"
+        "        return None  # {comment}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def load(comment: str):
+        import importlib
+        import sys
+
+        (tmp_path / "custom_pass.py").write_text(source.format(comment=comment))
+        sys.modules.pop("custom_pass", None)
+        importlib.invalidate_caches()
+        return importlib.import_module("custom_pass").Custom
+
+    first = load("v1")().uuid()
+    assert load("v1")().uuid() == first  # same code, same uuid
+    assert load("v2")().uuid() != first  # one comment changed
+
+    class WithOptions(LinearToGemm):
+        def __init__(self, limit: int) -> None:
+            super().__init__()
+            self.limit = limit
+
+        def options(self) -> dict[str, object]:
+            return {"limit": self.limit}
+
+    assert WithOptions(1).uuid() == WithOptions(1).uuid() != WithOptions(2).uuid()
+
+
+def test_pipeline_uuid_follows_the_enabled_passes():
+    from xy_inductor.lowering import pipeline_uuid
+
+    base = pipeline_uuid(XyConfig())
+    assert pipeline_uuid(XyConfig()) == base
+    assert pipeline_uuid(XyConfig(lower_linear=False)) != base
+    assert pipeline_uuid(XyConfig(fuse_siblings=True)) != base
+    assert pipeline_uuid(XyConfig(inductor=True)) != base
+
+
+def graph_with_fakes(fn, *fakes):
+    """``fn`` traced by FX, its inputs given traced values: graphs that mix devices only exist
+    on machines with accelerators, but the passes' checks only read these values."""
+    gm = torch.fx.symbolic_trace(fn)
+    for node, value in zip(
+        [n for n in gm.graph.nodes if n.op == "placeholder"], fakes, strict=True
+    ):
+        node.meta["example_value"] = value
+    return gm
+
+
+def test_passes_leave_mixed_devices_alone():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, w = torch.empty(3, 8), torch.empty(4, 8, device="meta")
+        q = torch.empty(1, 2, 5, 8)
+        mask = torch.ones(1, 1, 5, 5, dtype=torch.bool, device="meta")
+    gm = graph_with_fakes(lambda x, w: F.linear(x, w), x, w)
+    (site,) = LinearToGemm()(gm)
+    assert not site.lowered and "devices differ: cpu, meta" in site.reason
+    gm = graph_with_fakes(
+        lambda q, m: F.scaled_dot_product_attention(q, q, q, attn_mask=m), q, mask
+    )
+    (site,) = SdpaToAttention()(gm)
+    assert not site.lowered and "attn_mask is on meta" in site.reason
