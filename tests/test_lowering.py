@@ -486,3 +486,17 @@ def test_passes_leave_mixed_devices_alone():
     )
     (site,) = SdpaToAttention()(gm)
     assert not site.lowered and "attn_mask is on meta" in site.reason
+
+
+def test_passes_leave_mixed_dtypes_alone():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, w = torch.empty(3, 8), torch.empty(4, 8, dtype=torch.bfloat16)
+        q, k = torch.empty(1, 2, 5, 8), torch.empty(1, 2, 5, 8, dtype=torch.bfloat16)
+    gm = graph_with_fakes(lambda x, w: F.linear(x, w), x, w)
+    (site,) = LinearToGemm()(gm)
+    assert not site.lowered and "dtypes differ: torch.float32, torch.bfloat16" in site.reason
+    gm = graph_with_fakes(lambda q, k: F.scaled_dot_product_attention(q, k, k), q, k)
+    (site,) = SdpaToAttention()(gm)
+    assert not site.lowered and "dtypes differ" in site.reason
