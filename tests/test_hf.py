@@ -105,32 +105,12 @@ def test_accelerated_forward_matches_eager_logits(reference):
     torch.testing.assert_close(got[valid], want[valid], rtol=1e-4, atol=1e-4)
 
 
-def tiny_qwen2():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    # Qwen2's config declares layer_types, so generate() hands static-cache calls a dict of
-    # masks per layer type rather than one mask.
-    config = Qwen2Config(
-        hidden_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=256,
-        vocab_size=512,
-        max_position_embeddings=512,
-    )
-    assert getattr(config, "layer_types", None)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = Qwen2ForCausalLM(config).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
-
-
 @pytest.mark.parametrize(("cache", "graphs"), [("dynamic", 2), ("static", 1)])
 def test_model_with_per_layer_type_masks(cache, graphs):
-    reference = tiny_qwen2()
+    # Qwen2's config declares layer_types, so generate() hands static-cache calls a dict of
+    # masks per layer type rather than one mask.
+    reference = wl.tiny_model("qwen2")
+    assert getattr(reference.config, "layer_types", None)
     expected = expected_tokens(reference, cache)
     model = hf.accelerate(wl.copy_model(reference))
     got = wl.generate_pass(model, cache, CALLS, NEW_TOKENS).outputs
