@@ -72,7 +72,13 @@ class FuseSiblingGemms(LoweringPass):
         biases = [n.args[2] for n in nodes] if nodes[0].args[2] is not None else []
         sizes = [fake_value(w).shape[0] for w in weights]
         with graph.inserting_before(nodes[0]):
-            fused = make_node(graph, "call_function", self.lowered_op(), (x, weights, biases))
+            fused = make_node(
+                graph,
+                "call_function",
+                self.lowered_op(),
+                (x, weights, biases),
+                {"max_tokens": nodes[0].kwargs.get("max_tokens", self.config.max_tokens)},
+            )
             fused.meta.update({k: v for k, v in nodes[0].meta.items() if k != "example_value"})
             parts = make_node(graph, "call_function", torch.split, (fused, sizes, -1))
             for i, node in enumerate(nodes):
@@ -92,7 +98,8 @@ def _group_key(node: torch.fx.Node) -> tuple | None:
         return None
     if b is not None and not is_weight(b):
         return None
-    return (x, value.shape[1], value.dtype, value.device, b is None)
+    max_tokens = node.kwargs.get("max_tokens")
+    return (x, value.shape[1], value.dtype, value.device, b is None, max_tokens)
 
 
 def sibling_parameters(

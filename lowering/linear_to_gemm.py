@@ -162,7 +162,14 @@ class LinearToGemm(LoweringPass):
         weight = linear.weight
         if linear.transposed:
             weight = make_node(node.graph, "call_method", "t", (weight,))
-        return self.lowered_op(), (linear.x, weight, linear.bias), {}
+        return (
+            self.lowered_op(),
+            (linear.x, weight, linear.bias),
+            {"max_tokens": self.config.max_tokens},
+        )
+
+    def options(self) -> dict[str, object]:
+        return {"max_tokens": self.config.max_tokens}
 
     def absorbed(self, node: torch.fx.Node) -> list[torch.fx.Node]:
         return list(_linear(node).absorbed)

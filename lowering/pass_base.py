@@ -18,6 +18,8 @@ import torch
 import torch.fx
 from torch._subclasses.fake_tensor import FakeTensor
 
+from xy_inductor.config import XyConfig
+
 __all__ = ["LoweringPass", "Site", "bind", "fake_value", "infer_meta", "site_name"]
 
 
@@ -110,7 +112,9 @@ class LoweringPass(ABC):
     kind: ClassVar[str]
     """The kind of site it recognises: ``attention`` or ``linear``."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: XyConfig | None = None) -> None:
+        self.config = config if config is not None else XyConfig()
+        """The options the pass was built with (``options()`` names the ones it reads)."""
         self.matched = 0
         """Sites rewritten by the last run."""
 

@@ -57,7 +57,7 @@ def lower_graph(
     sites: list[Site] = []
     matches: dict[str, int] = {}
     for flag, pass_cls in PASSES:
-        lowering_pass = pass_cls()
+        lowering_pass = pass_cls(config)
         reason = skip_reason or (
             None if getattr(config, flag) else f"disabled by option {flag}=False"
         )
@@ -68,6 +68,6 @@ def lower_graph(
 
 def pipeline_uuid(config: XyConfig) -> str:
     """Identifies the enabled passes and their code, for caches of compiled graphs."""
-    parts = [f"{flag}:{cls().uuid()}" for flag, cls in PASSES if getattr(config, flag)]
+    parts = [f"{flag}:{cls(config).uuid()}" for flag, cls in PASSES if getattr(config, flag)]
     parts.append(f"inductor:{config.inductor}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()

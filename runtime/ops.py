@@ -37,6 +37,9 @@ __all__ = [
 
 Check = Callable[[bool, Callable[[], str]], None]
 
+# XyConfig.max_tokens's default; ops called directly (not through the backend) use it.
+DEFAULT_MAX_TOKENS = 8192
+
 
 def _raise_unless(cond: bool, message: Callable[[], str]) -> None:
     if not cond:
@@ -52,8 +55,16 @@ def _same(a: torch.Tensor, b: torch.Tensor, what: str, op: str, check: Check) ->
 
 
 def check_gemm_args(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, check: Check = _raise_unless
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    check: Check = _raise_unless,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> None:
+    check(
+        isinstance(max_tokens, int) and max_tokens >= 1,
+        lambda: f"xyserve.gemm: max_tokens must be a positive int, got {max_tokens!r}",
+    )
     check(x.dim() >= 1, lambda: "xyserve.gemm: x must have at least 1 dim [..., K]")
     check(weight.dim() == 2, lambda: f"xyserve.gemm: weight must be [N, K], got {weight.dim()}-D")
     check(
@@ -71,23 +82,39 @@ def check_gemm_args(
         _same(x, bias, "x and bias", "gemm", check)
 
 
+def _note_rows(x: torch.Tensor, weight: torch.Tensor, max_tokens: int) -> None:
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if m > max_tokens:
+        _stats.record_over_max_tokens(m, weight.shape[0], x.shape[-1], max_tokens)
+
+
 def gemm_impl(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> torch.Tensor:
     """``x @ weight.T + bias``: x ``[..., K]``, weight ``[N, K]``, bias ``[N]`` or None.
 
-    Returns a contiguous ``[..., N]``.
+    Returns a contiguous ``[..., N]``. Providers with a tile menu serve M = 1…``max_tokens``
+    (M is the product of x's leading sizes); a larger M goes to the ATen fallback, counted.
     """
-    check_gemm_args(x, weight, bias)
-    return providers.run("gemm", x, weight, bias)
+    check_gemm_args(x, weight, bias, max_tokens=max_tokens)
+    _note_rows(x, weight, max_tokens)
+    return providers.run("gemm", x, weight, bias, max_tokens)
 
 
 gemm = torch.library.custom_op("xyserve::gemm", gemm_impl, mutates_args=())
 
 
 @gemm.register_fake
-def _gemm_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
-    check_gemm_args(x, weight, bias, torch._check_value)
+def _gemm_fake(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+):
+    check_gemm_args(x, weight, bias, torch._check_value, max_tokens)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -229,7 +256,10 @@ def stacked_rows(tensors: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 def gemm_fused_impl(
-    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> torch.Tensor:
     """Sibling linear layers on one input: ``cat([x @ w.T + b for each w, b], -1)``.
 
@@ -243,16 +273,18 @@ def gemm_fused_impl(
         lambda: f"xyserve.gemm_fused: {len(biases)} biases for {len(weights)} weights",
     )
     for i, w in enumerate(weights):
-        check_gemm_args(x, w, biases[i] if biases else None)
+        check_gemm_args(x, w, biases[i] if biases else None, max_tokens=max_tokens)
     weight = stacked_rows(weights)
     bias = (stacked_rows(biases) if biases else None) if weight is not None else None
     if weight is not None and (bias is not None or not biases):
         _stats.record_fusion(fused=True)
-        return providers.run("gemm", x, weight, bias)
+        _note_rows(x, weight, max_tokens)
+        return providers.run("gemm", x, weight, bias, max_tokens)
     _stats.record_fusion(fused=False)
-    outs = [
-        providers.run("gemm", x, w, biases[i] if biases else None) for i, w in enumerate(weights)
-    ]
+    outs = []
+    for i, w in enumerate(weights):
+        _note_rows(x, w, max_tokens)
+        outs.append(providers.run("gemm", x, w, biases[i] if biases else None, max_tokens))
     return torch.cat(outs, dim=-1)
 
 
@@ -260,9 +292,14 @@ gemm_fused = torch.library.custom_op("xyserve::gemm_fused", gemm_fused_impl, mut
 
 
 @gemm_fused.register_fake
-def _gemm_fused_fake(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]):
+def _gemm_fused_fake(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+):
     for i, w in enumerate(weights):
-        check_gemm_args(x, w, biases[i] if biases else None, torch._check_value)
+        check_gemm_args(x, w, biases[i] if biases else None, torch._check_value, max_tokens)
     return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
 
 

@@ -6,6 +6,7 @@ program, so the counts cannot live on one object. ``reset_stats()`` zeroes them.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -25,6 +26,9 @@ class _Counters:
     declined: Counter = field(default_factory=Counter)  # (op, provider, reason) -> n
     fused_calls: int = 0
     unfused_calls: int = 0
+    gemm_over_max_tokens: int = 0
+    warned_over_max: set = field(default_factory=set)  # (N, K, max_tokens) warned about
+    kernels_warmed: int = 0
 
 
 _COUNTERS = _Counters()
@@ -56,6 +60,10 @@ class Stats:
     """``gemm_fused`` calls that ran as one GEMM over weights laid out in one buffer."""
     unfused_calls: int
     """``gemm_fused`` calls whose weights were not (any more) in one buffer: one GEMM each."""
+    gemm_over_max_tokens: int
+    """GEMM calls with more rows (M) than ``max_tokens``: served by the ATen fallback."""
+    kernels_warmed: int
+    """Kernel variants compiled before the first request (a tile menu's entries per GEMM)."""
 
     def __str__(self) -> str:
         lines = [
@@ -75,6 +83,10 @@ class Stats:
             lines.append(
                 f"sibling gemms     {self.fused_calls} fused, {self.unfused_calls} run one by one"
             )
+        if self.gemm_over_max_tokens:
+            lines.append(f"gemm over max_tokens {self.gemm_over_max_tokens} calls (ATen fallback)")
+        if self.kernels_warmed:
+            lines.append(f"kernels warmed    {self.kernels_warmed} before the first request")
         for op, per_reason in sorted(self.declined.items()):
             for why, n in sorted(per_reason.items()):
                 lines.append(f"xyserve.{op:<9} declined {n}x by {why}")
@@ -102,6 +114,8 @@ def stats() -> Stats:
         declined=declined,
         fused_calls=c.fused_calls,
         unfused_calls=c.unfused_calls,
+        gemm_over_max_tokens=c.gemm_over_max_tokens,
+        kernels_warmed=c.kernels_warmed,
     )
 
 
@@ -139,3 +153,20 @@ def record_fusion(*, fused: bool) -> None:
 
 def record_decline(op: str, provider: str, reason: str) -> None:
     _COUNTERS.declined[op, provider, reason] += 1
+
+
+def record_over_max_tokens(m: int, n: int, k: int, max_tokens: int) -> None:
+    c = _COUNTERS
+    c.gemm_over_max_tokens += 1
+    if (n, k, max_tokens) not in c.warned_over_max:
+        c.warned_over_max.add((n, k, max_tokens))
+        warnings.warn(
+            f"xyserve.gemm: M={m} rows is above max_tokens={max_tokens} (N={n}, K={k}); such "
+            "calls run on the ATen fallback, counted in stats().gemm_over_max_tokens. Raise "
+            "the max_tokens option to plan tiles for them.",
+            stacklevel=3,
+        )
+
+
+def record_warmed(variants: int) -> None:
+    _COUNTERS.kernels_warmed += variants

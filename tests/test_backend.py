@@ -164,8 +164,15 @@ def test_backend_options_are_the_config_fields_without_front_end_ones():
         "lower_manual_attention",
         "lower_linear",
         "fuse_siblings",
+        "max_tokens",
         "inductor",
     )
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True, "8192"])
+def test_max_tokens_must_be_a_positive_int(value):
+    with pytest.raises(ValueError, match="option 'max_tokens' expects a positive int"):
+        XyConfig(max_tokens=value)
 
 
 def test_options_reach_the_backend_through_torch_compile():

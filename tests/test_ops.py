@@ -203,10 +203,10 @@ def test_aten_is_the_last_provider_and_is_counted():
 
 
 def _picky_provider(ran: list) -> Provider:
-    def check(x, weight, bias):
+    def check(x, weight, bias, max_tokens):
         return "odd K" if x.shape[-1] % 2 else None
 
-    def run(x, weight, bias):
+    def run(x, weight, bias, max_tokens):
         ran.append(x.shape[-1])
         return F.linear(x, weight, bias)
 

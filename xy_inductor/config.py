@@ -33,6 +33,11 @@ class XyConfig:
     objects stay; later in-place updates are seen). Off by default: on the CPU it does not pay
     (``benchmarks/fusion.py``)."""
 
+    max_tokens: int = 8192
+    """Largest M (tokens per GEMM call) the tile plans cover, from 1 with no gaps. A larger M
+    is served by the ATen fallback, counted in ``stats().gemm_over_max_tokens`` and warned
+    about once; it never recompiles. ``explain`` reports GEMMs whose M can exceed it."""
+
     inductor: bool = False
     """Compile the rest of each graph with Inductor, once, with symbolic sizes; the xyserve ops
     stay opaque calls. Off: the lowered graph runs as traced, and compiling costs only tracing."""
@@ -49,6 +54,13 @@ class XyConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name == "max_tokens":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(
+                        f"xyserve option 'max_tokens' expects a positive int, got {value!r} "
+                        f"({type(value).__name__})"
+                    )
+                continue
             allowed = (bool, type(None)) if f.name == "dynamic" else (bool,)
             if not isinstance(value, allowed):
                 expected = "True, False or None" if f.name == "dynamic" else "True or False"
