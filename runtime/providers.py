@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,12 +24,13 @@ __all__ = [
     "Provider",
     "accept_all",
     "active_providers",
+    "prepare",
     "run",
     "use_providers",
 ]
 
 # Priority order. Heavy imports of a provider stay inside its module, behind `available()`.
-PROVIDER_MODULES: tuple[str, ...] = ("xy_inductor.kernels.cpu",)
+PROVIDER_MODULES: tuple[str, ...] = ("xy_inductor.kernels.triton", "xy_inductor.kernels.cpu")
 
 
 def accept_all(*args: object) -> str | None:
@@ -53,6 +54,9 @@ class Provider:
     """Whether this process can run the provider at all (library installed, device present)."""
     kernels: Mapping[str, OpKernel]
     """Op name (``gemm``, ``attention``) to its checker and kernel."""
+    prepare: Mapping[str, Callable[..., int]] = field(default_factory=dict)
+    """Op name to what the backend calls once per weight at compile time, before the first
+    request (compile the kernels that will serve it); returns the variants it compiled."""
 
 
 _active: tuple[Provider, ...] | None = None
@@ -110,3 +114,9 @@ def run(op: str, *args: object) -> torch.Tensor:
         + (f" ({'; '.join(declined)})" if declined else " (no provider implements it)")
         + "; the ATen provider (xy_inductor.kernels.cpu) should be last in the list"
     )
+
+
+def prepare(op: str, *args: object, **kwargs: object) -> int:
+    """Let every active provider prepare for ``op`` with these arguments (see
+    ``Provider.prepare``); returns the kernel variants compiled."""
+    return sum(p.prepare[op](*args, **kwargs) for p in active_providers() if op in p.prepare)

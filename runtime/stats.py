@@ -126,9 +126,16 @@ def reset_stats() -> None:
 
 
 def record_compile(
-    seconds: float, *, fallback: bool, lowered: Counter, unlowered: Counter, inductor_failed: bool
+    seconds: float,
+    *,
+    fallback: bool,
+    lowered: Counter,
+    unlowered: Counter,
+    inductor_failed: bool,
+    warmed: int = 0,
 ) -> None:
     c = _COUNTERS
+    c.kernels_warmed += warmed
     c.backend_compiles += 1
     c.inductor_failures += inductor_failed
     c.compile_seconds += seconds
@@ -164,9 +171,5 @@ def record_over_max_tokens(m: int, n: int, k: int, max_tokens: int) -> None:
             f"xyserve.gemm: M={m} rows is above max_tokens={max_tokens} (N={n}, K={k}); such "
             "calls run on the ATen fallback, counted in stats().gemm_over_max_tokens. Raise "
             "the max_tokens option to plan tiles for them.",
-            stacklevel=3,
+            stacklevel=4,
         )
-
-
-def record_warmed(variants: int) -> None:
-    _COUNTERS.kernels_warmed += variants

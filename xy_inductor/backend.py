@@ -17,8 +17,10 @@ from torch._dynamo.exc import RestartAnalysis, SkipFrame
 
 from xy_inductor.config import BACKEND_OPTIONS, XyConfig
 from xy_inductor.lowering import lay_out_weights, lower_graph, sibling_parameters
+from xy_inductor.runtime import providers
 from xy_inductor.runtime import stats as _stats
-from xy_inductor.runtime.ops import DIRECT_CALLS
+from xy_inductor.runtime.ops import DIRECT_CALLS, stacked_rows
+from xy_inductor.runtime.shape_guards import ShapeCheck, check_shapes
 
 __all__ = ["compile_graph", "fallback_reason", "make_backend", "xyserve_backend"]
 
@@ -99,6 +101,67 @@ def _inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[object]) -> Com
         return None
 
 
+def _real_tensor(
+    arg: object, gm: torch.fx.GraphModule, inputs: dict[torch.fx.Node, object]
+) -> torch.Tensor | None:
+    """The tensor a weight argument of the graph stands for: an input, an attribute, or one of
+    those transposed (GPT-2's Conv1D weights are used as ``w.t()``)."""
+    if not isinstance(arg, torch.fx.Node):
+        return None
+    if arg.op == "placeholder":
+        value = inputs.get(arg)
+    elif arg.op == "get_attr":
+        value = getattr(gm, str(arg.target), None)
+    elif arg.op == "call_method" and arg.target == "t" and len(arg.args) == 1:
+        base = _real_tensor(arg.args[0], gm, inputs)
+        value = base.t() if base is not None else None
+    else:
+        value = None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _gemm_weights(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[object], checks: list[ShapeCheck]
+) -> list[tuple[list[torch.Tensor], bool, tuple[int, int | None]]]:
+    """For each GEMM of ``gm``: its real weight tensors, whether it has a bias, and its M
+    range. Read before Inductor, which rewrites ``gm``."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = dict(zip(placeholders, example_inputs, strict=False))
+    rows = {c.node: (c.lo, c.hi) for c in checks if c.size == "M"}
+    found = []
+    for node in gm.graph.nodes:
+        if node.name not in rows:
+            continue
+        if node.target is torch.ops.xyserve.gemm.default:
+            weights, has_bias = [node.args[1]], node.args[2] is not None
+        else:
+            weights, has_bias = list(node.args[1]), bool(node.args[2])
+        tensors = [_real_tensor(w, gm, inputs) for w in weights]
+        if all(t is not None for t in tensors):
+            found.append((tensors, has_bias, rows[node.name]))
+    return found
+
+
+def _warm_up(gemms: list, max_tokens: int) -> int:
+    """Compile, before the first request, the kernels that will serve these GEMMs."""
+    seen = set()
+    variants = 0
+    for tensors, has_bias, (lo, hi) in gemms:
+        # A fused group runs as one GEMM over its weights stacked in one buffer.
+        weight = stacked_rows(tensors) if len(tensors) > 1 else tensors[0]
+        if weight is None:
+            continue
+        key = (weight.shape, weight.stride(), weight.dtype, weight.device, has_bias, lo, hi)
+        if key in seen:
+            continue
+        seen.add(key)
+        rows = (max(lo, 1), min(hi if hi is not None else max_tokens, max_tokens))
+        variants += providers.prepare(
+            "gemm", weight, has_bias=has_bias, max_tokens=max_tokens, rows=rows
+        )
+    return variants
+
+
 def compile_graph(
     gm: torch.fx.GraphModule, example_inputs: Sequence[object], config: XyConfig
 ) -> CompiledFn:
@@ -110,6 +173,11 @@ def compile_graph(
     compiled: CompiledFn | None = None
     # Read before Inductor, which rewrites gm; moved after it, which reads the inputs' layout.
     siblings = sibling_parameters(gm, example_inputs) if reason is None else []
+    checks = check_shapes(gm, config.max_tokens) if reason is None else []
+    for check in checks:
+        if check.covered is False:
+            log.info("xyserve: %s", check)
+    gemms = _gemm_weights(gm, example_inputs, checks)
     if reason is not None:
         warnings.warn(f"xyserve: {reason}", stacklevel=2)
     elif config.inductor:
@@ -122,6 +190,7 @@ def compile_graph(
     if siblings:
         moved = lay_out_weights(siblings)
         log.info("xyserve: moved the weights of %d sibling groups into one buffer each", moved)
+    warmed = _warm_up(gemms, config.max_tokens)
     seconds = time.perf_counter() - start
     _stats.record_compile(
         seconds,
@@ -129,6 +198,7 @@ def compile_graph(
         lowered=report.by_kind(lowered=True),
         unlowered=report.by_kind(lowered=False),
         inductor_failed=inductor_failed,
+        warmed=warmed,
     )
     log.debug("xyserve compiled a graph in %.3f s: %s", seconds, report.matches)
     return compiled

@@ -8,9 +8,10 @@ runs and nothing is compiled by Inductor.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ import torch.fx
 from xy_inductor.backend import fallback_reason
 from xy_inductor.config import XyConfig
 from xy_inductor.lowering import GraphReport, Site, lower_graph
+from xy_inductor.runtime.shape_guards import ShapeCheck, check_shapes
 
 __all__ = ["ExplainReport", "explain"]
 
@@ -37,9 +39,15 @@ class ExplainReport:
     """One entry per graph that runs entirely as traced: why."""
     sites: tuple[Site, ...]
     """Every site of every graph."""
+    shape_checks: tuple[ShapeCheck, ...] = ()
+    """The dynamic sizes of every lowered call: GEMM M, attention Lq/Lk, with their ranges."""
+    uncovered: list[str] = dataclasses.field(default_factory=list)
+    """GEMMs whose M can exceed ``max_tokens`` (those calls run on the ATen fallback)."""
 
     @classmethod
-    def from_graphs(cls, graphs: list[GraphReport]) -> ExplainReport:
+    def from_graphs(
+        cls, graphs: list[GraphReport], checks: Sequence[ShapeCheck] = ()
+    ) -> ExplainReport:
         sites = tuple(s for g in graphs for s in g.sites)
 
         def count(kind: str, lowered: bool | None = None) -> int:
@@ -54,6 +62,13 @@ class ExplainReport:
             unlowered=[(s.name, s.reason or "") for s in sites if not s.lowered],
             fallbacks=[g.fallback for g in graphs if g.fallback],
             sites=sites,
+            shape_checks=tuple(checks),
+            uncovered=[
+                f"{c.node}: M = {c.expr} in [{c.lo}, {'inf' if c.hi is None else c.hi}], "
+                "NOT covered: larger M runs on ATen"
+                for c in checks
+                if c.covered is False
+            ],
         )
 
     def __str__(self) -> str:
@@ -81,6 +96,16 @@ class ExplainReport:
                 else:
                     status = f"left as is: {reason}"
                 lines.append(f"  {name:<{width}}  {kind:<9} {n:>5}  {status}")
+        if self.shape_checks:
+            lines.append("  dynamic sizes (checked once at compile; never a guard)")
+            folded = Counter(
+                (c.op, c.size, c.expr, c.lo, c.hi, c.covered) for c in self.shape_checks
+            )
+            for (op, size, expr, lo, hi, covered), n in folded.items():
+                span = f"[{lo}, {'inf' if hi is None else hi}]"
+                status = {True: "covered by the tile plans", False: "NOT covered", None: ""}
+                line = f"    {n:>3}x {op:<10} {size:<2} = {expr:<12} {span:<14} {status[covered]}"
+                lines.append(line.rstrip())
         return "\n".join(lines)
 
 
@@ -97,15 +122,18 @@ def explain(model_or_fn: Callable, *args: object, **kwargs: object) -> ExplainRe
     accelerator = getattr(model_or_fn, "_xyserve_accelerator", None)
     config = accelerator.config if accelerator is not None else XyConfig()
     graphs: list[GraphReport] = []
+    checks: list[ShapeCheck] = []
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         reason = fallback_reason(example_inputs)
         lowered = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
         graphs.append(lower_graph(lowered, config, skip_reason=reason))
+        if reason is None:
+            checks.extend(check_shapes(lowered, config.max_tokens))
         return gm.forward
 
     if accelerator is not None:
         accelerator.trace_with(backend, args, kwargs)
     else:
         torch.compile(model_or_fn, backend=backend, dynamic=config.dynamic)(*args, **kwargs)
-    return ExplainReport.from_graphs(graphs)
+    return ExplainReport.from_graphs(graphs, checks)
