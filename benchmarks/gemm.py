@@ -256,7 +256,7 @@ def main() -> None:
     )
     print(header)
     rows = compare(args)
-    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor()
+    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.machine()
     for line in summary(rows):
         print(line)
     print(

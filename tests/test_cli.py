@@ -34,3 +34,16 @@ def test_explain_prints_every_site_lowered():
 def test_bad_arguments_are_rejected():
     out = subprocess.run([SCRIPT, "demo", "--rounds", "0"], capture_output=True, text=True)
     assert out.returncode == 2 and "--rounds must be at least 1" in out.stderr
+
+
+def test_plan_prints_the_buckets_and_rejects_bad_sizes():
+    out = subprocess.run(
+        [SCRIPT, "plan", "4096", "4096", "--max-tokens", "512"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "N=4096 K=4096 bfloat16, M 1..512" in out.stdout
+    assert "m16n64k128" in out.stdout
+    bad = subprocess.run([SCRIPT, "plan", "0", "4096"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "n must be a positive int" in bad.stderr

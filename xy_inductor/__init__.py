@@ -5,6 +5,7 @@
     xy_inductor.hf.accelerate(hf_model)            # generate() with no recompiles
     xy_inductor.explain(model, *args)              # which sites are lowered, and why not
     xy_inductor.stats()                            # compiles, calls per op and provider
+    xy_inductor.plan_gemm(4096, 4096)              # which GEMM tile serves which M
 
 Importing it registers ``torch.ops.xyserve.gemm`` and ``torch.ops.xyserve.attention``; the
 Hugging Face integration (``xy_inductor.hf``) imports transformers only when first used.
@@ -19,6 +20,7 @@ from xy_inductor import runtime  # registers torch.ops.xyserve.*
 from xy_inductor.compiler import compile
 from xy_inductor.config import XyConfig
 from xy_inductor.explain import ExplainReport, explain
+from xy_inductor.runtime.gemm_plan import plan_gemm
 from xy_inductor.runtime.stats import Stats, reset_stats, stats
 
 if TYPE_CHECKING:
@@ -31,6 +33,7 @@ __all__ = [
     "compile",
     "explain",
     "hf",
+    "plan_gemm",
     "reset_stats",
     "runtime",
     "stats",

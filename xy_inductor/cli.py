@@ -1,4 +1,4 @@
-"""The ``xyserve`` console script: ``demo``, ``bench``, ``explain``."""
+"""The ``xyserve`` console script: ``demo``, ``bench``, ``explain``, ``plan``."""
 
 from __future__ import annotations
 
@@ -116,6 +116,22 @@ def explain_cmd(args: argparse.Namespace) -> int:
     return 0 if all(not r.unlowered for _, _, r in rows) else 1
 
 
+def plan_cmd(args: argparse.Namespace) -> int:
+    """Which GEMM tile serves which M for an (N, K): the SmoothGEMM plan."""
+    from xy_inductor.runtime.gemm_plan import plan_gemm
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    try:
+        plan = plan_gemm(
+            args.n, args.k, dtype=dtype, max_tokens=args.max_tokens, provider=args.provider
+        )
+    except ValueError as e:
+        print(f"xyserve plan: {e}", file=sys.stderr)
+        return 2
+    print(plan)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from xy_inductor.bench import CONFIGS
 
@@ -142,6 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="explain tiny random-weight models of a family (or the real MiniLM) instead",
     )
     p.set_defaults(run=explain_cmd)
+    p = sub.add_parser("plan", help=plan_cmd.__doc__)
+    p.add_argument("n", type=int, help="output features (rows of the weight)")
+    p.add_argument("k", type=int, help="input features")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--max-tokens", type=int, default=8192)
+    p.add_argument("--provider", choices=["triton", "aten"], default="triton")
+    p.set_defaults(run=plan_cmd)
     args = parser.parse_args(argv)
     if getattr(args, "rounds", 1) < 1:
         parser.error("--rounds must be at least 1")
