@@ -1,0 +1,318 @@
+"""Meta-attention planning: token table -> query tiles -> task table (plan on the host, run many).
+
+Every attention call, whatever stages it mixes (prefill, decode, chunked prefill, prefix-cached
+prefill, speculative verify), is described by a *token table*: one row per sequence with the
+offset of its queries in the packed query tensor, its query count and its KV length. Query ``i``
+of a row sits at KV position ``kv_len - q_len + i`` (the row's queries are its last tokens), so a
+decode row is ``q_len = 1``, a chunked or prefix-cached prefill has ``kv_len > q_len``, and a plain
+prefill has ``kv_len == q_len`` (XY-Serve, arXiv 2412.18106, section "meta-attention").
+
+Each row is cut into query tiles of a size picked per row from the provider's menu (small for
+decode and short verify rows, large for prefill), and its keys into chunks of ``kv_chunk``. A
+(query tile, key chunk) pair is one *tile* of the one QK -> softmax -> SV primitive. A tile that
+the mask hides entirely is never scheduled: keys after the last query (causal), keys older than
+the window (sliding window), keys past the row's length (padding), or, for a dense mask, a tile
+whose mask block allows nothing (found by a tile-level ``any``). Chunks of one query tile are
+merged with a log-sum-exp update, so long KV splits across workers.
+
+The *task table* repeats the tiles over KV heads, sorts them by estimated load (query rows ×
+visible keys) and deals them to the provider's workers in symmetric round-robin (1, 2, …, W, W,
+…, 2, 1), which evens out the loads.
+
+Plans are cached per *shape class*: a decode row's plan does not depend on its exact KV length
+but only on its number of chunks, so consecutive decode steps reuse one plan and pass their
+lengths at run time (``AttentionPlan.check`` refuses lengths the plan does not fit).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "AttentionMenu",
+    "AttentionPlan",
+    "TokenTable",
+    "choose_q_tile",
+    "plan_attention",
+    "symmetric_round_robin",
+    "tiles_from_mask",
+]
+
+
+@dataclass(frozen=True)
+class AttentionMenu:
+    """What a provider's attention kernel offers the planner."""
+
+    q_tiles: tuple[int, ...]
+    """Query tile sizes, ascending; a row gets the smallest that holds it, else the largest."""
+    kv_chunk: int
+    """Keys per tile; longer KV is split into chunks and merged (log-sum-exp)."""
+    workers: int
+    """Tasks that run at once (CPU threads, GPU SMs)."""
+
+
+CPU_MENU = AttentionMenu(q_tiles=(1, 16, 64, 128), kv_chunk=512, workers=2)
+
+
+def choose_q_tile(q_len: int, q_tiles: Sequence[int]) -> int:
+    """The smallest tile that holds ``q_len`` queries, else the largest tile."""
+    for tile in q_tiles:
+        if q_len <= tile:
+            return tile
+    return q_tiles[-1]
+
+
+@dataclass(frozen=True)
+class TokenTable:
+    """One row per sequence (or stage) of an attention call."""
+
+    q_start: tuple[int, ...]
+    """Offset of the row's first query in the packed query tensor."""
+    q_len: tuple[int, ...]
+    kv_len: tuple[int, ...]
+    q_tile: tuple[int, ...]
+    """Query tile size chosen for the row."""
+
+    @classmethod
+    def build(
+        cls, q_lens: Sequence[int], kv_lens: Sequence[int], q_tiles: Sequence[int]
+    ) -> TokenTable:
+        if len(q_lens) != len(kv_lens):
+            raise ValueError(f"q_lens has {len(q_lens)} rows but kv_lens has {len(kv_lens)}")
+        for i, (q, kv) in enumerate(zip(q_lens, kv_lens, strict=True)):
+            if q < 0 or kv < q:
+                raise ValueError(
+                    f"row {i}: expected 0 <= q_len <= kv_len (queries are the row's last "
+                    f"tokens), got q_len={q}, kv_len={kv}"
+                )
+        starts = [0]
+        for q in q_lens[:-1]:
+            starts.append(starts[-1] + q)
+        return cls(
+            tuple(starts),
+            tuple(q_lens),
+            tuple(kv_lens),
+            tuple(choose_q_tile(q, q_tiles) for q in q_lens),
+        )
+
+    @property
+    def rows(self) -> int:
+        return len(self.q_len)
+
+
+def symmetric_round_robin(count: int, workers: int) -> list[int]:
+    """Worker of each of ``count`` tasks sorted by decreasing load: 0, 1, …, W-1, W-1, …, 0, …"""
+    out = []
+    for i in range(count):
+        lap, pos = divmod(i, workers)
+        out.append(pos if lap % 2 == 0 else workers - 1 - pos)
+    return out
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """The tiles of one attention call and their task table; built by ``plan_attention``.
+
+    Tile arrays (one entry per scheduled (query tile, key chunk)), int64 on the CPU:
+    ``row``, ``q0`` (first query of the tile, within its row), ``q_tile`` (its size), ``k0``/``k1``
+    (key chunk ``[k0, k1)``), ``tile_id`` (the query tile it belongs to; chunks of one query tile
+    share it and are merged). Tasks repeat the tiles over KV heads: ``task_tile``,
+    ``task_head``, ``task_worker``, sorted by decreasing load.
+    """
+
+    table: TokenTable
+    causal: bool
+    window: int | None
+    menu: AttentionMenu
+    kv_heads: int
+    row: torch.Tensor
+    q0: torch.Tensor
+    q_tile: torch.Tensor
+    k0: torch.Tensor
+    k1: torch.Tensor
+    tile_id: torch.Tensor
+    query_tiles: int
+    """How many query tiles (merge targets) there are."""
+    split: bool
+    """Whether any query tile has more than one key chunk (so results are merged)."""
+    task_tile: torch.Tensor
+    task_head: torch.Tensor
+    task_worker: torch.Tensor
+    worker_load: tuple[int, ...]
+    """Estimated load (query rows × keys) dealt to each worker."""
+    skipped: int
+    """Tiles the mask hides entirely, never scheduled."""
+
+    @property
+    def tiles(self) -> int:
+        return int(self.row.numel())
+
+    def check(self, q_lens: Sequence[int], kv_lens: Sequence[int]) -> None:
+        """Raise if a run with these lengths does not fit this plan (FlashInfer's rule: a run
+        must match its plan)."""
+        if tuple(q_lens) != self.table.q_len:
+            raise ValueError(
+                f"attention run does not match its plan: q_lens {tuple(q_lens)} planned as "
+                f"{self.table.q_len}"
+            )
+        if _kv_class(q_lens, kv_lens, self.menu, self.causal, self.window) != _kv_class(
+            self.table.q_len, self.table.kv_len, self.menu, self.causal, self.window
+        ):
+            raise ValueError(
+                f"attention run does not match its plan: kv_lens {tuple(kv_lens)} fall in "
+                f"another shape class than the planned {self.table.kv_len}"
+            )
+
+
+def _kv_class(
+    q_lens: Sequence[int],
+    kv_lens: Sequence[int],
+    menu: AttentionMenu,
+    causal: bool,
+    window: int | None,
+) -> tuple:
+    # A row with one query and no window sees every key: only its number of chunks shapes the
+    # plan. Other rows' tile skipping depends on the exact length.
+    return tuple(
+        ("chunks", math.ceil(kv / menu.kv_chunk)) if q == 1 and window is None else ("len", kv)
+        for q, kv in zip(q_lens, kv_lens, strict=True)
+    )
+
+
+def _row_tiles(
+    q_len: int, kv_len: int, tile: int, chunk: int, causal: bool, window: int | None
+) -> tuple[list[tuple[int, int, int, int]], int]:
+    """(q0, tile, k0, k1) of every visible tile of one row, and how many were skipped."""
+    out = []
+    skipped = 0
+    offset = kv_len - q_len  # KV position of the row's first query
+    for q0 in range(0, q_len, tile):
+        first = offset + q0
+        last = offset + min(q0 + tile, q_len) - 1
+        for k0 in range(0, kv_len, chunk):
+            k1 = min(k0 + chunk, kv_len)
+            hidden = (causal and k0 > last) or (window is not None and k1 - 1 <= first - window)
+            if hidden:
+                skipped += 1
+            else:
+                out.append((q0, tile, k0, k1))
+    return out, skipped
+
+
+@functools.lru_cache(maxsize=512)
+def _plan(
+    q_lens: tuple[int, ...],
+    kv_class: tuple,
+    kv_lens: tuple[int, ...],
+    causal: bool,
+    window: int | None,
+    kv_heads: int,
+    menu: AttentionMenu,
+) -> AttentionPlan:
+    table = TokenTable.build(q_lens, kv_lens, menu.q_tiles)
+    rows, q0s, tiles, k0s, k1s, ids = [], [], [], [], [], []
+    skipped = 0
+    query_tiles = 0
+    split = False
+    for r in range(table.rows):
+        found, hidden = _row_tiles(
+            q_lens[r], kv_lens[r], table.q_tile[r], menu.kv_chunk, causal, window
+        )
+        skipped += hidden
+        per_q0: dict[int, int] = {}
+        for q0, tile, k0, k1 in found:
+            if q0 not in per_q0:
+                per_q0[q0] = query_tiles
+                query_tiles += 1
+            else:
+                split = True
+            rows.append(r)
+            q0s.append(q0)
+            tiles.append(tile)
+            k0s.append(k0)
+            k1s.append(k1)
+            ids.append(per_q0[q0])
+    # Task table: tiles × KV heads, heaviest first, dealt symmetrically.
+    loads = [
+        min(t, q_lens[r] - q0) * (k1 - k0)
+        for r, q0, t, k0, k1 in zip(rows, q0s, tiles, k0s, k1s, strict=True)
+    ]
+    order = sorted(
+        ((loads[i], i, h) for i in range(len(rows)) for h in range(kv_heads)),
+        key=lambda x: -x[0],
+    )
+    workers = symmetric_round_robin(len(order), menu.workers)
+    worker_load = [0] * menu.workers
+    for (load, _, _), w in zip(order, workers, strict=True):
+        worker_load[w] += load
+    i64 = functools.partial(torch.tensor, dtype=torch.int64)
+    return AttentionPlan(
+        table=table,
+        causal=causal,
+        window=window,
+        menu=menu,
+        kv_heads=kv_heads,
+        row=i64(rows),
+        q0=i64(q0s),
+        q_tile=i64(tiles),
+        k0=i64(k0s),
+        k1=i64(k1s),
+        tile_id=i64(ids),
+        query_tiles=query_tiles,
+        split=split,
+        task_tile=i64([i for _, i, _ in order]),
+        task_head=i64([h for _, _, h in order]),
+        task_worker=i64(workers),
+        worker_load=tuple(worker_load),
+        skipped=skipped,
+    )
+
+
+def plan_attention(
+    q_lens: Sequence[int],
+    kv_lens: Sequence[int],
+    *,
+    causal: bool,
+    window: int | None = None,
+    kv_heads: int = 1,
+    menu: AttentionMenu = CPU_MENU,
+) -> AttentionPlan:
+    """Plan an attention call over rows with these query and KV lengths.
+
+    ``window``: a query at position p sees keys p - window < j <= p (Mistral's sliding window);
+    None for no window. Cached per shape class: consecutive decode steps get the same plan.
+    """
+    q_lens, kv_lens = tuple(int(q) for q in q_lens), tuple(int(k) for k in kv_lens)
+    if window is not None and window < 1:
+        raise ValueError(f"plan_attention: window must be a positive int or None, got {window}")
+    if kv_heads < 1:
+        raise ValueError(f"plan_attention: kv_heads must be >= 1, got {kv_heads}")
+    kv_class = _kv_class(q_lens, kv_lens, menu, causal, window)
+    # Rows planned by chunk count are planned at their longest length in the class, so a later
+    # step's longer (same-class) KV is covered; the kernel masks keys past each real length.
+    planned = tuple(
+        c[1] * menu.kv_chunk if c[0] == "chunks" else kv
+        for kv, c in zip(kv_lens, kv_class, strict=True)
+    )
+    return _plan(q_lens, kv_class, planned, causal, window, kv_heads, menu)
+
+
+def tiles_from_mask(mask: torch.Tensor, q_tile: int, kv_chunk: int) -> torch.Tensor:
+    """Which (query tile, key chunk) blocks of a dense mask allow anything.
+
+    ``mask`` is ``[B, H, Lq, Lk]`` (H may be 1), bool (True = attend) or additive (-inf = masked).
+    Returns bool ``[B, ceil(Lq / q_tile), ceil(Lk / kv_chunk)]``: a block is kept if any head
+    of it allows any pair. One padded ``any`` reduction: cheap next to the attention itself.
+    """
+    allowed = mask if mask.dtype == torch.bool else mask != float("-inf")
+    allowed = allowed.any(dim=1)  # [B, Lq, Lk]
+    b, lq, lk = allowed.shape
+    nq, nk = math.ceil(lq / q_tile), math.ceil(lk / kv_chunk)
+    padded = allowed.new_zeros((b, nq * q_tile, nk * kv_chunk))
+    padded[:, :lq, :lk] = allowed
+    return padded.view(b, nq, q_tile, nk, kv_chunk).any(dim=4).any(dim=2)
