@@ -1,0 +1,181 @@
+"""Meta-attention on the CPU: run an ``AttentionPlan`` with batched ATen calls.
+
+The plan's tiles are executed in batches of equal query-tile size: the batch's query rows and
+key chunks are gathered once (``index_select``-style advanced indexing), one batched matmul
+computes every tile's scores, the in-tile mask (causal diagonal, window edge, tail of a row,
+optional dense mask block) is applied, a softmax with its running max and sum gives each tile's
+partial output, and chunks of one query tile are merged with a log-sum-exp update. There is no
+Python loop per tile: the loop is over batches (bounded by a memory budget).
+
+KV comes in one of two layouts:
+
+- dense: ``k``/``v`` ``[B, Hkv, L, D]`` (the form ``xyserve.attention`` has today), row ``r``'s
+  key ``j`` at ``k[r, :, j]``;
+- paged: ``k``/``v`` ``[num_blocks, block_size, Hkv, D]`` with ``block_table[r, j // block_size]``
+  naming the block of row ``r``'s key ``j``.
+
+Queries are packed ``[Tq, Hq, D]`` in token-table order. A query row with no visible key gives
+zeros, as ``F.scaled_dot_product_attention`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from xy_inductor.runtime.attention_plan import AttentionPlan
+
+__all__ = ["run_plan"]
+
+# Score elements (tiles × heads × query rows × keys) computed per batch: bounds the memory of
+# the gathered operands and scores (about 4 bytes × 4 of these at fp32).
+SCORE_BUDGET = 1 << 24
+
+
+def _gather_kv(
+    cache: torch.Tensor,
+    rows: torch.Tensor,
+    pos: torch.Tensor,
+    block_table: torch.Tensor | None,
+    block_size: int | None,
+) -> torch.Tensor:
+    """Keys (or values) at positions ``pos [n, C]`` of rows ``rows [n]``: ``[n, C, Hkv, D]``."""
+    if block_table is None:
+        return cache[rows[:, None], :, pos]  # dense [B, Hkv, L, D]
+    blocks = block_table[rows[:, None], pos // block_size]
+    return cache[blocks, pos % block_size]  # paged [blocks, block_size, Hkv, D]
+
+
+def run_plan(
+    plan: AttentionPlan,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_lens: Sequence[int],
+    *,
+    scale: float,
+    block_table: torch.Tensor | None = None,
+    block_size: int | None = None,
+    mask: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of packed queries ``q [Tq, Hq, D]`` over each row's keys, per ``plan``.
+
+    ``kv_lens`` are this run's KV lengths (checked against the plan). ``mask`` (dense layout
+    only) is ``[B, 1 or Hq, max q_len, Lk]``, bool or additive, indexed by row, query index
+    within the row and key position. Returns ``out [Tq, Hq, Dv]``, every element written.
+    """
+    table = plan.table
+    plan.check(table.q_len, kv_lens)
+    hq, d = q.shape[1], q.shape[2]
+    hkv, dv = (k.shape[1], v.shape[3]) if block_table is None else (k.shape[2], v.shape[3])
+    if hq % hkv:
+        raise ValueError(f"run_plan: {hq} query heads is not a multiple of {hkv} KV heads")
+    g = hq // hkv
+    if out is None:
+        out = q.new_empty((q.shape[0], hq, dv))
+    # Rows that have no scheduled tile at all (q_len 0) write nothing; rows whose every tile
+    # was skipped must still read as zeros.
+    out.zero_()
+    if plan.tiles == 0:
+        return out
+    device = q.device
+    kv_len = torch.tensor(list(kv_lens), dtype=torch.int64, device=device)
+    q_len = torch.tensor(table.q_len, dtype=torch.int64, device=device)
+    q_start = torch.tensor(table.q_start, dtype=torch.int64, device=device)
+    chunk = plan.menu.kv_chunk
+    acc = q.new_zeros((plan.query_tiles, hkv, g, int(plan.q_tile.max()), dv), dtype=torch.float32)
+    run_max = torch.full(acc.shape[:-1], float("-inf"), dtype=torch.float32, device=device)
+    run_sum = torch.zeros_like(run_max)
+    tile_of = torch.full((plan.query_tiles,), -1, dtype=torch.int64)
+    tile_of[plan.tile_id] = torch.arange(plan.tiles)  # any tile of each query tile, for indexing
+
+    for size in plan.q_tile.unique().tolist():
+        members = (plan.q_tile == size).nonzero().flatten()
+        per_batch = max(1, SCORE_BUDGET // (hq * size * chunk))
+        for b0 in range(0, members.numel(), per_batch):
+            idx = members[b0 : b0 + per_batch].to(device)
+            rows = plan.row.to(device)[idx]
+            # -- gather this batch's query rows and key chunks --------------------------------
+            qi = plan.q0.to(device)[idx, None] + torch.arange(size, device=device)  # [n, T]
+            q_ok = qi < q_len[rows, None]
+            qpos = kv_len[rows, None] - q_len[rows, None] + qi  # KV position of each query
+            kpos = plan.k0.to(device)[idx, None] + torch.arange(chunk, device=device)  # [n, C]
+            k_ok = kpos < torch.minimum(plan.k1.to(device)[idx], kv_len[rows])[:, None]
+            q_rows = torch.where(q_ok, q_start[rows, None] + qi, 0)
+            k_safe = torch.where(k_ok, kpos, 0)
+            qt = q[q_rows]  # [n, T, Hq, D]
+            kt = _gather_kv(k, rows, k_safe, block_table, block_size)  # [n, C, Hkv, D]
+            vt = _gather_kv(v, rows, k_safe, block_table, block_size)
+            n = idx.numel()
+            qt = qt.view(n, size, hkv, g, d).permute(0, 2, 3, 1, 4)  # [n, Hkv, g, T, D]
+            kt = kt.permute(0, 2, 3, 1)  # [n, Hkv, D, C]
+            vt = vt.permute(0, 2, 1, 3)  # [n, Hkv, C, Dv]
+            # -- scores and the in-tile mask ------------------------------------------------
+            s = torch.matmul(qt.float(), kt.float().unsqueeze(2)) * scale  # [n, Hkv, g, T, C]
+            allowed = q_ok[:, :, None] & k_ok[:, None, :]  # [n, T, C]
+            if plan.causal:
+                allowed &= kpos[:, None, :] <= qpos[:, :, None]
+            if plan.window is not None:
+                allowed &= kpos[:, None, :] > qpos[:, :, None] - plan.window
+            s = s.masked_fill(~allowed[:, None, None], float("-inf"))
+            if mask is not None:
+                block = mask[
+                    rows[:, None, None], :, torch.where(q_ok, qi, 0)[:, :, None], k_safe[:, None, :]
+                ]
+                block = block.permute(0, 3, 1, 2)  # [n, H', T, C]
+                block = (
+                    block.reshape(n, -1, 1, size, chunk)
+                    if block.shape[1] == 1
+                    else block.reshape(n, hkv, g, size, chunk)
+                )
+                if block.dtype == torch.bool:
+                    s = s.masked_fill(~block, float("-inf"))
+                else:
+                    s = s + block.float()
+            # -- softmax pieces, merged into the query tile's running max and sum -------------
+            m = s.amax(dim=-1)  # [n, Hkv, g, T]
+            m_safe = torch.where(torch.isinf(m), 0.0, m)
+            p = torch.exp(s - m_safe[..., None])
+            psum = p.sum(dim=-1)
+            o = torch.matmul(p, vt.float().unsqueeze(2))  # [n, Hkv, g, T, Dv]
+            tid = plan.tile_id.to(device)[idx]
+            if not plan.split:
+                acc[tid, :, :, :size] = o
+                run_sum[tid, :, :, :size] = psum
+                run_max[tid, :, :, :size] = m
+                continue
+            target = run_max[:, :, :, :size]
+            new_max = target.scatter_reduce(
+                0, tid.view(-1, 1, 1, 1).expand_as(m), m, "amax", include_self=True
+            )
+            grown = torch.exp(
+                torch.where(
+                    torch.isinf(target),
+                    0.0,
+                    target - torch.where(torch.isinf(new_max), 0.0, new_max),
+                )
+            )
+            grown = torch.where(torch.isinf(target), 0.0, grown)
+            acc[:, :, :, :size] *= grown[..., None]
+            run_sum[:, :, :, :size] *= grown
+            weight = torch.exp(m - torch.where(torch.isinf(new_max[tid]), 0.0, new_max[tid]))
+            weight = torch.where(torch.isinf(m), 0.0, weight)
+            acc[:, :, :, :size].index_add_(0, tid, o * weight[..., None])
+            run_sum[:, :, :, :size].index_add_(0, tid, psum * weight)
+            run_max[:, :, :, :size] = new_max
+
+    # -- normalise and write the real query rows -------------------------------------------
+    result = acc / torch.where(run_sum > 0, run_sum, 1.0)[..., None]
+    first = tile_of  # a tile of each query tile: its row, q0 and size
+    rows = plan.row[first].to(device)
+    size = plan.q_tile[first].to(device)
+    t_max = acc.shape[3]
+    qi = plan.q0[first].to(device)[:, None] + torch.arange(t_max, device=device)
+    ok = (torch.arange(t_max, device=device) < size[:, None]) & (qi < q_len[rows, None])
+    dest = q_start[rows, None] + qi  # [query tiles, T]
+    # [tiles, Hkv, g, T, Dv] -> [tiles, T, Hq, Dv]
+    values = result.permute(0, 3, 1, 2, 4).reshape(plan.query_tiles, t_max, hq, dv)
+    out[dest[ok]] = values[ok].to(out.dtype)
+    return out
