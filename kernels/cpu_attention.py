@@ -20,6 +20,7 @@ zeros, as ``F.scaled_dot_product_attention`` does.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -178,4 +179,262 @@ def run_plan(
     # [tiles, Hkv, g, T, Dv] -> [tiles, T, Hq, Dv]
     values = result.permute(0, 3, 1, 2, 4).reshape(plan.query_tiles, t_max, hq, dv)
     out[dest[ok]] = values[ok].to(out.dtype)
+    return out
+
+
+# -- dense layout, rows known by their lengths: no gathers ------------------------------------
+#
+# When K/V are a dense [B, Hkv, L, D] cache and each row's keys are one contiguous range of it
+# (right or left padding), the plan's tiles can be computed on views: short rows (decode,
+# verify) all at once against the whole cache, masked per row; long rows by diagonals of the
+# tile grid, each diagonal one batched matmul (the tiles (i, i - d) of a row are equally spaced
+# in both Q and K), plus the keys before the row's queries (a prefix-cached or chunked prefill)
+# in chunks. The loops are over diagonals and prefix chunks, never over tiles.
+
+
+class _Online:
+    """Running max, sum and weighted values per query row: the flash-attention update."""
+
+    def __init__(self, shape: tuple[int, ...], dv: int, device: torch.device) -> None:
+        self.m = torch.full(shape, float("-inf"), device=device)
+        self.l = torch.zeros(shape, device=device)
+        self.acc = torch.zeros((*shape, dv), device=device)
+
+    def update(self, sl: slice, s: torch.Tensor, v: torch.Tensor) -> None:
+        """Fold scores ``s [..., keys]`` (masked with -inf) and values ``v [..., keys, Dv]``
+        into the rows ``sl`` selects."""
+        m_old = self.m[sl]
+        m_new = torch.maximum(m_old, s.amax(dim=-1))
+        m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)
+        alpha = torch.exp(m_old - m_safe)  # 0 where nothing was seen yet
+        p = torch.exp(s - m_safe[..., None])
+        self.l[sl] = self.l[sl] * alpha + p.sum(dim=-1)
+        self.acc[sl] = self.acc[sl] * alpha[..., None] + torch.matmul(p, v)
+        self.m[sl] = m_new
+
+    def result(self) -> torch.Tensor:
+        return self.acc / torch.where(self.l > 0, self.l, 1.0)[..., None]
+
+
+def attend_long_row(
+    q_row: torch.Tensor,
+    k_row: torch.Tensor,
+    v_row: torch.Tensor,
+    *,
+    causal: bool,
+    window: int | None,
+    tile: int,
+    scale: float,
+) -> tuple[torch.Tensor, int]:
+    """One row: queries ``[ql, Hq, D]`` (the row's last ql tokens) over keys ``[Hkv, kl, D]``.
+
+    Returns ``[ql, Hq, Dv]`` and the number of (tile × tile-or-chunk) blocks computed.
+    """
+    ql, hq, d = q_row.shape
+    hkv, kl, dv = k_row.shape[0], k_row.shape[1], v_row.shape[2]
+    g, off = hq // hkv, kl - ql
+    n = math.ceil(ql / tile)
+    device = q_row.device
+    # One copy each, padded to whole tiles: Q as [n, Hkv, g*T, D] (scaled), the row's own keys
+    # as tiles [n, Hkv, T, D] aligned with the query tiles.
+    qt = q_row.new_zeros((n * tile, hq, d), dtype=torch.float32)
+    qt[:ql] = q_row
+    qt = (qt * scale).view(n, tile, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(n, hkv, g * tile, d)
+    ks = k_row.new_zeros((hkv, n * tile, d), dtype=torch.float32)
+    vs = v_row.new_zeros((hkv, n * tile, dv), dtype=torch.float32)
+    ks[:, :ql] = k_row[:, off:]
+    vs[:, :ql] = v_row[:, off:]
+    ks = ks.view(hkv, n, tile, d).transpose(0, 1)  # [n, Hkv, T, D]
+    vs = vs.view(hkv, n, tile, dv).transpose(0, 1)
+    # KV position of every query row in the [g*T] layout: [n, 1, g*T]
+    qpos = (off + torch.arange(n * tile, device=device)).view(n, 1, 1, tile)
+    qpos = qpos.expand(n, 1, g, tile).reshape(n, 1, g * tile)
+    state = _Online((n, hkv, g * tile), dv, device)
+    blocks = 0
+
+    def allowed(kpos: torch.Tensor, qp: torch.Tensor) -> torch.Tensor:
+        ok = kpos < kl
+        if causal:
+            ok = ok & (kpos <= qp)
+        if window is not None:
+            ok = ok & (kpos > qp - window)
+        return ok
+
+    # -- the row's own keys: diagonals d of the tile grid (key tile j = i - d) ----------------
+    diagonals = range(n) if causal else range(-(n - 1), n)
+    for dg in diagonals:
+        if window is not None and dg * tile - (tile - 1) >= window:
+            break  # every pair of this diagonal is older than the window
+        lo, hi = max(dg, 0), n + min(dg, 0)  # query tiles i with 0 <= i - dg < n
+        s = torch.matmul(qt[lo:hi], ks[lo - dg : hi - dg].transpose(-1, -2))
+        edge = dg <= 0 or window is not None or hi - dg == n  # diagonal, window or tail tile
+        if edge:
+            kpos = (off + (torch.arange(lo - dg, hi - dg, device=device) * tile)[:, None]
+                    + torch.arange(tile, device=device))  # fmt: skip
+            s = s.masked_fill(
+                ~allowed(kpos[:, None, None, :], qpos[lo:hi, :, :, None]), float("-inf")
+            )
+        state.update(slice(lo, hi), s, vs[lo - dg : hi - dg])
+        blocks += hi - lo
+    # -- keys before the row's queries, in chunks of one tile -----------------------------------
+    for c1 in range(off, 0, -tile):
+        c0 = max(c1 - tile, 0)
+        if window is not None and c1 - 1 <= off - window:
+            break  # older than the window for every query
+        kc = k_row[:, c0:c1].float()
+        s = torch.matmul(qt, kc.transpose(-1, -2).unsqueeze(0))  # [n, Hkv, g*T, c]
+        if window is not None:
+            kpos = torch.arange(c0, c1, device=device)
+            s = s.masked_fill(~allowed(kpos, qpos[..., None]), float("-inf"))
+        state.update(slice(None), s, v_row[:, c0:c1].float().unsqueeze(0))
+        blocks += n
+    out = state.result().view(n, hkv, g, tile, dv).permute(0, 3, 1, 2, 4)
+    return out.reshape(n * tile, hq, dv)[:ql], blocks
+
+
+def attend_short_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_len: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_len: torch.Tensor,
+    *,
+    causal: bool,
+    window: int | None,
+    scale: float,
+) -> torch.Tensor:
+    """Every row at once against the whole dense cache, masked per row: for decode and verify.
+
+    q ``[B, Hq, T, D]`` (row r's queries in its first q_len[r] slots), k/v ``[B, Hkv, L, D]``
+    with row r's keys at ``kv_start[r] : kv_start[r] + kv_len[r]``. Returns ``[B, Hq, T, Dv]``.
+    """
+    t, length = q.shape[2], k.shape[2]
+    kpos = torch.arange(length, device=q.device)[None, :] - kv_start[:, None]  # [B, L]
+    qpos = (kv_len - q_len)[:, None] + torch.arange(t, device=q.device)  # [B, T]
+    kpos, qpos = kpos[:, None, None, :], qpos[:, None, :, None]
+    ok = (kpos >= 0) & (kpos < kv_len[:, None, None, None])
+    if causal:
+        ok = ok & (kpos <= qpos)
+    if window is not None:
+        ok = ok & (kpos > qpos - window)
+    # [B, 1, T, L]; when every row sees the whole cache (uniform decode) there is no mask at all.
+    mask = (
+        None
+        if bool(ok.all())
+        else torch.zeros(ok.shape, dtype=q.dtype).masked_fill(~ok, float("-inf"))
+    )
+    out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=mask, scale=scale
+    )
+    return out
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
+    """ATen's fused CPU flash kernel on one row (``[H, L, D]`` views): output and log-sum-exp.
+    It skips the causal upper triangle block by block itself and reads grouped KV heads."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q[None], k[None], v[None], 0.0, causal, scale=scale
+    )
+    return out[0], lse[0]
+
+
+def attend_row_fused(
+    q_row: torch.Tensor, k_row: torch.Tensor, v_row: torch.Tensor, *, causal: bool, scale: float
+) -> torch.Tensor:
+    """One row without a window: queries ``[Hq, ql, D]`` (the row's last ql tokens) over keys
+    ``[Hkv, kl, D]``. The causal square runs as one fused call; keys before the row's queries (a
+    chunked or prefix-cached prefill) as a second, merged by log-sum-exp. Returns [Hq, ql, Dv]."""
+    ql, kl = q_row.shape[1], k_row.shape[1]
+    off = kl - ql
+    if not causal or off == 0:
+        return _flash(q_row, k_row, v_row, causal, scale)[0]
+    o_sq, lse_sq = _flash(q_row, k_row[:, off:], v_row[:, off:], True, scale)
+    o_pre, lse_pre = _flash(q_row, k_row[:, :off], v_row[:, :off], False, scale)
+    lse = torch.logaddexp(lse_sq, lse_pre)
+    w_sq = torch.exp(lse_sq - lse)[..., None]
+    w_pre = torch.exp(lse_pre - lse)[..., None]
+    return (o_sq.float() * w_sq + o_pre.float() * w_pre).to(q_row.dtype)
+
+
+# Rows with at most this many queries run together against the whole cache (decode, verify).
+SHORT_ROW = 16
+
+
+def run_dense(
+    plan: AttentionPlan,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    q_end: Sequence[int],
+    kv_start: Sequence[int],
+    kv_lens: Sequence[int],
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention over a dense cache whose rows are known by their lengths (left or right padded).
+
+    q ``[B, Hq, Lq, D]`` with row r's ``plan.table.q_len[r]`` queries ending before
+    ``q_end[r]``; k/v ``[B, Hkv, L, D]`` with row r's keys at ``kv_start[r] :
+    kv_start[r] + kv_lens[r]``. Query slots outside the rows (padding) are written as zeros, as
+    SDPA writes a query that sees no key. Returns ``out [B, Hq, Lq, Dv]``.
+    """
+    table = plan.table
+    plan.check(table.q_len, kv_lens)
+    b, hq, lq, _ = q.shape
+    if out is None:
+        out = q.new_empty((b, hq, lq, v.shape[3]))
+    out.zero_()
+    short = [r for r in range(table.rows) if 0 < table.q_len[r] <= SHORT_ROW]
+    if short:
+        t = max(table.q_len[r] for r in short)
+        rows = torch.tensor(short)
+        n_q = torch.tensor([table.q_len[r] for r in short])
+        first = torch.tensor([q_end[r] for r in short]) - n_q
+        j = torch.arange(t)[None, :]
+        valid = j < n_q[:, None]  # [n, t]: slot j holds the row's j-th query
+        slots = torch.where(valid, first[:, None] + j, 0)
+        # Every row's queries fill q exactly (uniform decode or verify): no gather, no scatter.
+        direct = short == list(range(b)) and t == lq and all(table.q_len[r] == t for r in short)
+        qs = q if direct else q[rows[:, None], :, slots].transpose(1, 2)  # [n, Hq, t, D]
+        # Every row short (decode): the cache as it is; a mixed batch copies the short rows.
+        every = short == list(range(b))
+        got = attend_short_rows(
+            qs,
+            k if every else k[rows],
+            v if every else v[rows],
+            n_q,
+            torch.tensor([kv_start[r] for r in short]),
+            torch.tensor([kv_lens[r] for r in short]),
+            causal=plan.causal,
+            window=plan.window,
+            scale=scale,
+        )
+        if direct:
+            out.copy_(got)
+        else:
+            i, jj = valid.nonzero(as_tuple=True)
+            out[rows[i], :, slots[i, jj]] = got[i, :, jj].to(out.dtype)
+    for r in range(table.rows):
+        n = table.q_len[r]
+        if n <= SHORT_ROW:
+            continue
+        q_row = q[r, :, q_end[r] - n : q_end[r]]
+        k_row = k[r, :, kv_start[r] : kv_start[r] + kv_lens[r]]
+        v_row = v[r, :, kv_start[r] : kv_start[r] + kv_lens[r]]
+        if plan.window is None:
+            got = attend_row_fused(q_row, k_row, v_row, causal=plan.causal, scale=scale)
+        else:
+            got, _ = attend_long_row(
+                q_row.transpose(0, 1),
+                k_row,
+                v_row,
+                causal=plan.causal,
+                window=plan.window,
+                tile=table.q_tile[r],
+                scale=scale,
+            )
+            got = got.transpose(0, 1)
+        out[r, :, q_end[r] - n : q_end[r]] = got
     return out

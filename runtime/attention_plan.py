@@ -27,6 +27,7 @@ lengths at run time (``AttentionPlan.check`` refuses lengths the plan does not f
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -191,11 +192,13 @@ def _row_tiles(
     out = []
     skipped = 0
     offset = kv_len - q_len  # KV position of the row's first query
+    # Chunks are aligned to the row's queries (a boundary at every offset + j * chunk), so with
+    # chunk == tile the causal diagonal falls inside single tiles; the first chunk may be short.
+    bounds = sorted({0, kv_len, *range(offset % chunk, kv_len, chunk)})
     for q0 in range(0, q_len, tile):
         first = offset + q0
         last = offset + min(q0 + tile, q_len) - 1
-        for k0 in range(0, kv_len, chunk):
-            k1 = min(k0 + chunk, kv_len)
+        for k0, k1 in itertools.pairwise(bounds):
             hidden = (causal and k0 > last) or (window is not None and k1 - 1 <= first - window)
             if hidden:
                 skipped += 1

@@ -260,3 +260,76 @@ def test_additive_mask_matches_sdpa():
     packed = q.transpose(1, 2).reshape(b * lq, h, d)
     got = run_plan(plan, packed, k, v, [lk] * b, scale=d**-0.5, mask=bias)
     torch.testing.assert_close(got.view(b, lq, h, d).transpose(1, 2), want, rtol=1e-5, atol=1e-5)
+
+
+# -- dense cache, rows known by their lengths (the fast CPU paths) ------------------------------
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    rows=st.integers(1, 4),
+    group=st.sampled_from([1, 2, 4, 8]),
+    causal=st.booleans(),
+    window=st.one_of(st.none(), st.integers(1, 64)),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_dense_rows_match_float64_with_left_or_right_padding(
+    data, rows, group, causal, window, dtype, seed
+):
+    from xy_inductor.kernels.cpu_attention import run_dense
+
+    length = data.draw(st.integers(1, 300))
+    lq = data.draw(st.integers(1, length))
+    kv_lens = data.draw(st.lists(st.integers(1, length), min_size=rows, max_size=rows))
+    q_lens = [
+        data.draw(st.sampled_from([1, min(kv, lq), max(1, min(kv, lq) // 2), min(kv, lq, 5)]))
+        for kv in kv_lens
+    ]
+    kv_start = [
+        data.draw(st.sampled_from([0, length - kv])) for kv in kv_lens
+    ]  # right / left padding
+    q_end = [data.draw(st.sampled_from([ql, lq])) for ql in q_lens]
+    hkv, d = (2 if group <= 2 else 1), 64
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(rows, hkv * group, lq, d, generator=gen).to(dtype)
+    k = torch.randn(rows, hkv, length, d, generator=gen).to(dtype)
+    v = torch.randn(rows, hkv, length, d, generator=gen).to(dtype)
+    plan = plan_attention(q_lens, kv_lens, causal=causal, window=window, kv_heads=hkv, menu=MENU)
+    out = torch.full(q.shape, float("nan")).to(dtype)  # poison
+    got = run_dense(
+        plan, q, k, v, q_end=q_end, kv_start=kv_start, kv_lens=kv_lens, scale=d**-0.5, out=out
+    )
+    assert not got.isnan().any()
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    for r in range(rows):
+        lo, hi = q_end[r] - q_lens[r], q_end[r]
+        keys = slice(kv_start[r], kv_start[r] + kv_lens[r])
+        want = reference(
+            q[r, :, lo:hi].transpose(0, 1), [k[r, :, keys].transpose(0, 1)],
+            [v[r, :, keys].transpose(0, 1)], [q_lens[r]], [kv_lens[r]], causal, window, d**-0.5,
+        )  # fmt: skip
+        mine = got[r, :, lo:hi].transpose(0, 1)
+        err = ((mine.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+        assert err < tolerance, f"row {r}: relative error {err:.2e}"
+        assert (got[r, :, :lo] == 0).all() and (got[r, :, hi:] == 0).all()  # padding slots
+
+
+def test_long_row_by_diagonals_computes_exactly_the_planned_tiles():
+    from xy_inductor.kernels.cpu_attention import attend_long_row
+
+    gen = torch.Generator().manual_seed(3)
+    for ql, kl, window in ((256, 256, None), (200, 330, None), (256, 256, 40)):
+        q = torch.randn(ql, 4, 64, generator=gen)
+        k = torch.randn(2, kl, 64, generator=gen)
+        v = torch.randn(2, kl, 64, generator=gen)
+        got, blocks = attend_long_row(q, k, v, causal=True, window=window, tile=32, scale=0.125)
+        want = reference(
+            q, [k.transpose(0, 1)], [v.transpose(0, 1)], [ql], [kl], True, window, 0.125
+        )
+        assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
+        plan = plan_attention(
+            [ql], [kl], causal=True, window=window, menu=AttentionMenu((32,), 32, 1)
+        )
+        assert blocks == plan.tiles
