@@ -32,15 +32,20 @@ from xy_inductor.runtime.attention_plan import CPU_MENU, _plan, plan_attention
 H, D = 8, 64
 
 
-def median_ms(fns: list[Callable[[], object]], rounds: int) -> list[float]:
+def median_ms(fns: list[Callable[[], object]], rounds: int, budget_s: float = 0.15) -> list[float]:
+    """Median ms per call of each fn; each round runs every fn in turn, repeated to fill about
+    ``budget_s`` (short calls are too noisy one at a time)."""
+    start = time.perf_counter()
     for fn in fns:
         fn()
+    reps = max(1, int(budget_s * len(fns) / (time.perf_counter() - start)))
     samples: list[list[float]] = [[] for _ in fns]
     for _ in range(rounds):
         for i, fn in enumerate(fns):
             start = time.perf_counter()
-            fn()
-            samples[i].append((time.perf_counter() - start) * 1e3)
+            for _ in range(reps):
+                fn()
+            samples[i].append((time.perf_counter() - start) * 1e3 / reps)
     return [statistics.median(s) for s in samples]
 
 

@@ -303,12 +303,18 @@ def attend_short_rows(
     causal: bool,
     window: int | None,
     scale: float,
+    sees_all: bool = False,
 ) -> torch.Tensor:
     """Every row at once against the whole dense cache, masked per row: for decode and verify.
+    ``sees_all``: the caller knows every query sees every key (no mask is built).
 
     q ``[B, Hq, T, D]`` (row r's queries in its first q_len[r] slots), k/v ``[B, Hkv, L, D]``
     with row r's keys at ``kv_start[r] : kv_start[r] + kv_len[r]``. Returns ``[B, Hq, T, Dv]``.
     """
+    if sees_all:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, scale=scale
+        )[0]
     t, length = q.shape[2], k.shape[2]
     kpos = torch.arange(length, device=q.device)[None, :] - kv_start[:, None]  # [B, L]
     qpos = (kv_len - q_len)[:, None] + torch.arange(t, device=q.device)  # [B, T]
@@ -410,6 +416,10 @@ def run_dense(
             causal=plan.causal,
             window=plan.window,
             scale=scale,
+            sees_all=every
+            and plan.window is None
+            and all(kv_start[r] == 0 and kv_lens[r] == k.shape[2] for r in short)
+            and (not plan.causal or all(table.q_len[r] == 1 for r in short)),
         )
         if direct:
             out.copy_(got)
