@@ -44,8 +44,10 @@ def _gather_kv(
     """Keys (or values) at positions ``pos [n, C]`` of rows ``rows [n]``: ``[n, C, Hkv, D]``."""
     if block_table is None:
         return cache[rows[:, None], :, pos]  # dense [B, Hkv, L, D]
-    blocks = block_table[rows[:, None], pos // block_size]
-    return cache[blocks, pos % block_size]  # paged [blocks, block_size, Hkv, D]
+    flat = block_table[rows[:, None], pos // block_size] * block_size + pos % block_size
+    # paged [blocks, block_size, Hkv, D]: one index_select of whole [Hkv, D] rows
+    rows_of = cache.reshape(-1, *cache.shape[2:]).index_select(0, flat.flatten())
+    return rows_of.view(*flat.shape, *cache.shape[2:])
 
 
 def run_plan(
