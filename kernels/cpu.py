@@ -9,6 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from xy_inductor.kernels.cpu_attention import run_dense
+from xy_inductor.runtime import stats as _stats
+from xy_inductor.runtime.attention_plan import DenseRows, plan_attention, rows_from_mask
 from xy_inductor.runtime.ops import attention_output
 from xy_inductor.runtime.providers import OpKernel, Provider, accept_all
 
@@ -22,6 +25,26 @@ def gemm(
     return F.linear(x, weight, bias)
 
 
+# Below this many scores (B × Lq × Lk) one dense SDPA call costs less than recognising rows and
+# planning them (a tiny model's decode step); above it, skipping padding pays.
+PLANNED_MIN_SCORES = 1 << 18
+
+
+def dense_rows(
+    q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool
+) -> DenseRows | None:
+    """The rows of a dense call when the planner can run it without its padding, else None."""
+    b, _, lq, _ = q.shape
+    lk = k.shape[2]
+    if q.device.type != "cpu" or b * lq * lk < PLANNED_MIN_SCORES or lq > lk:
+        return None
+    if attn_mask is not None:
+        return rows_from_mask(attn_mask, b, lq, lk)
+    if is_causal and lq != lk:
+        return None  # SDPA aligns is_causal top-left; the planner's rows end at their last key
+    return DenseRows((lq,) * b, (lq,) * b, (0,) * b, (lk,) * b, causal=is_causal)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -30,6 +53,22 @@ def attention(
     is_causal: bool,
     scale: float | None,
 ) -> torch.Tensor:
+    rows = dense_rows(q, k, attn_mask, is_causal)
+    if rows is not None:
+        # Each sequence at its own length: nothing is computed for padding (meta-attention).
+        plan = plan_attention(rows.q_len, rows.kv_len, causal=rows.causal, kv_heads=k.shape[1])
+        _stats.record_planned_attention()
+        return run_dense(
+            plan,
+            q,
+            k,
+            v,
+            q_end=rows.q_end,
+            kv_start=rows.kv_start,
+            kv_lens=rows.kv_len,
+            scale=scale if scale is not None else q.shape[-1] ** -0.5,
+            out=attention_output(q, v),
+        )
     # enable_gqa lets SDPA read the Hkv heads directly instead of repeating K and V.
     out = F.scaled_dot_product_attention(
         q,

