@@ -31,12 +31,18 @@ PLANNED_MIN_SCORES = 1 << 18
 
 
 def dense_rows(
-    q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    min_scores: int | None = None,
 ) -> DenseRows | None:
-    """The rows of a dense call when the planner can run it without its padding, else None."""
+    """The rows of a dense call when the planner can run it without its padding, else None.
+    ``min_scores``: smallest B × Lq × Lk worth planning (default ``PLANNED_MIN_SCORES``)."""
     b, _, lq, _ = q.shape
     lk = k.shape[2]
-    if q.device.type != "cpu" or b * lq * lk < PLANNED_MIN_SCORES or lq > lk:
+    least = PLANNED_MIN_SCORES if min_scores is None else min_scores
+    if b * lq * lk < least or (is_causal and lq > lk):
         return None
     if attn_mask is not None:
         return rows_from_mask(attn_mask, b, lq, lk)
@@ -53,7 +59,7 @@ def attention(
     is_causal: bool,
     scale: float | None,
 ) -> torch.Tensor:
-    rows = dense_rows(q, k, attn_mask, is_causal)
+    rows = dense_rows(q, k, attn_mask, is_causal) if q.device.type == "cpu" else None
     if rows is not None:
         # Each sequence at its own length: nothing is computed for padding (meta-attention).
         plan = plan_attention(rows.q_len, rows.kv_len, causal=rows.causal, kv_heads=k.shape[1])

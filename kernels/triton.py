@@ -1,4 +1,5 @@
-"""The Triton provider: SmoothGEMM on CUDA (``kernels/triton_gemm.py``).
+"""The Triton provider: SmoothGEMM (``kernels/triton_gemm.py``) and meta-attention
+(``kernels/triton_attention.py``) on CUDA.
 
 Available when Triton is installed and a CUDA device is present. Under ``TRITON_INTERPRET=1``
 its kernels also run on CPU tensors (slowly, for tests); it is then not in the default provider
@@ -105,9 +106,68 @@ def warm_up_gemm(
     return warm_up(tiles, weight, has_bias=has_bias)
 
 
+def _rows(q, k, attn_mask, is_causal):
+    from xy_inductor.kernels.cpu import dense_rows
+
+    return dense_rows(q, k, attn_mask, is_causal, min_scores=0)
+
+
+def check_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+) -> str | None:
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
+        return f"{q.device.type} tensors (Triton runs CUDA, or CPU under TRITON_INTERPRET=1)"
+    if q.dtype not in DTYPES:
+        return f"{q.dtype} (Triton attention takes float16, bfloat16, float32)"
+    for size in (q.shape[-1], v.shape[-1]):
+        if size < 16 or size & (size - 1):
+            return "head dim not a power of two >= 16"
+    if _rows(q, k, attn_mask, is_causal) is None:
+        return "mask is not rows of padding (dense or per-head mask, window, or top-left causal)"
+    return None
+
+
+def run_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+) -> torch.Tensor:
+    from xy_inductor.kernels.triton_attention import menu_for, triton_attention
+    from xy_inductor.runtime.attention_plan import plan_attention
+    from xy_inductor.runtime.ops import attention_output
+
+    rows = _rows(q, k, attn_mask, is_causal)
+    hkv = k.shape[1]
+    workers = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    menu = menu_for(q.shape[1] // hkv, workers)
+    plan = plan_attention(rows.q_len, rows.kv_len, causal=rows.causal, kv_heads=hkv, menu=menu)
+    return triton_attention(
+        plan,
+        q,
+        k,
+        v,
+        rows.kv_len,
+        scale=scale if scale is not None else q.shape[-1] ** -0.5,
+        q_end=rows.q_end,
+        kv_start=rows.kv_start,
+        out=attention_output(q, v),
+    )
+
+
 PROVIDER = Provider(
     name="triton",
     available=available,
-    kernels={"gemm": OpKernel(check_gemm, run_gemm)},
+    kernels={
+        "gemm": OpKernel(check_gemm, run_gemm),
+        "attention": OpKernel(check_attention, run_attention),
+    },
     prepare={"gemm": warm_up_gemm},
 )

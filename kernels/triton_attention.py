@@ -40,7 +40,9 @@ def menu_for(group: int, workers: int, kv_chunk: int = 512) -> AttentionMenu:
     return AttentionMenu(q_tiles=tiles, kv_chunk=kv_chunk, workers=workers)
 
 
-@triton.jit
+# Batch-dependent integers are never specialised: the block table's row stride (its width
+# follows the longest sequence) and a dense cache's row stride (its length).
+@triton.jit(do_not_specialize=["stride_kb", "stride_vb", "stride_table"])
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr,
     table_ptr, task_ptr, worker_start_ptr,
