@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from xy_inductor.kernels.cpu_attention import run_dense
+from xy_inductor.kernels.cpu_attention import run_dense, run_plan
 from xy_inductor.runtime import stats as _stats
 from xy_inductor.runtime.attention_plan import DenseRows, plan_attention, rows_from_mask
 from xy_inductor.runtime.ops import attention_output
@@ -93,8 +93,37 @@ def attention(
     return out
 
 
+def attention_varlen(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    q_lens: list[int],
+    kv_lens: list[int],
+    block_table: torch.Tensor,
+    causal: bool,
+    window: int | None,
+    scale: float | None,
+) -> torch.Tensor:
+    # The generic executor: it gathers each tile's blocks (correct for any table; not fast).
+    plan = plan_attention(q_lens, kv_lens, causal=causal, window=window, kv_heads=k_cache.shape[2])
+    return run_plan(
+        plan,
+        q,
+        k_cache,
+        v_cache,
+        kv_lens,
+        scale=scale if scale is not None else q.shape[-1] ** -0.5,
+        block_table=block_table.long(),
+        block_size=k_cache.shape[1],
+    )
+
+
 PROVIDER = Provider(
     name="aten",
     available=lambda: True,
-    kernels={"gemm": OpKernel(accept_all, gemm), "attention": OpKernel(accept_all, attention)},
+    kernels={
+        "gemm": OpKernel(accept_all, gemm),
+        "attention": OpKernel(accept_all, attention),
+        "attention_varlen": OpKernel(accept_all, attention_varlen),
+    },
 )

@@ -162,12 +162,46 @@ def run_attention(
     )
 
 
+def check_attention_varlen(
+    q, k_cache, v_cache, q_lens, kv_lens, block_table, causal, window, scale
+):
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
+        return f"{q.device.type} tensors (Triton runs CUDA, or CPU under TRITON_INTERPRET=1)"
+    if q.dtype not in DTYPES:
+        return f"{q.dtype} (Triton attention takes float16, bfloat16, float32)"
+    for size in (q.shape[-1], v_cache.shape[-1]):
+        if size < 16 or size & (size - 1):
+            return "head dim not a power of two >= 16"
+    return None
+
+
+def run_attention_varlen(q, k_cache, v_cache, q_lens, kv_lens, block_table, causal, window, scale):
+    from xy_inductor.kernels.triton_attention import menu_for, triton_attention
+    from xy_inductor.runtime.attention_plan import plan_attention
+
+    hkv = k_cache.shape[2]
+    workers = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    menu = menu_for(q.shape[1] // hkv, workers)
+    plan = plan_attention(q_lens, kv_lens, causal=causal, window=window, kv_heads=hkv, menu=menu)
+    return triton_attention(
+        plan,
+        q,
+        k_cache,
+        v_cache,
+        kv_lens,
+        scale=scale if scale is not None else q.shape[-1] ** -0.5,
+        block_table=block_table,
+        block_size=k_cache.shape[1],
+    )
+
+
 PROVIDER = Provider(
     name="triton",
     available=available,
     kernels={
         "gemm": OpKernel(check_gemm, run_gemm),
         "attention": OpKernel(check_attention, run_attention),
+        "attention_varlen": OpKernel(check_attention_varlen, run_attention_varlen),
     },
     prepare={"gemm": warm_up_gemm},
 )

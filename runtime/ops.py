@@ -15,6 +15,7 @@ calls them directly, skipping the custom-op layers of the dispatcher (10 to 20 u
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -26,6 +27,8 @@ __all__ = [
     "DIRECT_CALLS",
     "attention",
     "attention_impl",
+    "attention_varlen",
+    "attention_varlen_impl",
     "check_attention_args",
     "check_gemm_args",
     "gemm",
@@ -303,7 +306,125 @@ def _gemm_fused_fake(
     return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
 
 
+def check_varlen_args(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    kv_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    check: Check = _raise_unless,
+) -> None:
+    op = "xyserve.attention_varlen"
+    check(q.dim() == 3, lambda: f"{op}: q must be packed [tokens, Hq, D], got {q.dim()}-D")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check(
+            t.dim() == 4,
+            lambda t=t, name=name: (
+                f"{op}: {name} must be paged [blocks, block_size, Hkv, D], got {t.dim()}-D"
+            ),
+        )
+    _same(q, k_cache, "q and k_cache", "attention_varlen", check)
+    _same(q, v_cache, "q and v_cache", "attention_varlen", check)
+    check(
+        q.shape[1] % k_cache.shape[2] == 0,
+        lambda: f"{op}: q heads ({q.shape[1]}) must be a multiple of kv heads ({k_cache.shape[2]})",
+    )
+    check(
+        q.shape[2] == k_cache.shape[3],
+        lambda: f"{op}: q head dim {q.shape[2]} differs from k_cache head dim {k_cache.shape[3]}",
+    )
+    for name, t, dims in (
+        ("cu_seqlens_q", cu_seqlens_q, 1),
+        ("kv_lens", kv_lens, 1),
+        ("block_table", block_table, 2),
+    ):
+        check(
+            t.dim() == dims and not t.dtype.is_floating_point,
+            lambda t=t, name=name, dims=dims: (
+                f"{op}: {name} must be a {dims}-D integer tensor, got {t.dim()}-D {t.dtype}"
+            ),
+        )
+    rows = kv_lens.shape[0]
+    check(
+        cu_seqlens_q.shape[0] == rows + 1,
+        lambda: (
+            f"{op}: cu_seqlens_q needs rows + 1 = {rows + 1} entries, got {cu_seqlens_q.shape[0]}"
+        ),
+    )
+    check(
+        block_table.shape[0] == rows,
+        lambda: f"{op}: block_table has {block_table.shape[0]} rows for {rows} sequences",
+    )
+
+
+def _varlen_rows(
+    q: torch.Tensor, cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, k_cache: torch.Tensor,
+    block_table: torch.Tensor, positional: bool,
+) -> tuple[list[int], list[int]]:  # fmt: skip
+    """The token table's lengths, read on the host (the plan step), checked."""
+    op = "xyserve.attention_varlen"
+    cu = cu_seqlens_q.tolist()
+    kv = kv_lens.tolist()
+    q_lens = [b - a for a, b in itertools.pairwise(cu)]
+    if cu[0] != 0 or any(n < 0 for n in q_lens) or cu[-1] != q.shape[0]:
+        raise ValueError(
+            f"{op}: cu_seqlens_q must rise from 0 to the {q.shape[0]} packed tokens, got {cu}"
+        )
+    capacity = block_table.shape[1] * k_cache.shape[1]
+    for r, (n, m) in enumerate(zip(q_lens, kv, strict=True)):
+        if m < 0 or m > capacity or (positional and n > m):
+            raise ValueError(
+                f"{op}: row {r} has {n} queries and kv_len {m}; expected 0 <= kv_len <= "
+                f"{capacity} (block_table width × block size)"
+                + (" and queries <= kv_len (they are the row's last tokens)" if positional else "")
+            )
+    return q_lens, kv
+
+
+def attention_varlen_impl(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    kv_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    causal: bool = True,
+    window: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention for serving: packed queries of many sequences over a paged KV cache.
+
+    q ``[tokens, Hq, D]``, sequence r's queries at ``cu_seqlens_q[r] : cu_seqlens_q[r + 1]``,
+    being the last tokens of its ``kv_lens[r]`` keys (prefill, decode, chunked or
+    prefix-cached prefill and verify rows mix freely). k/v caches ``[blocks, block_size, Hkv,
+    D]``; ``block_table[r, j]`` is the block of row r's keys ``j * block_size …``. ``window``:
+    a query at position p sees keys after p - window. Returns ``[tokens, Hq, Dv]``.
+    """
+    check_varlen_args(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_table)
+    q_lens, kv = _varlen_rows(
+        q, cu_seqlens_q, kv_lens, k_cache, block_table, causal or window is not None
+    )
+    return providers.run(
+        "attention_varlen", q, k_cache, v_cache, q_lens, kv, block_table, causal, window, scale
+    )
+
+
+attention_varlen = torch.library.custom_op(
+    "xyserve::attention_varlen", attention_varlen_impl, mutates_args=()
+)
+
+
+@attention_varlen.register_fake
+def _attention_varlen_fake(
+    q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_table, causal=True, window=None, scale=None
+):
+    check_varlen_args(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_table, torch._check_value)
+    return q.new_empty((q.shape[0], q.shape[1], v_cache.shape[3]))
+
+
 DIRECT_CALLS: dict[object, Callable[..., torch.Tensor]] = {
+    torch.ops.xyserve.attention_varlen.default: attention_varlen_impl,
     torch.ops.xyserve.gemm.default: gemm_impl,
     torch.ops.xyserve.attention.default: attention_impl,
     torch.ops.xyserve.gemm_fused.default: gemm_fused_impl,

@@ -1,0 +1,75 @@
+"""torch.ops.xyserve.attention_varlen: packed mixed batches over a paged KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_attention_plan import _layouts, reference
+
+import xy_inductor
+from xy_inductor.kernels import cpu
+from xy_inductor.runtime import providers
+
+varlen = torch.ops.xyserve.attention_varlen.default
+
+# Prefill, decode, chunked prefill (keys before the queries), verify (5 draft tokens).
+Q_LENS = [37, 1, 20, 5]
+KV_LENS = [37, 90, 75, 61]
+
+
+def _inputs(dtype=torch.float32, group=4, block_size=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hkv, d = 2, 64
+    q = torch.randn(sum(Q_LENS), hkv * group, d, generator=gen).to(dtype)
+    ks = [torch.randn(kv, hkv, d, generator=gen).to(dtype) for kv in KV_LENS]
+    vs = [torch.randn(kv, hkv, d, generator=gen).to(dtype) for kv in KV_LENS]
+    _, (k, v, table) = _layouts(ks, vs, KV_LENS, block_size, hkv, d, gen)
+    cu = torch.tensor([0, *torch.tensor(Q_LENS).cumsum(0).tolist()], dtype=torch.int32)
+    args = (q, k.to(dtype), v.to(dtype), cu, torch.tensor(KV_LENS, dtype=torch.int32), table)
+    return args, (q, ks, vs)
+
+
+@pytest.mark.parametrize("window", [None, 16])
+def test_mixed_batch_matches_float64_on_the_aten_provider(window):
+    args, (q, ks, vs) = _inputs()
+    got = varlen(*args, True, window)
+    want = reference(q, ks, vs, Q_LENS, KV_LENS, True, window, 64**-0.5)
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
+    assert xy_inductor.stats().calls["attention_varlen"] == {"aten": 1}
+
+
+def test_mixed_batch_on_the_triton_kernel():
+    pytest.importorskip("triton")
+    from xy_inductor.kernels import triton as triton_provider
+
+    args, (q, ks, vs) = _inputs(dtype=torch.bfloat16, block_size=32)
+    with providers.use_providers([triton_provider.PROVIDER, cpu.PROVIDER]):
+        got = varlen(*args)
+    want = reference(q, ks, vs, Q_LENS, KV_LENS, True, None, 64**-0.5)
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-2
+    assert xy_inductor.stats().calls["attention_varlen"] == {"triton": 1}
+
+
+def test_traces_with_symbolic_token_counts():
+    args, _ = _inputs()
+    compiled = torch.compile(
+        lambda *a: varlen(*a) * 2, backend="eager", dynamic=True, fullgraph=True
+    )
+    torch.testing.assert_close(compiled(*args), varlen(*args) * 2)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda a: (a[0][:, :, :32], *a[1:]), "head dim 32 differs"),
+        (lambda a: (*a[:3], a[3][:-1], *a[4:]), "cu_seqlens_q needs rows \\+ 1"),
+        (lambda a: (*a[:3], a[3].flip(0), *a[4:]), "must rise from 0"),
+        (lambda a: (*a[:4], a[4] + 1000, a[5]), "row 0 has 37 queries and kv_len 1037"),
+        (lambda a: (*a[:4], a[4].float(), a[5]), "kv_lens must be a 1-D integer tensor"),
+        (lambda a: (*a[:5], a[5][:2]), "block_table has 2 rows for 4 sequences"),
+    ],
+)
+def test_bad_input_is_a_clear_error(change, message):
+    args, _ = _inputs()
+    with pytest.raises(ValueError, match=message):
+        varlen(*change(args))
