@@ -195,20 +195,28 @@ def _kv_class(
 
 
 def _row_tiles(
-    q_len: int, kv_len: int, tile: int, chunk: int, causal: bool, window: int | None
+    q_len: int,
+    kv_len: int,
+    tile: int,
+    chunk: int,
+    causal: bool,
+    window: int | None,
+    visible: torch.Tensor | None = None,
 ) -> tuple[list[tuple[int, int, int, int]], int]:
-    """(q0, tile, k0, k1) of every visible tile of one row, and how many were skipped."""
+    """(q0, tile, k0, k1) of every visible tile of one row, and how many were skipped.
+    ``visible`` (``[query tiles, key chunks]`` bool, from a dense mask) hides more tiles."""
     out = []
     skipped = 0
     offset = kv_len - q_len  # KV position of the row's first query
     # Chunks are aligned to the row's queries (a boundary at every offset + j * chunk), so with
     # chunk == tile the causal diagonal falls inside single tiles; the first chunk may be short.
     bounds = sorted({0, kv_len, *range(offset % chunk, kv_len, chunk)})
-    for q0 in range(0, q_len, tile):
+    for qi, q0 in enumerate(range(0, q_len, tile)):
         first = offset + q0
         last = offset + min(q0 + tile, q_len) - 1
-        for k0, k1 in itertools.pairwise(bounds):
+        for ki, (k0, k1) in enumerate(itertools.pairwise(bounds)):
             hidden = (causal and k0 > last) or (window is not None and k1 - 1 <= first - window)
+            hidden = hidden or (visible is not None and not bool(visible[qi, ki]))
             if hidden:
                 skipped += 1
             else:
@@ -226,6 +234,18 @@ def _plan(
     kv_heads: int,
     menu: AttentionMenu,
 ) -> AttentionPlan:
+    return _build_plan(q_lens, kv_lens, causal, window, kv_heads, menu)
+
+
+def _build_plan(
+    q_lens: tuple[int, ...],
+    kv_lens: tuple[int, ...],
+    causal: bool,
+    window: int | None,
+    kv_heads: int,
+    menu: AttentionMenu,
+    visible: torch.Tensor | None = None,
+) -> AttentionPlan:
     table = TokenTable.build(q_lens, kv_lens, menu.q_tiles, positional=causal or window is not None)
     rows, q0s, tiles, k0s, k1s, ids = [], [], [], [], [], []
     skipped = 0
@@ -233,7 +253,13 @@ def _plan(
     split = False
     for r in range(table.rows):
         found, hidden = _row_tiles(
-            q_lens[r], kv_lens[r], table.q_tile[r], menu.kv_chunk, causal, window
+            q_lens[r],
+            kv_lens[r],
+            table.q_tile[r],
+            menu.kv_chunk,
+            causal,
+            window,
+            None if visible is None else visible[r],
         )
         skipped += hidden
         per_q0: dict[int, int] = {}
@@ -293,17 +319,33 @@ def plan_attention(
     window: int | None = None,
     kv_heads: int = 1,
     menu: AttentionMenu = CPU_MENU,
+    mask: torch.Tensor | None = None,
 ) -> AttentionPlan:
     """Plan an attention call over rows with these query and KV lengths.
 
     ``window``: a query at position p sees keys p - window < j <= p (Mistral's sliding window);
     None for no window. Cached per shape class: consecutive decode steps get the same plan.
+
+    ``mask``: a dense ``[B, 1 or H, Lq, Lk]`` mask (bool, or additive with -inf) for rows that
+    are all ``Lq`` queries over ``Lk`` keys; tiles it hides entirely are not scheduled (found by
+    ``tiles_from_mask``). Such plans depend on the mask's content and are not cached.
     """
     q_lens, kv_lens = tuple(int(q) for q in q_lens), tuple(int(k) for k in kv_lens)
     if window is not None and window < 1:
         raise ValueError(f"plan_attention: window must be a positive int or None, got {window}")
     if kv_heads < 1:
         raise ValueError(f"plan_attention: kv_heads must be >= 1, got {kv_heads}")
+    if mask is not None:
+        lq, lk = mask.shape[-2], mask.shape[-1]
+        if set(q_lens) != {lq} or set(kv_lens) != {lk} or mask.shape[0] not in (1, len(q_lens)):
+            raise ValueError(
+                f"plan_attention: a mask {tuple(mask.shape)} plans rows of {lq} queries over "
+                f"{lk} keys each; got q_lens {q_lens}, kv_lens {kv_lens}"
+            )
+        tile = choose_q_tile(lq, menu.q_tiles)
+        visible = tiles_from_mask(mask, tile, menu.kv_chunk, key_offset=lk - lq)
+        visible = visible.expand(len(q_lens), *visible.shape[1:])
+        return _build_plan(q_lens, kv_lens, causal, window, kv_heads, menu, visible)
     kv_class = _kv_class(q_lens, kv_lens, menu, causal, window)
     # Rows planned by chunk count are planned at their longest length in the class, so a later
     # step's longer (same-class) KV is covered; the kernel masks keys past each real length.
@@ -314,19 +356,24 @@ def plan_attention(
     return _plan(q_lens, kv_class, planned, causal, window, kv_heads, menu)
 
 
-def tiles_from_mask(mask: torch.Tensor, q_tile: int, kv_chunk: int) -> torch.Tensor:
+def tiles_from_mask(
+    mask: torch.Tensor, q_tile: int, kv_chunk: int, key_offset: int = 0
+) -> torch.Tensor:
     """Which (query tile, key chunk) blocks of a dense mask allow anything.
 
     ``mask`` is ``[B, H, Lq, Lk]`` (H may be 1), bool (True = attend) or additive (-inf = masked).
-    Returns bool ``[B, ceil(Lq / q_tile), ceil(Lk / kv_chunk)]``: a block is kept if any head
-    of it allows any pair. One padded ``any`` reduction: cheap next to the attention itself.
+    Key chunks have a boundary at every ``key_offset + j * kv_chunk`` (the planner aligns them
+    to the row's queries; the first chunk may be short). Returns bool ``[B, query tiles, key
+    chunks]``: a block is kept if any head of it allows any pair. One padded ``any``
+    reduction: cheap next to the attention itself.
     """
     allowed = mask if mask.dtype == torch.bool else mask != float("-inf")
     allowed = allowed.any(dim=1)  # [B, Lq, Lk]
     b, lq, lk = allowed.shape
-    nq, nk = math.ceil(lq / q_tile), math.ceil(lk / kv_chunk)
+    pre = -(key_offset % kv_chunk) % kv_chunk  # empty columns that align the first boundary
+    nq, nk = math.ceil(lq / q_tile), math.ceil((lk + pre) / kv_chunk)
     padded = allowed.new_zeros((b, nq * q_tile, nk * kv_chunk))
-    padded[:, :lq, :lk] = allowed
+    padded[:, :lq, pre : pre + lk] = allowed
     return padded.view(b, nq, q_tile, nk, kv_chunk).any(dim=4).any(dim=2)
 
 

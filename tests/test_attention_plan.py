@@ -333,3 +333,32 @@ def test_long_row_by_diagonals_computes_exactly_the_planned_tiles():
             [ql], [kl], causal=True, window=window, menu=AttentionMenu((32,), 32, 1)
         )
         assert blocks == plan.tiles
+
+
+@pytest.mark.parametrize(("lq", "lk"), [(40, 40), (24, 70)])
+def test_plans_from_a_dense_mask_skip_hidden_tiles_and_stay_exact(lq, lk):
+    gen = torch.Generator().manual_seed(4)
+    b, h, d = 2, 2, 64
+    # A sliding window of 9 plus one far-away key: most tiles hidden, some partly visible.
+    i, j = torch.arange(lq)[:, None] + (lk - lq), torch.arange(lk)[None, :]
+    mask = ((j <= i) & (j > i - 9)) | (j == 3)
+    mask = mask[None, None].expand(b, 1, lq, lk).clone()
+    mask[1, 0, 5] = False  # a query that sees nothing
+    menu = AttentionMenu(q_tiles=(1, 8), kv_chunk=8, workers=4)
+    plan = plan_attention([lq] * b, [lk] * b, causal=False, kv_heads=h, menu=menu, mask=mask)
+    assert plan.skipped > plan.tiles  # the window hides most of the grid
+    for r in range(b):  # every allowed pair is in exactly one scheduled tile
+        covered = torch.zeros(lq, lk, dtype=torch.int64)
+        for t in (plan.row == r).nonzero().flatten().tolist():
+            q0, size, k0, k1 = (int(x[t]) for x in (plan.q0, plan.q_tile, plan.k0, plan.k1))
+            covered[q0 : q0 + size, k0:k1] += 1
+        assert (covered[mask[r, 0]] == 1).all()
+    q = torch.randn(b, h, lq, d, generator=gen)
+    k = torch.randn(b, h, lk, d, generator=gen)
+    v = torch.randn(b, h, lk, d, generator=gen)
+    packed = q.transpose(1, 2).reshape(b * lq, h, d)
+    got = run_plan(plan, packed, k, v, [lk] * b, scale=d**-0.5, mask=mask)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(got.view(b, lq, h, d).transpose(1, 2), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="plans rows of"):
+        plan_attention([lq, 3], [lk, lk], causal=False, mask=mask)
