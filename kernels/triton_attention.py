@@ -7,8 +7,8 @@ grouped-query attention, all ``G`` query heads that share its KV head: the M dim
 tile is ``(query, head)`` pairs, so K and V are read once per group. Keys come from a paged cache
 through the block table (a dense cache is one block per row). Every length (queries, keys, rows,
 tasks) is a run-time value: nothing recompiles when a batch changes. Tasks of a query tile that
-was split over several key chunks write partial results with their log-sum-exp; ``merge_splits``
-combines them.
+was split over several key chunks write partial results with their log-sum-exp, and the last
+of them to finish (an atomic count per query tile) merges them, inside the same launch.
 
 Runs on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests). Import only when
 Triton is installed.
@@ -45,6 +45,7 @@ def menu_for(group: int, workers: int, kv_chunk: int = 512) -> AttentionMenu:
 @triton.jit(do_not_specialize=["stride_kb", "stride_vb", "stride_table"])
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+    arrived_ptr, target_first_ptr, target_parts_ptr,
     table_ptr, task_ptr, worker_start_ptr,
     row_q_base_ptr, row_o_base_ptr, row_q_len_ptr, row_kv_len_ptr, row_kv_off_ptr,
     stride_qt, stride_qh,
@@ -140,37 +141,78 @@ def _attention_kernel(
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
 
-        # -- epilogue: the output, or a partial result and its log-sum-exp --------------------
+        # -- epilogue: the output, or a partial result merged by the last part to finish ------
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        dest = out_ptr + o_base + qi[:, None] * stride_ot + qh[:, None] * stride_oh
         if part < 0:
-            dest = out_ptr + o_base + qi[:, None] * stride_ot + qh[:, None] * stride_oh
             tl.store(dest + offs_dv[None, :], o.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
         else:
             lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
             tl.store(part_lse_ptr + part * BLOCK_M + offs_m, lse)
             tl.store(part_o_ptr + (part * BLOCK_M + offs_m)[:, None] * DV + offs_dv[None, :], o)
+            target = tl.load(task + 7)
+            parts = tl.load(target_parts_ptr + target)
+            # acq_rel: the other parts' stores happened before their increments.
+            if tl.atomic_add(arrived_ptr + target, 1) == parts - 1:
+                first_part = tl.load(target_first_ptr + target)
+                top = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+                for j in range(first_part, first_part + parts):
+                    lse_j = tl.load(part_lse_ptr + j * BLOCK_M + offs_m, cache_modifier=".cg")
+                    top = tl.maximum(top, lse_j)
+                top = tl.where(top == float("-inf"), 0.0, top)
+                total = tl.zeros((BLOCK_M,), tl.float32)
+                merged = tl.zeros((BLOCK_M, DV), tl.float32)
+                for j in range(first_part, first_part + parts):
+                    lse_j = tl.load(part_lse_ptr + j * BLOCK_M + offs_m, cache_modifier=".cg")
+                    o_j = tl.load(
+                        part_o_ptr + (j * BLOCK_M + offs_m)[:, None] * DV + offs_dv[None, :],
+                        cache_modifier=".cg",
+                    )
+                    weight = tl.exp(lse_j - top)  # 0 for a part that saw no key
+                    total += weight
+                    merged += weight[:, None] * o_j
+                merged = merged / tl.where(total > 0, total, 1.0)[:, None]
+                tl.store(
+                    dest + offs_dv[None, :],
+                    merged.to(out_ptr.dtype.element_ty),
+                    mask=m_ok[:, None],
+                )
 
 
-def _task_table(
-    plan: AttentionPlan, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Tasks grouped by worker: [tasks, 8] int32 (row, q0, tile, k0, k1, head, partial slot, 0)
-    and each worker's first task; and how many partial slots the split tiles need."""
+def _task_table(plan: AttentionPlan, device: torch.device) -> dict[str, torch.Tensor]:
+    """The kernel's view of the plan.
+
+    ``tasks`` ``[tasks, 8]`` int32, grouped by worker in load order: row, q0, tile, k0, k1, KV
+    head, partial slot and merge target (both -1 for a query tile that is not split);
+    ``starts``: each worker's first task. A split (query tile, KV head) is a merge target whose
+    parts occupy consecutive slots (``first``, ``parts``); ``arrived`` counts finished parts.
+    """
     order = torch.argsort(plan.task_worker, stable=True)  # keep the load order within a worker
     tile = plan.task_tile[order]
     head = plan.task_head[order]
-    split_ids = torch.bincount(plan.tile_id, minlength=plan.query_tiles) > 1
-    is_split = split_ids[plan.tile_id[tile]]
-    part = torch.full_like(tile, -1)
-    part[is_split] = torch.arange(int(is_split.sum()))
+    chunks = torch.bincount(plan.tile_id, minlength=plan.query_tiles)
+    is_split = chunks[plan.tile_id[tile]] > 1
+    target = torch.where(is_split, plan.tile_id[tile] * plan.kv_heads + head, -1)
+    # Slots grouped by target, so a target's parts are first, first + 1, ...
+    slot = torch.full_like(tile, -1)
+    split_tasks = is_split.nonzero().flatten()
+    by_target = split_tasks[torch.argsort(target[split_tasks], stable=True)]
+    slot[by_target] = torch.arange(by_target.numel())
+    n_targets = max(plan.query_tiles * plan.kv_heads, 1)
+    parts = torch.bincount(target[split_tasks], minlength=n_targets)
+    first = torch.cumsum(parts, 0) - parts
     tasks = torch.stack(
         [plan.row[tile], plan.q0[tile], plan.q_tile[tile], plan.k0[tile], plan.k1[tile], head,
-         part, torch.zeros_like(tile)], dim=1,
-    ).to(torch.int32)  # fmt: skip
+         slot, target], dim=1,
+    )  # fmt: skip
     counts = torch.bincount(plan.task_worker, minlength=plan.menu.workers)
-    starts = torch.zeros(plan.menu.workers + 1, dtype=torch.int32)
+    starts = torch.zeros(plan.menu.workers + 1, dtype=torch.int64)
     starts[1:] = torch.cumsum(counts, 0)
-    return tasks.to(device), starts.to(device), int(is_split.sum())
+    as_i32 = {"tasks": tasks, "starts": starts, "first": first, "parts": parts}
+    out = {k: v.to(device=device, dtype=torch.int32) for k, v in as_i32.items()}
+    out["arrived"] = torch.zeros(n_targets, dtype=torch.int32, device=device)
+    out["slots"] = int(by_target.numel())
+    return out
 
 
 def triton_attention(
@@ -187,7 +229,7 @@ def triton_attention(
     kv_start: Sequence[int] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run ``plan`` in one launch (plus a merge of split tiles).
+    """Run ``plan`` in one launch (split query tiles are merged inside it).
 
     Queries: packed ``[Tq, Hq, D]`` in token-table order, or, with ``q_end``, dense
     ``[B, Hq, Lq, D]`` with row r's queries in the slots ending before ``q_end[r]`` (the output
@@ -239,9 +281,10 @@ def triton_attention(
         o_base = [s * out.stride(0) for s in table.q_start]
         q_strides = (q.stride(0), q.stride(1))
         o_strides = (out.stride(0), out.stride(1))
-    tasks, starts, parts = _task_table(plan, device)
-    part_o = torch.empty((max(parts, 1), BLOCK_M, dv), dtype=torch.float32, device=device)
-    part_lse = torch.empty((max(parts, 1), BLOCK_M), dtype=torch.float32, device=device)
+    tt = _task_table(plan, device)
+    slots = max(tt["slots"], 1)
+    part_o = torch.empty((slots, BLOCK_M, dv), dtype=torch.float32, device=device)
+    part_lse = torch.empty((slots, BLOCK_M), dtype=torch.float32, device=device)
 
     def i64(xs: Sequence[int]) -> torch.Tensor:
         return torch.tensor(list(xs), dtype=torch.int64, device=device)
@@ -250,7 +293,8 @@ def triton_attention(
     if plan.tiles:
         _attention_kernel[(plan.menu.workers,)](
             q, k, v, out, part_o, part_lse,
-            block_table, tasks, starts,
+            tt["arrived"], tt["first"], tt["parts"],
+            block_table, tt["tasks"], tt["starts"],
             i64(q_base), i64(o_base), i64(table.q_len), i64(kv_lens), i64(kv_off),
             *q_strides,
             *strides_k, *strides_v,
@@ -263,51 +307,4 @@ def triton_attention(
             UPCAST=q.device.type != "cuda" and q.dtype != torch.float32,
             IEEE=q.dtype == torch.float32 or q.device.type != "cuda",
         )  # fmt: skip
-    if parts:
-        row, qi, qh, values = merge_splits(tasks, part_o, part_lse, group, table.q_len)
-        if dense_q:
-            slot = torch.tensor(first)[row] + qi
-            out[row.to(device), qh.to(device), slot.to(device)] = values.to(out.dtype)
-        else:
-            tok = torch.tensor(table.q_start)[row] + qi
-            out[tok.to(device), qh.to(device)] = values.to(out.dtype)
     return out
-
-
-def merge_splits(
-    tasks: torch.Tensor,
-    part_o: torch.Tensor,
-    part_lse: torch.Tensor,
-    group: int,
-    q_len: Sequence[int],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Combine the partial results of split query tiles by log-sum-exp.
-
-    Returns the merged rows as (row, query index in the row, query head, values ``[n, Dv]``)."""
-    tasks = tasks.long().cpu()
-    t = tasks[tasks[:, 6] >= 0]
-    device = part_o.device
-    slot = t[:, 6].to(device)
-    # One merge target per (row, query tile, KV head).
-    key = torch.unique(t[:, [0, 1, 5]], dim=0, return_inverse=True)[1]
-    n_keys = int(key.max()) + 1
-    key_d = key.to(device)
-    lse = part_lse[slot]  # [S, BLOCK_M]
-    top = torch.full((n_keys, BLOCK_M), float("-inf"), device=device)
-    top = top.scatter_reduce(0, key_d[:, None].expand_as(lse), lse, "amax", include_self=True)
-    weight = torch.exp(lse - torch.where(torch.isinf(top), 0.0, top)[key_d])
-    weight = torch.where(torch.isinf(lse), 0.0, weight)
-    total = torch.zeros((n_keys, BLOCK_M), device=device).index_add_(0, key_d, weight)
-    merged = torch.zeros((n_keys, BLOCK_M, part_o.shape[2]), device=device)
-    merged.index_add_(0, key_d, part_o[slot] * weight[..., None])
-    merged = merged / torch.where(total > 0, total, 1.0)[..., None]
-    first = torch.zeros(n_keys, dtype=torch.long)
-    first[key] = torch.arange(len(t))
-    rep = t[first]  # a task of each target: its row, q0, tile and KV head
-    m = torch.arange(BLOCK_M)
-    qi = rep[:, 1:2] + m[None, :] // group
-    qh = rep[:, 5:6] * group + m[None, :] % group
-    lens = torch.tensor(list(q_len))[rep[:, 0]][:, None]
-    ok = (m[None, :] // group < rep[:, 2:3]) & (qi < lens)
-    row = rep[:, 0:1].expand_as(qi)
-    return row[ok], qi[ok], qh[ok], merged[ok.to(device)]
