@@ -135,3 +135,21 @@ def test_provider_declines_masks_that_are_not_rows(triton_attention_first):
     assert reason.startswith("mask is not rows of padding")
     assert triton_provider.check_attention(q, k, v, None, True, None) is None
     assert math.isfinite(float(triton_provider.run_attention(q, k, v, None, True, None).sum()))
+
+
+def test_split_query_tiles_are_merged_inside_the_launch():
+    # Decode rows over 200 keys in chunks of 32: every query tile is split in 7 parts.
+    gen = torch.Generator().manual_seed(7)
+    q_lens, kv_lens = [1, 1, 3], [200, 131, 64]
+    plan = plan_attention(q_lens, kv_lens, causal=True, kv_heads=2, menu=menu_for(4, 3, 32))
+    assert plan.split
+    q = torch.randn(5, 8, 64, generator=gen)
+    ks = [torch.randn(n, 2, 64, generator=gen) for n in kv_lens]
+    vs = [torch.randn(n, 2, 64, generator=gen) for n in kv_lens]
+    (k, v), _ = _layouts(ks, vs, kv_lens, 16, 2, 64, gen)
+    out = torch.full((5, 8, 64), float("nan"), device=DEVICE)
+    got = triton_attention(
+        plan, q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), kv_lens, scale=0.125, out=out
+    )
+    want = reference(q, ks, vs, q_lens, kv_lens, True, None, 0.125)
+    assert ((got.double().cpu() - want).norm() / want.norm()).item() < 1e-5
