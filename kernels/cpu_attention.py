@@ -112,11 +112,17 @@ def run_plan(
             kt = _gather_kv(k, rows, k_safe, block_table, block_size)  # [n, C, Hkv, D]
             vt = _gather_kv(v, rows, k_safe, block_table, block_size)
             n = idx.numel()
-            qt = qt.view(n, size, hkv, g, d).permute(0, 2, 3, 1, 4)  # [n, Hkv, g, T, D]
-            kt = kt.permute(0, 2, 3, 1)  # [n, Hkv, D, C]
-            vt = vt.permute(0, 2, 1, 3)  # [n, Hkv, C, Dv]
-            # -- scores and the in-tile mask ------------------------------------------------
-            s = torch.matmul(qt.float(), kt.float().unsqueeze(2)) * scale  # [n, Hkv, g, T, C]
+            if qt.dtype != torch.float32:
+                qt, kt, vt = qt.float(), kt.float(), vt.float()
+            # [n, Hkv, g*T, D]: a query head group's rows together (scaled once, small)
+            qt = (qt * scale).view(n, size, hkv, g, d).permute(0, 2, 3, 1, 4)
+            qt = qt.reshape(n, hkv, g * size, d)
+            # -- scores: one batched matmul per KV head, on the gathered K as it lies --------
+            # (K[:, :, h] is [n, C, D] with a row stride of Hkv * D: BLAS reads it in place,
+            # where a permuted [n, Hkv, D, C] operand would be copied first.)
+            s = torch.stack(
+                [torch.bmm(qt[:, h], kt[:, :, h].transpose(1, 2)) for h in range(hkv)], dim=1
+            ).view(n, hkv, g, size, chunk)
             allowed = q_ok[:, :, None] & k_ok[:, None, :]  # [n, T, C]
             if plan.causal:
                 allowed &= kpos[:, None, :] <= qpos[:, :, None]
@@ -142,7 +148,9 @@ def run_plan(
             m_safe = torch.where(torch.isinf(m), 0.0, m)
             p = torch.exp(s - m_safe[..., None])
             psum = p.sum(dim=-1)
-            o = torch.matmul(p, vt.float().unsqueeze(2))  # [n, Hkv, g, T, Dv]
+            pv = p.view(n, hkv, g * size, chunk)
+            o = torch.stack([torch.bmm(pv[:, h], vt[:, :, h]) for h in range(hkv)], dim=1)
+            o = o.view(n, hkv, g, size, -1)  # [n, Hkv, g, T, Dv]
             tid = plan.tile_id.to(device)[idx]
             if not plan.split:
                 acc[tid, :, :, :size] = o
