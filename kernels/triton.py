@@ -33,6 +33,12 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _device_reason(t: torch.Tensor) -> str | None:
+    if t.device.type == "cuda" or (t.device.type == "cpu" and _interpreting()):
+        return None
+    return f"{t.device.type} tensors (Triton runs CUDA, or CPU under TRITON_INTERPRET=1)"
+
+
 _plans: dict[tuple, GemmPlan] = {}
 
 
@@ -54,8 +60,9 @@ def _aligned(t: torch.Tensor) -> bool:
 def check_gemm(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_tokens: int
 ) -> str | None:
-    if x.device.type != "cuda" and not (x.device.type == "cpu" and _interpreting()):
-        return f"{x.device.type} tensors (Triton runs CUDA, or CPU under TRITON_INTERPRET=1)"
+    reason = _device_reason(x)
+    if reason is not None:
+        return reason
     if x.dtype not in DTYPES:
         return f"{x.dtype} (Triton GEMM takes float16, bfloat16, float32)"
     if rows_of(x) > max_tokens:
@@ -112,6 +119,26 @@ def _rows(q, k, attn_mask, is_causal):
     return dense_rows(q, k, attn_mask, is_causal, min_scores=0)
 
 
+def _attention_reason(q: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the attention kernel cannot take these tensors, or None."""
+    reason = _device_reason(q)
+    if reason is not None:
+        return reason
+    if q.dtype not in DTYPES:
+        return f"{q.dtype} (Triton attention takes float16, bfloat16, float32)"
+    for size in (q.shape[-1], v.shape[-1]):
+        if size < 16 or size & (size - 1):
+            return "head dim not a power of two >= 16"
+    return None
+
+
+def _attention_menu(q: torch.Tensor, kv_heads: int):
+    from xy_inductor.kernels.triton_attention import menu_for
+
+    workers = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    return menu_for(q.shape[1] // kv_heads, workers)
+
+
 def check_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -120,13 +147,9 @@ def check_attention(
     is_causal: bool,
     scale: float | None,
 ) -> str | None:
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
-        return f"{q.device.type} tensors (Triton runs CUDA, or CPU under TRITON_INTERPRET=1)"
-    if q.dtype not in DTYPES:
-        return f"{q.dtype} (Triton attention takes float16, bfloat16, float32)"
-    for size in (q.shape[-1], v.shape[-1]):
-        if size < 16 or size & (size - 1):
-            return "head dim not a power of two >= 16"
+    reason = _attention_reason(q, v)
+    if reason is not None:
+        return reason
     if _rows(q, k, attn_mask, is_causal) is None:
         return "mask is not rows of padding (dense or per-head mask, window, or top-left causal)"
     return None
@@ -140,14 +163,13 @@ def run_attention(
     is_causal: bool,
     scale: float | None,
 ) -> torch.Tensor:
-    from xy_inductor.kernels.triton_attention import menu_for, triton_attention
+    from xy_inductor.kernels.triton_attention import triton_attention
     from xy_inductor.runtime.attention_plan import plan_attention
     from xy_inductor.runtime.ops import attention_output
 
     rows = _rows(q, k, attn_mask, is_causal)
     hkv = k.shape[1]
-    workers = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-    menu = menu_for(q.shape[1] // hkv, workers)
+    menu = _attention_menu(q, hkv)
     plan = plan_attention(rows.q_len, rows.kv_len, causal=rows.causal, kv_heads=hkv, menu=menu)
     return triton_attention(
         plan,
@@ -165,23 +187,15 @@ def run_attention(
 def check_attention_varlen(
     q, k_cache, v_cache, q_lens, kv_lens, block_table, causal, window, scale
 ):
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
-        return f"{q.device.type} tensors (Triton runs CUDA, or CPU under TRITON_INTERPRET=1)"
-    if q.dtype not in DTYPES:
-        return f"{q.dtype} (Triton attention takes float16, bfloat16, float32)"
-    for size in (q.shape[-1], v_cache.shape[-1]):
-        if size < 16 or size & (size - 1):
-            return "head dim not a power of two >= 16"
-    return None
+    return _attention_reason(q, v_cache)
 
 
 def run_attention_varlen(q, k_cache, v_cache, q_lens, kv_lens, block_table, causal, window, scale):
-    from xy_inductor.kernels.triton_attention import menu_for, triton_attention
+    from xy_inductor.kernels.triton_attention import triton_attention
     from xy_inductor.runtime.attention_plan import plan_attention
 
     hkv = k_cache.shape[2]
-    workers = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-    menu = menu_for(q.shape[1] // hkv, workers)
+    menu = _attention_menu(q, hkv)
     plan = plan_attention(q_lens, kv_lens, causal=causal, window=window, kv_heads=hkv, menu=menu)
     return triton_attention(
         plan,
