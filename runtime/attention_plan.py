@@ -157,6 +157,8 @@ class AttentionPlan:
     """Estimated load (query rows × keys) dealt to each worker."""
     skipped: int
     """Tiles the mask hides entirely, never scheduled."""
+    kv_class: tuple
+    """The shape class of the planned KV lengths: a run must fall in the same one."""
 
     @property
     def tiles(self) -> int:
@@ -170,9 +172,7 @@ class AttentionPlan:
                 f"attention run does not match its plan: q_lens {tuple(q_lens)} planned as "
                 f"{self.table.q_len}"
             )
-        if _kv_class(q_lens, kv_lens, self.menu, self.causal, self.window) != _kv_class(
-            self.table.q_len, self.table.kv_len, self.menu, self.causal, self.window
-        ):
+        if _kv_class(q_lens, kv_lens, self.menu, self.causal, self.window) != self.kv_class:
             raise ValueError(
                 f"attention run does not match its plan: kv_lens {tuple(kv_lens)} fall in "
                 f"another shape class than the planned {self.table.kv_len}"
@@ -308,6 +308,7 @@ def _build_plan(
         task_worker=i64(workers),
         worker_load=tuple(worker_load),
         skipped=skipped,
+        kv_class=_kv_class(q_lens, kv_lens, menu, causal, window),
     )
 
 
@@ -390,6 +391,12 @@ class DenseRows:
     causal: bool
 
 
+# The last mask analysed and its rows. A model hands every layer the same mask tensor, and a
+# provider's checker and kernel both ask: one analysis per forward instead of per call. Holding
+# the tensor keeps its identity unique; its version counter catches in-place changes.
+_last_rows: tuple | None = None
+
+
 def rows_from_mask(mask: torch.Tensor, batch: int, lq: int, lk: int) -> DenseRows | None:
     """The rows a dense mask describes, if it is exactly "each row's queries see a contiguous
     range of keys, causally (the queries are the range's last tokens) or fully", as left- or
@@ -397,8 +404,24 @@ def rows_from_mask(mask: torch.Tensor, batch: int, lq: int, lk: int) -> DenseRow
     bidirectional blocks, per-head biases), which then runs as one dense call.
 
     ``mask`` is ``[B or 1, 1, Lq, Lk]``: bool (True = attend) or additive with only 0 and -inf.
-    Costs a few passes over the mask, far less than attention over it.
+    Costs a few passes over the mask, far less than attention over it; asking again about the
+    same, unchanged mask tensor costs nothing.
     """
+    global _last_rows
+    # Inference tensors have no version counter: they are analysed every time.
+    version = None if mask.is_inference() else mask._version
+    key = (batch, lq, lk, version)
+    if version is not None and _last_rows is not None:
+        last_mask, last_key, last = _last_rows
+        if last_mask is mask and last_key == key:
+            return last
+    rows = _analyse_mask(mask, batch, lq, lk)
+    if version is not None:
+        _last_rows = (mask, key, rows)
+    return rows
+
+
+def _analyse_mask(mask: torch.Tensor, batch: int, lq: int, lk: int) -> DenseRows | None:
     if mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (lq, lk):
         return None
     if mask.shape[0] not in (1, batch):

@@ -112,3 +112,17 @@ def test_minilm_embeddings_are_unchanged_with_planned_rows(plan_everything):
         got = wl.sentence_embeddings(xy_inductor.compile(model), batch)
     assert (F.cosine_similarity(got, want) > 1 - 1e-5).all()
     assert xy_inductor.stats().attention_planned > 0
+
+
+def test_a_mask_is_analysed_again_only_when_it_changes():
+    mask = padded_mask(6, 9, [6, 2, 1], [0, 7, 3], [9, 2, 5], True)
+    first = rows_from_mask(mask, 3, 6, 9)
+    assert rows_from_mask(mask, 3, 6, 9) is first  # the same, unchanged tensor: no new analysis
+    mask[0, 0, 5, 1] = False  # in place: a hole, no longer rows
+    assert rows_from_mask(mask, 3, 6, 9) is None
+    assert rows_from_mask(mask.clone(), 3, 6, 9) is None
+    with torch.inference_mode():  # no version counter: analysed every time, still right
+        frozen = padded_mask(6, 9, [6, 2, 1], [0, 7, 3], [9, 2, 5], True)
+        assert rows_from_mask(frozen, 3, 6, 9) == first
+        frozen[0, 0, 5, 1] = False
+        assert rows_from_mask(frozen, 3, 6, 9) is None
