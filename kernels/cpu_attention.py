@@ -411,11 +411,11 @@ def run_dense(
         j = torch.arange(t)[None, :]
         valid = j < n_q[:, None]  # [n, t]: slot j holds the row's j-th query
         slots = torch.where(valid, first[:, None] + j, 0)
-        # Every row's queries fill q exactly (uniform decode or verify): no gather, no scatter.
-        direct = short == list(range(b)) and t == lq and all(table.q_len[r] == t for r in short)
-        qs = q if direct else q[rows[:, None], :, slots].transpose(1, 2)  # [n, Hq, t, D]
         # Every row short (decode): the cache as it is; a mixed batch copies the short rows.
         every = short == list(range(b))
+        # Every row's queries fill q exactly (uniform decode or verify): no gather, no scatter.
+        direct = every and t == lq and all(table.q_len[r] == t for r in short)
+        qs = q if direct else q[rows[:, None], :, slots].transpose(1, 2)  # [n, Hq, t, D]
         got = attend_short_rows(
             qs,
             k if every else k[rows],

@@ -99,7 +99,7 @@ def warm_up_gemm(
 
     if weight.dtype not in DTYPES:
         return 0
-    if weight.device.type != "cuda" and not (weight.device.type == "cpu" and _interpreting()):
+    if _device_reason(weight) is not None:
         return 0
     plan = gemm_plan_for(weight.shape[0], weight.shape[1], weight.dtype, max_tokens)
     lo, hi = rows if rows is not None else (1, max_tokens)

@@ -22,6 +22,7 @@ import torch
 
 from xy_inductor.runtime import providers
 from xy_inductor.runtime import stats as _stats
+from xy_inductor.runtime.gemm_plan import rows_of
 
 __all__ = [
     "DIRECT_CALLS",
@@ -86,7 +87,7 @@ def check_gemm_args(
 
 
 def _note_rows(x: torch.Tensor, weight: torch.Tensor, max_tokens: int) -> None:
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    m = rows_of(x)
     if m > max_tokens:
         _stats.record_over_max_tokens(m, weight.shape[0], x.shape[-1], max_tokens)
 
