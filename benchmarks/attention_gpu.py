@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import xy_inductor  # noqa: F401  (registers torch.ops.xyserve.*)
-from xy_inductor.kernels import cpu
+from xy_inductor.kernels import aten
 from xy_inductor.kernels import triton as triton_provider
 from xy_inductor.runtime import providers
 
@@ -97,7 +97,7 @@ def workload(name, q_lens, kv_lens, args, dry) -> tuple[str, float, float, float
                 )
         return outs
 
-    with providers.use_providers([triton_provider.PROVIDER, cpu.PROVIDER]):
+    with providers.use_providers([triton_provider.PROVIDER, aten.PROVIDER]):
         got = ours()
         want = torch.cat([o[0].transpose(0, 1) for o in sdpa_rows()])
         err = ((got.float() - want.float()).norm() / want.float().norm()).item()

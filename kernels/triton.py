@@ -1,32 +1,45 @@
-"""The Triton provider: SmoothGEMM (``kernels/triton_gemm.py``) and meta-attention
-(``kernels/triton_attention.py``) on CUDA.
+"""The Triton provider: SmoothGEMM (``triton_gemm.py``) and meta-attention
+(``triton_attention.py``) on CUDA.
 
 Available when Triton is installed and a CUDA device is present. Under ``TRITON_INTERPRET=1``
 its kernels also run on CPU tensors (slowly, for tests); it is then not in the default provider
 list (no CUDA), and tests put it in front with ``use_providers``.
 
-A GEMM call is accepted when the plan for its (N, K, dtype, max_tokens) covers its M; the tile
-that serves it comes from the plan (``runtime.gemm_plan``), a binary search per call. Calls it
-declines go to the next provider (ATen), counted with the reason in ``stats().declined``.
+What its checkers decide, and the kernels then run:
+
+- ``gemm``: the tile the SmoothGEMM plan for (N, K, dtype, ``max_tokens``) picks for this M
+  (path ``smoothgemm``); declined above ``max_tokens``.
+- ``attention`` (dense): the rows of padding the runtime recognises in the mask, and their plan
+  for this kernel's menu (path ``rows``); other masks are declined.
+- ``attention_varlen``: the plan of the call's token table (path ``plan``).
+
+Every decline says why, and ``stats().declined`` counts it; the next provider (ATen) serves it.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
-from xy_inductor.runtime.gemm_plan import MENUS, GemmPlan, plan_gemm, rows_of
-from xy_inductor.runtime.providers import OpKernel, Provider
+from xy_inductor.kernels.contract import Accept, OpKernel, Provider
 
-__all__ = ["PROVIDER", "gemm_plan_for", "warm_up_gemm"]
+if TYPE_CHECKING:  # the runtime's call objects, for annotations only
+    from xy_inductor.runtime.calls import DenseAttention, GemmCall, GemmWeight, VarlenAttention
+
+__all__ = ["PROVIDER", "row_stride", "unavailable", "warm_up_gemm"]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def available() -> bool:
-    return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
+def unavailable() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install 'xy-inductor[triton]')"
+    if not torch.cuda.is_available():
+        return "no CUDA device (Triton kernels run on CPU tensors only under TRITON_INTERPRET=1)"
+    return None
 
 
 def _interpreting() -> bool:
@@ -39,34 +52,42 @@ def _device_reason(t: torch.Tensor) -> str | None:
     return f"{t.device.type} tensors (Triton runs CUDA, or CPU under TRITON_INTERPRET=1)"
 
 
-_plans: dict[tuple, GemmPlan] = {}
-
-
-def gemm_plan_for(n: int, k: int, dtype: torch.dtype, max_tokens: int) -> GemmPlan:
-    """The Triton tile plan serving this (N, K, dtype, max_tokens); built once, then a dict hit."""
-    key = (n, k, dtype, max_tokens)
-    plan = _plans.get(key)
-    if plan is None:
-        plan = _plans[key] = plan_gemm(
-            n, k, dtype=dtype, max_tokens=max_tokens, provider=MENUS["triton"].provider
-        )
-    return plan
-
-
 def _aligned(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0
 
 
-def check_gemm(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_tokens: int
-) -> str | None:
+def row_stride(x: torch.Tensor) -> int | None:
+    """The row stride of ``x [..., K]`` seen as ``[M, K]`` without a copy, or None when that
+    view does not exist (K strided, or leading dims that do not collapse into one)."""
+    k = x.shape[-1]
+    if x.numel() == 0:
+        return max(k, 1)  # nothing is read
+    if x.stride(-1) != 1 and k > 1:
+        return None
+    stride, outer = k, None
+    for size, step in zip(reversed(x.shape[:-1]), reversed(x.stride()[:-1]), strict=True):
+        if size == 1:
+            continue
+        if outer is None:
+            stride = step  # the innermost leading dim with more than one row
+        elif step != outer:
+            return None
+        outer = step * size
+    return stride
+
+
+# -- gemm --------------------------------------------------------------------------------------
+
+
+def check_gemm(call: GemmCall) -> Accept | str:
+    x, weight, bias = call.x, call.weight, call.bias
     reason = _device_reason(x)
     if reason is not None:
         return reason
     if x.dtype not in DTYPES:
         return f"{x.dtype} (Triton GEMM takes float16, bfloat16, float32)"
-    if rows_of(x) > max_tokens:
-        return "M above max_tokens"
+    if row_stride(x) is None:
+        return "x is not [M, K] rows with K contiguous (it would need a copy)"
     if weight.stride(1) != 1 and weight.stride(0) != 1:
         return "weight strided in both dims"
     # Triton specialises on 16-byte alignment: an unaligned pointer would compile a new variant
@@ -75,51 +96,44 @@ def check_gemm(
         return "input not 16-byte aligned"
     if bias is not None and bias.stride(0) != 1:
         return "bias not contiguous"
-    return None
+    if call.m > call.max_tokens:
+        return "M above max_tokens"
+    return Accept("smoothgemm", call.tile("triton"))
 
 
-def run_gemm(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_tokens: int
-) -> torch.Tensor:
+def run_gemm(call: GemmCall, accept: Accept) -> torch.Tensor:
     from xy_inductor.kernels.triton_gemm import triton_gemm
 
-    m = rows_of(x)
-    plan = gemm_plan_for(weight.shape[0], weight.shape[1], x.dtype, max_tokens)
-    tile = plan.tile_for(m) if m else plan.buckets[0].tile
-    return triton_gemm(x, weight, bias, tile)
+    return triton_gemm(call.x, call.weight, call.bias, accept.decision)
 
 
-def warm_up_gemm(
-    weight: torch.Tensor, *, has_bias: bool, max_tokens: int, rows: tuple[int, int] | None = None
-) -> int:
-    """Compile, before the first request, the tiles that serve M in ``rows`` (default
-    1…max_tokens) for this weight. Returns how many variants were compiled (or, under the
-    interpreter, recorded)."""
+def warm_up_gemm(gemm: GemmWeight) -> int:
+    """Compile, before the first request, the tiles that serve the GEMM's range of M. Returns
+    how many variants were compiled (or, under the interpreter, recorded)."""
     from xy_inductor.kernels.triton_gemm import warm_up
 
-    if weight.dtype not in DTYPES:
+    weight = gemm.weight
+    if weight.dtype not in DTYPES or _device_reason(weight) is not None:
         return 0
-    if _device_reason(weight) is not None:
-        return 0
-    plan = gemm_plan_for(weight.shape[0], weight.shape[1], weight.dtype, max_tokens)
-    lo, hi = rows if rows is not None else (1, max_tokens)
-    tiles = tuple(
-        dict.fromkeys(
-            b.tile
-            for b in plan.buckets
-            if b.tile is not None and b.hi >= max(lo, 1) and b.lo <= min(hi, max_tokens)
-        )
-    )
-    return warm_up(tiles, weight, has_bias=has_bias)
+    return warm_up(gemm.tiles("triton"), weight, has_bias=gemm.has_bias)
 
 
-def _rows(q, k, attn_mask, is_causal):
-    from xy_inductor.kernels.cpu import dense_rows
+# -- attention ---------------------------------------------------------------------------------
 
-    return dense_rows(q, k, attn_mask, is_causal, min_scores=0)
+_workers: dict[torch.device, int] = {}
 
 
-def _attention_reason(q: torch.Tensor, v: torch.Tensor) -> str | None:
+def _menu(q: torch.Tensor, kv_heads: int) -> dict:
+    from xy_inductor.kernels.triton_attention import menu_for
+
+    workers = _workers.get(q.device)
+    if workers is None:
+        props = torch.cuda.get_device_properties(q.device) if q.is_cuda else None
+        workers = _workers[q.device] = props.multi_processor_count if props else 4
+    return menu_for(q.shape[1] // kv_heads, workers)
+
+
+def _attention_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why the attention kernel cannot take these tensors, or None."""
     reason = _device_reason(q)
     if reason is not None:
@@ -129,89 +143,63 @@ def _attention_reason(q: torch.Tensor, v: torch.Tensor) -> str | None:
     for size in (q.shape[-1], v.shape[-1]):
         if size < 16 or size & (size - 1):
             return "head dim not a power of two >= 16"
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return "q, k or v not contiguous in the head dim (it would need a copy)"
     return None
 
 
-def _attention_menu(q: torch.Tensor, kv_heads: int):
-    from xy_inductor.kernels.triton_attention import menu_for
-
-    workers = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-    return menu_for(q.shape[1] // kv_heads, workers)
-
-
-def check_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float | None,
-) -> str | None:
-    reason = _attention_reason(q, v)
+def check_attention(call: DenseAttention) -> Accept | str:
+    reason = _attention_reason(call.q, call.k, call.v)
     if reason is not None:
         return reason
-    if _rows(q, k, attn_mask, is_causal) is None:
+    rows = call.rows()
+    if rows is None:
         return "mask is not rows of padding (dense or per-head mask, window, or top-left causal)"
-    return None
+    return Accept("rows", (rows, call.plan(rows, **_menu(call.q, call.k.shape[1]))))
 
 
-def run_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float | None,
-) -> torch.Tensor:
+def run_attention(call: DenseAttention, accept: Accept) -> torch.Tensor:
     from xy_inductor.kernels.triton_attention import triton_attention
-    from xy_inductor.runtime.attention_plan import plan_attention
-    from xy_inductor.runtime.ops import attention_output
 
-    rows = _rows(q, k, attn_mask, is_causal)
-    hkv = k.shape[1]
-    menu = _attention_menu(q, hkv)
-    plan = plan_attention(rows.q_len, rows.kv_len, causal=rows.causal, kv_heads=hkv, menu=menu)
+    rows, plan = accept.decision
     return triton_attention(
         plan,
-        q,
-        k,
-        v,
+        call.q,
+        call.k,
+        call.v,
         rows.kv_len,
-        scale=scale if scale is not None else q.shape[-1] ** -0.5,
+        scale=call.softmax_scale,
         q_end=rows.q_end,
         kv_start=rows.kv_start,
-        out=attention_output(q, v),
+        out=call.new_output(),
     )
 
 
-def check_attention_varlen(
-    q, k_cache, v_cache, q_lens, kv_lens, block_table, causal, window, scale
-):
-    return _attention_reason(q, v_cache)
+def check_attention_varlen(call: VarlenAttention) -> Accept | str:
+    reason = _attention_reason(call.q, call.k_cache, call.v_cache)
+    if reason is not None:
+        return reason
+    return Accept("plan", call.plan(**_menu(call.q, call.k_cache.shape[2])))
 
 
-def run_attention_varlen(q, k_cache, v_cache, q_lens, kv_lens, block_table, causal, window, scale):
+def run_attention_varlen(call: VarlenAttention, accept: Accept) -> torch.Tensor:
     from xy_inductor.kernels.triton_attention import triton_attention
-    from xy_inductor.runtime.attention_plan import plan_attention
 
-    hkv = k_cache.shape[2]
-    menu = _attention_menu(q, hkv)
-    plan = plan_attention(q_lens, kv_lens, causal=causal, window=window, kv_heads=hkv, menu=menu)
     return triton_attention(
-        plan,
-        q,
-        k_cache,
-        v_cache,
-        kv_lens,
-        scale=scale if scale is not None else q.shape[-1] ** -0.5,
-        block_table=block_table,
-        block_size=k_cache.shape[1],
+        accept.decision,
+        call.q,
+        call.k_cache,
+        call.v_cache,
+        call.kv_lens,
+        scale=call.softmax_scale,
+        block_table=call.block_table,
+        block_size=call.block_size,
     )
 
 
 PROVIDER = Provider(
     name="triton",
-    available=available,
+    unavailable=unavailable,
     kernels={
         "gemm": OpKernel(check_gemm, run_gemm),
         "attention": OpKernel(check_attention, run_attention),

@@ -7,8 +7,16 @@ grouped-query attention, all ``G`` query heads that share its KV head: the M dim
 tile is ``(query, head)`` pairs, so K and V are read once per group. Keys come from a paged cache
 through the block table (a dense cache is one block per row). Every length (queries, keys, rows,
 tasks) is a run-time value: nothing recompiles when a batch changes. Tasks of a query tile that
-was split over several key chunks write partial results with their log-sum-exp, and the last
-of them to finish (an atomic count per query tile) merges them, inside the same launch.
+was split over several key chunks write partial results with their log-sum-exp; a second,
+small launch merges them (one program per split query tile and KV head). The launch boundary
+is what orders the partial writes before the merge reads them: no atomics, no cross-program
+memory-ordering argument (FlashInfer's split-KV decode and vLLM's paged attention v2 merge the
+same way).
+
+The tables a launch reads (tasks per worker, merges) are built once per plan and device and
+kept in the plan's ``cache``; plans are cached per shape class, so every layer of a step and
+every decode step of one class reuse them. The per-row arrays (offsets and lengths) go to the
+device in one copy, reused while the rows stay the same (every layer of a step).
 
 Runs on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (the tests). Import only when
 Triton is installed.
@@ -17,12 +25,14 @@ Triton is installed.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
-from xy_inductor.runtime.attention_plan import AttentionMenu, AttentionPlan
+if TYPE_CHECKING:  # the runtime's plan, for annotations only: kernels never import the runtime
+    from xy_inductor.runtime.attention_plan import AttentionPlan
 
 __all__ = ["BLOCK_M", "BLOCK_N", "DENSE_BLOCK", "menu_for", "triton_attention"]
 
@@ -31,13 +41,18 @@ BLOCK_N = 32  # keys per inner step
 # A dense [B, Hkv, L, D] cache is passed as one block per row of this many slots (a constant,
 # so a new L never compiles a new variant).
 DENSE_BLOCK = 1 << 30
+# Columns of the task table (row, q0, tile, k0, k1, KV head, partial slot or -1) and of the
+# merge table (row, q0, tile, KV head, first slot, parts).
+TASK_COLUMNS: tl.constexpr = tl.constexpr(7)
+MERGE_COLUMNS: tl.constexpr = tl.constexpr(6)
 
 
-def menu_for(group: int, workers: int, kv_chunk: int = 512) -> AttentionMenu:
-    """The planner's menu for this kernel: query tiles that fill BLOCK_M with ``group`` heads."""
+def menu_for(group: int, workers: int, kv_chunk: int = 512) -> dict:
+    """The planner's menu for this kernel (``q_tiles``, ``kv_chunk``, ``workers``): query tiles
+    that fill BLOCK_M with ``group`` heads."""
     largest = max(1, BLOCK_M // group)
     tiles = tuple(sorted({t for t in (1, 4, 16, largest) if t <= largest}))
-    return AttentionMenu(q_tiles=tiles, kv_chunk=kv_chunk, workers=workers)
+    return {"q_tiles": tiles, "kv_chunk": kv_chunk, "workers": workers}
 
 
 # Batch-dependent integers are never specialised: the block table's row stride (its width
@@ -45,7 +60,6 @@ def menu_for(group: int, workers: int, kv_chunk: int = 512) -> AttentionMenu:
 @triton.jit(do_not_specialize=["stride_kb", "stride_vb", "stride_table"])
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-    arrived_ptr, target_first_ptr, target_parts_ptr,
     table_ptr, task_ptr, worker_start_ptr,
     row_q_base_ptr, row_o_base_ptr, row_q_len_ptr, row_kv_len_ptr, row_kv_off_ptr,
     stride_qt, stride_qh,
@@ -67,7 +81,7 @@ def _attention_kernel(
     offs_dv = tl.arange(0, DV)
     for t in range(first, last):
         # -- the task: row, query tile, key chunk, KV head, where its result goes -------------
-        task = task_ptr + t * 8
+        task = task_ptr + t * TASK_COLUMNS
         row = tl.load(task + 0)
         q0 = tl.load(task + 1)
         tile = tl.load(task + 2)
@@ -141,78 +155,132 @@ def _attention_kernel(
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
 
-        # -- epilogue: the output, or a partial result merged by the last part to finish ------
+        # -- epilogue: the output, or a partial result for the merge launch -------------------
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        dest = out_ptr + o_base + qi[:, None] * stride_ot + qh[:, None] * stride_oh
         if part < 0:
+            dest = out_ptr + o_base + qi[:, None] * stride_ot + qh[:, None] * stride_oh
             tl.store(dest + offs_dv[None, :], o.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
         else:
             lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-            tl.store(part_lse_ptr + part * BLOCK_M + offs_m, lse)
-            tl.store(part_o_ptr + (part * BLOCK_M + offs_m)[:, None] * DV + offs_dv[None, :], o)
-            target = tl.load(task + 7)
-            parts = tl.load(target_parts_ptr + target)
-            # acq_rel: the other parts' stores happened before their increments.
-            if tl.atomic_add(arrived_ptr + target, 1) == parts - 1:
-                first_part = tl.load(target_first_ptr + target)
-                top = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-                for j in range(first_part, first_part + parts):
-                    lse_j = tl.load(part_lse_ptr + j * BLOCK_M + offs_m, cache_modifier=".cg")
-                    top = tl.maximum(top, lse_j)
-                top = tl.where(top == float("-inf"), 0.0, top)
-                total = tl.zeros((BLOCK_M,), tl.float32)
-                merged = tl.zeros((BLOCK_M, DV), tl.float32)
-                for j in range(first_part, first_part + parts):
-                    lse_j = tl.load(part_lse_ptr + j * BLOCK_M + offs_m, cache_modifier=".cg")
-                    o_j = tl.load(
-                        part_o_ptr + (j * BLOCK_M + offs_m)[:, None] * DV + offs_dv[None, :],
-                        cache_modifier=".cg",
-                    )
-                    weight = tl.exp(lse_j - top)  # 0 for a part that saw no key
-                    total += weight
-                    merged += weight[:, None] * o_j
-                merged = merged / tl.where(total > 0, total, 1.0)[:, None]
-                tl.store(
-                    dest + offs_dv[None, :],
-                    merged.to(out_ptr.dtype.element_ty),
-                    mask=m_ok[:, None],
-                )
+            slot = part.to(tl.int64) * BLOCK_M + offs_m
+            tl.store(part_lse_ptr + slot, lse)
+            tl.store(part_o_ptr + slot[:, None] * DV + offs_dv[None, :], o)
 
 
-def _task_table(plan: AttentionPlan, device: torch.device) -> dict[str, torch.Tensor]:
-    """The kernel's view of the plan.
+@triton.jit
+def _merge_kernel(
+    out_ptr, part_o_ptr, part_lse_ptr, merge_ptr,
+    row_o_base_ptr, row_q_len_ptr,
+    stride_ot, stride_oh,
+    G: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    # One program per split (query tile, KV head): the log-sum-exp merge of its parts.
+    entry = merge_ptr + tl.program_id(0) * MERGE_COLUMNS
+    row = tl.load(entry + 0)
+    q0 = tl.load(entry + 1)
+    tile = tl.load(entry + 2)
+    head = tl.load(entry + 3)
+    first = tl.load(entry + 4)  # the parts lie in consecutive slots first, first + 1, …
+    parts = tl.load(entry + 5)
+    o_base = tl.load(row_o_base_ptr + row)
+    q_len = tl.load(row_q_len_ptr + row)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, DV)
+    qi = (q0 + offs_m // G).to(tl.int64)
+    qh = head * G + offs_m % G
+    m_ok = (offs_m // G < tile) & (qi < q_len)
 
-    ``tasks`` ``[tasks, 8]`` int32, grouped by worker in load order: row, q0, tile, k0, k1, KV
-    head, partial slot and merge target (both -1 for a query tile that is not split);
-    ``starts``: each worker's first task. A split (query tile, KV head) is a merge target whose
-    parts occupy consecutive slots (``first``, ``parts``); ``arrived`` counts finished parts.
-    """
-    order = torch.argsort(plan.task_worker, stable=True)  # keep the load order within a worker
-    tile = plan.task_tile[order]
-    head = plan.task_head[order]
-    chunks = torch.bincount(plan.tile_id, minlength=plan.query_tiles)
-    is_split = chunks[plan.tile_id[tile]] > 1
-    target = torch.where(is_split, plan.tile_id[tile] * plan.kv_heads + head, -1)
-    # Slots grouped by target, so a target's parts are first, first + 1, ...
-    slot = torch.full_like(tile, -1)
-    split_tasks = is_split.nonzero().flatten()
-    by_target = split_tasks[torch.argsort(target[split_tasks], stable=True)]
-    slot[by_target] = torch.arange(by_target.numel())
-    n_targets = max(plan.query_tiles * plan.kv_heads, 1)
-    parts = torch.bincount(target[split_tasks], minlength=n_targets)
-    first = torch.cumsum(parts, 0) - parts
-    tasks = torch.stack(
-        [plan.row[tile], plan.q0[tile], plan.q_tile[tile], plan.k0[tile], plan.k1[tile], head,
-         slot, target], dim=1,
-    )  # fmt: skip
-    counts = torch.bincount(plan.task_worker, minlength=plan.menu.workers)
-    starts = torch.zeros(plan.menu.workers + 1, dtype=torch.int64)
-    starts[1:] = torch.cumsum(counts, 0)
-    as_i32 = {"tasks": tasks, "starts": starts, "first": first, "parts": parts}
-    out = {k: v.to(device=device, dtype=torch.int32) for k, v in as_i32.items()}
-    out["arrived"] = torch.zeros(n_targets, dtype=torch.int32, device=device)
-    out["slots"] = int(by_target.numel())
-    return out
+    top = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    for j in range(first, first + parts):
+        top = tl.maximum(top, tl.load(part_lse_ptr + (j * BLOCK_M + offs_m).to(tl.int64)))
+    top = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.zeros((BLOCK_M,), tl.float32)
+    merged = tl.zeros((BLOCK_M, DV), tl.float32)
+    for j in range(first, first + parts):
+        slot = (j * BLOCK_M + offs_m).to(tl.int64)
+        weight = tl.exp(tl.load(part_lse_ptr + slot) - top)  # 0 for a part that saw no key
+        total += weight
+        merged += weight[:, None] * tl.load(part_o_ptr + slot[:, None] * DV + offs_dv[None, :])
+    merged = merged / tl.where(total > 0, total, 1.0)[:, None]
+    dest = out_ptr + o_base + qi[:, None] * stride_ot + qh[:, None] * stride_oh
+    tl.store(dest + offs_dv[None, :], merged.to(out_ptr.dtype.element_ty), mask=m_ok[:, None])
+
+
+class _Tables:
+    """The kernel's view of one plan on one device, built once (``_tables``)."""
+
+    def __init__(self, plan: AttentionPlan, device: torch.device) -> None:
+        order = torch.argsort(plan.task_worker, stable=True)  # load order within a worker
+        tile = plan.task_tile[order]
+        head = plan.task_head[order]
+        chunks = torch.bincount(plan.tile_id, minlength=plan.query_tiles)
+        is_split = chunks[plan.tile_id[tile]] > 1
+        target = torch.where(is_split, plan.tile_id[tile] * plan.kv_heads + head, -1)
+        # Partial slots grouped by target, so a target's parts are first, first + 1, …
+        split_tasks = is_split.nonzero().flatten()
+        by_target = split_tasks[torch.argsort(target[split_tasks], stable=True)]
+        slot = torch.full_like(tile, -1)
+        slot[by_target] = torch.arange(by_target.numel())
+        tasks = torch.stack(
+            [plan.row[tile], plan.q0[tile], plan.q_tile[tile], plan.k0[tile], plan.k1[tile],
+             head, slot], dim=1,
+        )  # fmt: skip
+        _, parts = torch.unique_consecutive(target[by_target], return_counts=True)
+        first = torch.cumsum(parts, 0) - parts
+        some = by_target[first]  # one task of each target: its row, q0, tile and head
+        merges = torch.stack(
+            [tasks[some, 0], tasks[some, 1], tasks[some, 2], tasks[some, 5], first, parts], dim=1
+        )
+        starts = torch.zeros(plan.menu.workers + 1, dtype=torch.int64)
+        starts[1:] = torch.cumsum(torch.bincount(plan.task_worker, minlength=plan.menu.workers), 0)
+        # One host-to-device copy for the three tables. Each starts 16-byte aligned: Triton
+        # specialises pointers on that, and a new alignment would compile a new variant.
+        parts_ = [_pad16(t.flatten().to(torch.int32)) for t in (tasks, starts, merges)]
+        packed = torch.cat(parts_).to(device)
+        ends = torch.tensor([p.numel() for p in parts_]).cumsum(0).tolist()
+        self.tasks = packed[: ends[0]]
+        self.starts = packed[ends[0] : ends[1]]
+        self.merges = packed[ends[1] :]
+        self.slots = int(by_target.numel())
+        self.n_merges = int(merges.shape[0])
+
+
+def _pad16(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (1-D, 4-byte elements) padded with zeros to a multiple of 16 bytes."""
+    return torch.cat([t, t.new_zeros(-t.numel() % 4)])
+
+
+def _tables(plan: AttentionPlan, device: torch.device) -> _Tables:
+    key = ("triton", device)
+    tables = plan.cache.get(key)
+    if tables is None:
+        tables = plan.cache[key] = _Tables(plan, device)
+    return tables
+
+
+def _row_arrays(plan: AttentionPlan, device: torch.device, values: tuple) -> torch.Tensor:
+    """``[5, rows]`` int64 on ``device``: query base, output base, query length, KV length and
+    dense-cache offset of each row. Copied when the values change, else the last copy (every
+    layer of a step has the same rows). Rows are padded to an even count so that each array
+    starts 16-byte aligned, like the tables."""
+    key = ("triton rows", device)
+    last = plan.cache.get(key)
+    if last is not None and last[0] == values:
+        return last[1]
+    arrays = torch.tensor(values, dtype=torch.int64)
+    arrays = torch.cat([arrays, arrays.new_zeros(5, arrays.shape[1] % 2)], dim=1).to(device)
+    plan.cache[key] = (values, arrays)
+    return arrays
+
+
+def _dense_block_table(plan: AttentionPlan, device: torch.device) -> torch.Tensor:
+    """A dense ``[B, Hkv, L, D]`` cache as a paged one: row r is block r."""
+    key = ("triton dense table", device)
+    table = plan.cache.get(key)
+    if table is None:
+        table = torch.arange(plan.table.rows, dtype=torch.int32)[:, None].to(device)
+        plan.cache[key] = table
+    return table
 
 
 def triton_attention(
@@ -229,34 +297,20 @@ def triton_attention(
     kv_start: Sequence[int] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run ``plan`` in one launch (split query tiles are merged inside it).
+    """Run ``plan``: one launch over its task table, and a second that merges split tiles.
 
     Queries: packed ``[Tq, Hq, D]`` in token-table order, or, with ``q_end``, dense
     ``[B, Hq, Lq, D]`` with row r's queries in the slots ending before ``q_end[r]`` (the output
     then has the same form, padding slots zero). Keys: a paged cache ``[blocks, block_size, Hkv,
     D]`` with ``block_table``, or a dense cache ``[B, Hkv, L, D]`` with row r's keys starting at
-    ``kv_start[r]`` (default 0).
+    ``kv_start[r]`` (default 0). Every tensor's last dim must be contiguous.
     """
+    # -- check the constraints ----------------------------------------------------------------
     table = plan.table
     plan.check(table.q_len, kv_lens)
-    dense_q = q_end is not None
     hq, d = q.shape[1], q.shape[-1]
     dv = v.shape[-1]
-    device = q.device
-    rows = table.rows
-    if block_table is None:  # dense cache: row r is block r, slots are positions
-        hkv = k.shape[1]
-        kv_block = DENSE_BLOCK
-        block_table = torch.arange(k.shape[0], dtype=torch.int32, device=device)[:, None]
-        strides_k = (k.stride(0), k.stride(2), k.stride(1))
-        strides_v = (v.stride(0), v.stride(2), v.stride(1))
-        kv_off = list(kv_start) if kv_start is not None else [0] * rows
-    else:
-        hkv = k.shape[2]
-        kv_block = block_size
-        strides_k = (k.stride(0), k.stride(1), k.stride(2))
-        strides_v = (v.stride(0), v.stride(1), v.stride(2))
-        kv_off = [0] * rows
+    hkv = k.shape[1] if block_table is None else k.shape[2]
     group = hq // hkv
     if max(table.q_tile, default=1) * group > BLOCK_M:
         raise ValueError(
@@ -267,44 +321,72 @@ def triton_attention(
         if size < 16 or size & (size - 1):
             raise ValueError(f"triton_attention: {name} must be a power of two >= 16, got {size}")
     if out is None:
-        shape = (*q.shape[:-1], dv)
-        out = q.new_empty(shape)
-    out.zero_()  # padding slots and rows with no task (every key hidden) read as zeros
-    if dense_q:
+        out = q.new_empty((*q.shape[:-1], dv))
+    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
+        # The kernel reads a head's D values as one run of memory.
+        if t.stride(-1) != 1:
+            raise ValueError(
+                f"triton_attention: {name} must be contiguous in its last dim, got stride "
+                f"{t.stride(-1)} (the Triton provider's checker declines such calls)"
+            )
+
+    # -- the plan's tables on the device (built once per plan) and this run's row arrays ------
+    device = q.device
+    rows = table.rows
+    tables = _tables(plan, device)
+    if block_table is None:  # dense cache: row r is block r, slots are positions
+        kv_block = DENSE_BLOCK
+        block_table = _dense_block_table(plan, device)
+        strides_k = (k.stride(0), k.stride(2), k.stride(1))
+        strides_v = (v.stride(0), v.stride(2), v.stride(1))
+        kv_off = tuple(kv_start) if kv_start is not None else (0,) * rows
+    else:
+        kv_block = block_size
+        block_table = block_table.to(device=device, dtype=torch.int32)
+        strides_k = (k.stride(0), k.stride(1), k.stride(2))
+        strides_v = (v.stride(0), v.stride(1), v.stride(2))
+        kv_off = (0,) * rows
+    if q_end is not None:
         first = [q_end[r] - table.q_len[r] for r in range(rows)]
-        q_base = [r * q.stride(0) + first[r] * q.stride(2) for r in range(rows)]
-        o_base = [r * out.stride(0) + first[r] * out.stride(2) for r in range(rows)]
+        q_base = tuple(r * q.stride(0) + first[r] * q.stride(2) for r in range(rows))
+        o_base = tuple(r * out.stride(0) + first[r] * out.stride(2) for r in range(rows))
         q_strides = (q.stride(2), q.stride(1))
         o_strides = (out.stride(2), out.stride(1))
     else:
-        q_base = [s * q.stride(0) for s in table.q_start]
-        o_base = [s * out.stride(0) for s in table.q_start]
+        q_base = tuple(s * q.stride(0) for s in table.q_start)
+        o_base = tuple(s * out.stride(0) for s in table.q_start)
         q_strides = (q.stride(0), q.stride(1))
         o_strides = (out.stride(0), out.stride(1))
-    tt = _task_table(plan, device)
-    slots = max(tt["slots"], 1)
+    row_arrays = _row_arrays(plan, device, (q_base, o_base, table.q_len, tuple(kv_lens), kv_off))
+    q_base_t, o_base_t, q_len_t, kv_len_t, kv_off_t = row_arrays.unbind(0)
+
+    # -- launch: the tasks, then the merges of split query tiles -----------------------------
+    out.zero_()  # padding slots and rows with no task (every key hidden) read as zeros
+    if not plan.tiles:
+        return out
+    slots = max(tables.slots, 1)
     part_o = torch.empty((slots, BLOCK_M, dv), dtype=torch.float32, device=device)
     part_lse = torch.empty((slots, BLOCK_M), dtype=torch.float32, device=device)
-
-    def i64(xs: Sequence[int]) -> torch.Tensor:
-        return torch.tensor(list(xs), dtype=torch.int64, device=device)
-
-    block_table = block_table.to(device=device, dtype=torch.int32)
-    if plan.tiles:
-        _attention_kernel[(plan.menu.workers,)](
-            q, k, v, out, part_o, part_lse,
-            tt["arrived"], tt["first"], tt["parts"],
-            block_table, tt["tasks"], tt["starts"],
-            i64(q_base), i64(o_base), i64(table.q_len), i64(kv_lens), i64(kv_off),
-            *q_strides,
-            *strides_k, *strides_v,
+    _attention_kernel[(plan.menu.workers,)](
+        q, k, v, out, part_o, part_lse,
+        block_table, tables.tasks, tables.starts,
+        q_base_t, o_base_t, q_len_t, kv_len_t, kv_off_t,
+        *q_strides,
+        *strides_k, *strides_v,
+        *o_strides,
+        block_table.stride(0),
+        scale, plan.window or 0,
+        CAUSAL=plan.causal, HAS_WINDOW=plan.window is not None,
+        G=group, D=d, DV=dv, KV_BLOCK=kv_block,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        UPCAST=q.device.type != "cuda" and q.dtype != torch.float32,
+        IEEE=q.dtype == torch.float32 or q.device.type != "cuda",
+    )  # fmt: skip
+    if tables.n_merges:
+        _merge_kernel[(tables.n_merges,)](
+            out, part_o, part_lse, tables.merges,
+            o_base_t, q_len_t,
             *o_strides,
-            block_table.stride(0),
-            scale, plan.window or 0,
-            CAUSAL=plan.causal, HAS_WINDOW=plan.window is not None,
-            G=group, D=d, DV=dv, KV_BLOCK=kv_block,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            UPCAST=q.device.type != "cuda" and q.dtype != torch.float32,
-            IEEE=q.dtype == torch.float32 or q.device.type != "cuda",
+            G=group, DV=dv, BLOCK_M=BLOCK_M,
         )  # fmt: skip
     return out

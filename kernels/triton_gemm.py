@@ -5,6 +5,8 @@ variant of it (the block sizes are ``tl.constexpr``). M, the token count, is a r
 marked ``do_not_specialize``: Triton would otherwise compile a new variant whenever M's
 divisibility by 16 (or M == 1) changes. The last row tile is masked on load and store, so M is
 padded only in registers, never in memory. N and K are model constants; they may specialise.
+Row and column offsets are 64-bit: with a large-vocabulary ``lm_head`` and a raised
+``max_tokens``, M × N passes 2³¹ elements.
 
 Runs on CUDA, and on CPU tensors under ``TRITON_INTERPRET=1`` (slow; the tests use it). Triton
 is imported by this module: import it only when Triton is installed.
@@ -13,15 +15,26 @@ is imported by this module: import it only when Triton is installed.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
-from xy_inductor.runtime.gemm_plan import GemmTile
+from xy_inductor.kernels.triton import row_stride
 
-__all__ = ["compiled_variants", "launch_key", "record_launch_keys", "triton_gemm", "warm_up"]
+if TYPE_CHECKING:  # the runtime's tile, for annotations only: kernels never import the runtime
+    from xy_inductor.runtime.gemm_plan import GemmTile
+
+__all__ = [
+    "compiled_variants",
+    "launch_key",
+    "record_launch_keys",
+    "triton_gemm",
+    "warm_up",
+]
 
 # Tiles along M are walked in groups so that neighbouring programs share weight columns in L2
 # (the grouped ordering of Triton's matmul tutorial).
@@ -61,8 +74,9 @@ def _gemm_kernel(
     pid_m = first_m + (pid % per_group) % group_size
     pid_n = (pid % per_group) // group_size
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # 64-bit: offs * stride passes 2**31 on a large lm_head (M x N elements).
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     # Virtual padding: rows past M (and columns past N) are masked, never read or written.
     mask_m = offs_m < M
@@ -206,16 +220,22 @@ def triton_gemm(
 ) -> torch.Tensor:
     """``x [..., K] @ weight [N, K]ᵀ (+ bias [N])`` with one menu tile; returns ``[..., N]``.
 
-    ``out`` (``[M, N]`` contiguous, x's dtype) is written in full when given; tests poison it.
+    x must be viewable as ``[M, K]`` rows with K contiguous (``row_stride``): nothing is
+    copied. ``out`` (``[M, N]`` contiguous, x's dtype) is written in full when given; tests
+    poison it.
     """
     k = x.shape[-1]
     n = weight.shape[0]
     if weight.dim() != 2 or weight.shape[1] != k:
         raise ValueError(f"triton_gemm: weight must be [N, K={k}], got {tuple(weight.shape)}")
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
+    stride = row_stride(x)
+    if stride is None:
+        raise ValueError(
+            f"triton_gemm: x {tuple(x.shape)} with strides {x.stride()} is not a view of "
+            "[M, K] rows with K contiguous (the Triton provider's checker declines it)"
+        )
+    m = math.prod(x.shape[:-1])
+    x2 = x.as_strided((m, k), (stride, 1))
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     elif out.shape != (m, n) or not out.is_contiguous() or out.dtype != x.dtype:

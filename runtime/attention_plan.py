@@ -11,8 +11,7 @@ Each row is cut into query tiles of a size picked per row from the provider's me
 decode and short verify rows, large for prefill), and its keys into chunks of ``kv_chunk``. A
 (query tile, key chunk) pair is one *tile* of the one QK -> softmax -> SV primitive. A tile that
 the mask hides entirely is never scheduled: keys after the last query (causal), keys older than
-the window (sliding window), keys past the row's length (padding), or, for a dense mask, a tile
-whose mask block allows nothing (found by a tile-level ``any``). Chunks of one query tile are
+the window (sliding window), keys past the row's length (padding). Chunks of one query tile are
 merged with a log-sum-exp update, so long KV splits across workers.
 
 The *task table* repeats the tiles over KV heads, sorts them by estimated load (query rows ×
@@ -21,7 +20,12 @@ visible keys) and deals them to the provider's workers in symmetric round-robin 
 
 Plans are cached per *shape class*: a decode row's plan does not depend on its exact KV length
 but only on its number of chunks, so consecutive decode steps reuse one plan and pass their
-lengths at run time (``AttentionPlan.check`` refuses lengths the plan does not fit).
+lengths at run time (``AttentionPlan.check`` refuses lengths the plan does not fit). What a
+provider derives from a plan (its task table on a device) is kept in the plan's ``cache``, so it
+too is built once per shape class and shared by every layer of a step.
+
+Dense ``[B, H, Lq, Lk]`` calls become token tables through ``rows_from_mask``: a mask that is
+rows of padding (each query sees a contiguous key range, causally or fully) gives the rows.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import functools
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,7 +47,6 @@ __all__ = [
     "plan_attention",
     "rows_from_mask",
     "symmetric_round_robin",
-    "tiles_from_mask",
 ]
 
 
@@ -57,9 +60,6 @@ class AttentionMenu:
     """Keys per tile; longer KV is split into chunks and merged (log-sum-exp)."""
     workers: int
     """Tasks that run at once (CPU threads, GPU SMs)."""
-
-
-CPU_MENU = AttentionMenu(q_tiles=(1, 16, 64, 128), kv_chunk=512, workers=2)
 
 
 def choose_q_tile(q_len: int, q_tiles: Sequence[int]) -> int:
@@ -159,6 +159,11 @@ class AttentionPlan:
     """Tiles the mask hides entirely, never scheduled."""
     kv_class: tuple
     """The shape class of the planned KV lengths: a run must fall in the same one."""
+    cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
+    """What providers derive from this plan (a task table on a device, the per-row arrays of
+    the last run), keyed by provider and device. Plans are cached per shape class, so this is
+    built once and shared by every layer of a step and every step of the class; a provider
+    that keeps run-specific data here keys it by the values it was built from."""
 
     @property
     def tiles(self) -> int:
@@ -201,22 +206,19 @@ def _row_tiles(
     chunk: int,
     causal: bool,
     window: int | None,
-    visible: torch.Tensor | None = None,
 ) -> tuple[list[tuple[int, int, int, int]], int]:
-    """(q0, tile, k0, k1) of every visible tile of one row, and how many were skipped.
-    ``visible`` (``[query tiles, key chunks]`` bool, from a dense mask) hides more tiles."""
+    """(q0, tile, k0, k1) of every visible tile of one row, and how many were skipped."""
     out = []
     skipped = 0
     offset = kv_len - q_len  # KV position of the row's first query
     # Chunks are aligned to the row's queries (a boundary at every offset + j * chunk), so with
     # chunk == tile the causal diagonal falls inside single tiles; the first chunk may be short.
     bounds = sorted({0, kv_len, *range(offset % chunk, kv_len, chunk)})
-    for qi, q0 in enumerate(range(0, q_len, tile)):
+    for q0 in range(0, q_len, tile):
         first = offset + q0
         last = offset + min(q0 + tile, q_len) - 1
-        for ki, (k0, k1) in enumerate(itertools.pairwise(bounds)):
+        for k0, k1 in itertools.pairwise(bounds):
             hidden = (causal and k0 > last) or (window is not None and k1 - 1 <= first - window)
-            hidden = hidden or (visible is not None and not bool(visible[qi, ki]))
             if hidden:
                 skipped += 1
             else:
@@ -244,7 +246,6 @@ def _build_plan(
     window: int | None,
     kv_heads: int,
     menu: AttentionMenu,
-    visible: torch.Tensor | None = None,
 ) -> AttentionPlan:
     table = TokenTable.build(q_lens, kv_lens, menu.q_tiles, positional=causal or window is not None)
     rows, q0s, tiles, k0s, k1s, ids = [], [], [], [], [], []
@@ -259,7 +260,6 @@ def _build_plan(
             menu.kv_chunk,
             causal,
             window,
-            None if visible is None else visible[r],
         )
         skipped += hidden
         per_q0: dict[int, int] = {}
@@ -319,34 +319,19 @@ def plan_attention(
     causal: bool,
     window: int | None = None,
     kv_heads: int = 1,
-    menu: AttentionMenu = CPU_MENU,
-    mask: torch.Tensor | None = None,
+    menu: AttentionMenu,
 ) -> AttentionPlan:
-    """Plan an attention call over rows with these query and KV lengths.
+    """Plan an attention call over rows with these query and KV lengths, for the tile menu of
+    the provider that will run it.
 
     ``window``: a query at position p sees keys p - window < j <= p (Mistral's sliding window);
     None for no window. Cached per shape class: consecutive decode steps get the same plan.
-
-    ``mask``: a dense ``[B, 1 or H, Lq, Lk]`` mask (bool, or additive with -inf) for rows that
-    are all ``Lq`` queries over ``Lk`` keys; tiles it hides entirely are not scheduled (found by
-    ``tiles_from_mask``). Such plans depend on the mask's content and are not cached.
     """
     q_lens, kv_lens = tuple(int(q) for q in q_lens), tuple(int(k) for k in kv_lens)
     if window is not None and window < 1:
         raise ValueError(f"plan_attention: window must be a positive int or None, got {window}")
     if kv_heads < 1:
         raise ValueError(f"plan_attention: kv_heads must be >= 1, got {kv_heads}")
-    if mask is not None:
-        lq, lk = mask.shape[-2], mask.shape[-1]
-        if set(q_lens) != {lq} or set(kv_lens) != {lk} or mask.shape[0] not in (1, len(q_lens)):
-            raise ValueError(
-                f"plan_attention: a mask {tuple(mask.shape)} plans rows of {lq} queries over "
-                f"{lk} keys each; got q_lens {q_lens}, kv_lens {kv_lens}"
-            )
-        tile = choose_q_tile(lq, menu.q_tiles)
-        visible = tiles_from_mask(mask, tile, menu.kv_chunk, key_offset=lk - lq)
-        visible = visible.expand(len(q_lens), *visible.shape[1:])
-        return _build_plan(q_lens, kv_lens, causal, window, kv_heads, menu, visible)
     kv_class = _kv_class(q_lens, kv_lens, menu, causal, window)
     # Rows planned by chunk count are planned at their longest length in the class, so a later
     # step's longer (same-class) KV is covered; the kernel masks keys past each real length.
@@ -355,27 +340,6 @@ def plan_attention(
         for kv, c in zip(kv_lens, kv_class, strict=True)
     )
     return _plan(q_lens, kv_class, planned, causal, window, kv_heads, menu)
-
-
-def tiles_from_mask(
-    mask: torch.Tensor, q_tile: int, kv_chunk: int, key_offset: int = 0
-) -> torch.Tensor:
-    """Which (query tile, key chunk) blocks of a dense mask allow anything.
-
-    ``mask`` is ``[B, H, Lq, Lk]`` (H may be 1), bool (True = attend) or additive (-inf = masked).
-    Key chunks have a boundary at every ``key_offset + j * kv_chunk`` (the planner aligns them
-    to the row's queries; the first chunk may be short). Returns bool ``[B, query tiles, key
-    chunks]``: a block is kept if any head of it allows any pair. One padded ``any``
-    reduction: cheap next to the attention itself.
-    """
-    allowed = mask if mask.dtype == torch.bool else mask != float("-inf")
-    allowed = allowed.any(dim=1)  # [B, Lq, Lk]
-    b, lq, lk = allowed.shape
-    pre = -(key_offset % kv_chunk) % kv_chunk  # empty columns that align the first boundary
-    nq, nk = math.ceil(lq / q_tile), math.ceil((lk + pre) / kv_chunk)
-    padded = allowed.new_zeros((b, nq * q_tile, nk * kv_chunk))
-    padded[:, :lq, pre : pre + lk] = allowed
-    return padded.view(b, nq, q_tile, nk, kv_chunk).any(dim=4).any(dim=2)
 
 
 @dataclass(frozen=True)
@@ -391,12 +355,6 @@ class DenseRows:
     causal: bool
 
 
-# The last mask analysed and its rows. A model hands every layer the same mask tensor, and a
-# provider's checker and kernel both ask: one analysis per forward instead of per call. Holding
-# the tensor keeps its identity unique; its version counter catches in-place changes.
-_last_rows: tuple | None = None
-
-
 def rows_from_mask(mask: torch.Tensor, batch: int, lq: int, lk: int) -> DenseRows | None:
     """The rows a dense mask describes, if it is exactly "each row's queries see a contiguous
     range of keys, causally (the queries are the range's last tokens) or fully", as left- or
@@ -404,24 +362,10 @@ def rows_from_mask(mask: torch.Tensor, batch: int, lq: int, lk: int) -> DenseRow
     bidirectional blocks, per-head biases), which then runs as one dense call.
 
     ``mask`` is ``[B or 1, 1, Lq, Lk]``: bool (True = attend) or additive with only 0 and -inf.
-    Costs a few passes over the mask, far less than attention over it; asking again about the
-    same, unchanged mask tensor costs nothing.
+    Costs a few passes over the mask, far less than attention over it. Never cached on the
+    tensor: its contents can change without its version counter moving (``.data`` writes,
+    NumPy views, custom kernels, CUDA-graph replays).
     """
-    global _last_rows
-    # Inference tensors have no version counter: they are analysed every time.
-    version = None if mask.is_inference() else mask._version
-    key = (batch, lq, lk, version)
-    if version is not None and _last_rows is not None:
-        last_mask, last_key, last = _last_rows
-        if last_mask is mask and last_key == key:
-            return last
-    rows = _analyse_mask(mask, batch, lq, lk)
-    if version is not None:
-        _last_rows = (mask, key, rows)
-    return rows
-
-
-def _analyse_mask(mask: torch.Tensor, batch: int, lq: int, lk: int) -> DenseRows | None:
     if mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (lq, lk):
         return None
     if mask.shape[0] not in (1, batch):

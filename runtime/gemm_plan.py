@@ -36,6 +36,7 @@ __all__ = [
     "GemmMenu",
     "GemmPlan",
     "GemmTile",
+    "plan_for",
     "plan_gemm",
     "rows_of",
     "tile_cost",
@@ -226,6 +227,19 @@ def plan_gemm(
     if provider not in MENUS:
         raise ValueError(f"plan_gemm: provider must be one of {sorted(MENUS)}, got {provider!r}")
     return _plan(MENUS[provider], n, k, dtype, max_tokens)
+
+
+_served: dict[tuple, GemmPlan] = {}
+
+
+def plan_for(provider: str, n: int, k: int, dtype: torch.dtype, max_tokens: int) -> GemmPlan:
+    """``plan_gemm`` for the serving path: after the first call per (provider, N, K, dtype,
+    max_tokens) one dict lookup, cheaper than the validated, keyword-argument entry point."""
+    key = (provider, n, k, dtype, max_tokens)
+    plan = _served.get(key)
+    if plan is None:
+        plan = _served[key] = plan_gemm(n, k, dtype=dtype, max_tokens=max_tokens, provider=provider)
+    return plan
 
 
 def rows_of(x: torch.Tensor) -> int:

@@ -1,8 +1,9 @@
 """The xyserve custom ops, defined once: ``torch.ops.xyserve.gemm`` and ``.attention``.
 
 Each op has a fake implementation that computes the output from the input sizes alone, so it
-traces with symbolic sizes and never reads data, and a real implementation that hands the call
-to the provider registry (``providers.run``). The argument checks are shared by both and
+traces with symbolic sizes and never reads data, and a real implementation that checks its
+arguments, wraps them in a call object (``runtime.calls``) and hands it to the provider
+registry (``providers.run``). The argument checks are shared by both and
 raise ``ValueError``: the fake implementations check with ``torch._check_value``, which also
 holds for symbolic sizes; the real ones with a plain ``if``, which costs nanoseconds instead of
 microseconds on every call.
@@ -22,6 +23,12 @@ import torch
 
 from xy_inductor.runtime import providers
 from xy_inductor.runtime import stats as _stats
+from xy_inductor.runtime.calls import (
+    DenseAttention,
+    GemmCall,
+    VarlenAttention,
+    attention_output,
+)
 from xy_inductor.runtime.gemm_plan import rows_of
 
 __all__ = [
@@ -105,7 +112,7 @@ def gemm_impl(
     """
     check_gemm_args(x, weight, bias, max_tokens=max_tokens)
     _note_rows(x, weight, max_tokens)
-    return providers.run("gemm", x, weight, bias, max_tokens)
+    return providers.run("gemm", GemmCall(x, weight, bias, max_tokens))
 
 
 gemm = torch.library.custom_op("xyserve::gemm", gemm_impl, mutates_args=())
@@ -200,16 +207,6 @@ def check_attention_args(
         )
 
 
-def attention_output(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """An empty ``[B, Hq, Lq, Dv]`` output laid out as ``[B, Lq, Hq, Dv]`` in memory.
-
-    This is the layout flash kernels write, and it makes the usual ``out.transpose(1, 2)
-    .reshape(B, Lq, Hq * Dv)`` that follows attention a view instead of a copy.
-    """
-    B, H, L, _ = q.shape
-    return q.new_empty((B, L, H, v.shape[3])).transpose(1, 2)
-
-
 def attention_impl(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -227,7 +224,7 @@ def attention_impl(
     ``scale`` defaults to ``D ** -0.5``. Returns ``[B, Hq, Lq, Dv]`` stored as ``[B, Lq, Hq, Dv]``.
     """
     check_attention_args(q, k, v, attn_mask, is_causal)
-    return providers.run("attention", q, k, v, attn_mask, is_causal, scale)
+    return providers.run("attention", DenseAttention(q, k, v, attn_mask, is_causal, scale))
 
 
 attention = torch.library.custom_op("xyserve::attention", attention_impl, mutates_args=())
@@ -283,12 +280,13 @@ def gemm_fused_impl(
     if weight is not None and (bias is not None or not biases):
         _stats.record_fusion(fused=True)
         _note_rows(x, weight, max_tokens)
-        return providers.run("gemm", x, weight, bias, max_tokens)
+        return providers.run("gemm", GemmCall(x, weight, bias, max_tokens))
     _stats.record_fusion(fused=False)
     outs = []
     for i, w in enumerate(weights):
         _note_rows(x, w, max_tokens)
-        outs.append(providers.run("gemm", x, w, biases[i] if biases else None, max_tokens))
+        call = GemmCall(x, w, biases[i] if biases else None, max_tokens)
+        outs.append(providers.run("gemm", call))
     return torch.cat(outs, dim=-1)
 
 
@@ -406,9 +404,8 @@ def attention_varlen_impl(
     q_lens, kv = _varlen_rows(
         q, cu_seqlens_q, kv_lens, k_cache, block_table, causal or window is not None
     )
-    return providers.run(
-        "attention_varlen", q, k_cache, v_cache, q_lens, kv, block_table, causal, window, scale
-    )
+    call = VarlenAttention(q, k_cache, v_cache, q_lens, kv, block_table, causal, window, scale)
+    return providers.run("attention_varlen", call)
 
 
 attention_varlen = torch.library.custom_op(

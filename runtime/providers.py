@@ -1,122 +1,122 @@
 """Which kernel runs an xyserve op: a priority-ordered list of providers.
 
-A provider (one module under ``kernels/``) offers, per op, a checker and a kernel. At run time
-the first available provider whose checker accepts the call runs it; a checker declines by
-returning the reason as a string, which ``stats()`` counts. ATen comes last and accepts every
+A provider is one module under ``kernels/`` (the contract is ``kernels/contract.py``). At run
+time the first available provider whose checker accepts the call runs it: the checker returns
+an ``Accept`` carrying its decision, which the registry hands unchanged to that provider's
+kernel, or declines with a reason, which ``stats()`` counts. ATen comes last and accepts every
 call, so there is always a provider. Later providers (Triton, Ascend) go in front of it in
 ``PROVIDER_MODULES`` without touching the ops or their callers.
+
+The list in force is context-local: ``use_providers`` sets it for a block in the current
+thread or task (a ``ContextVar``), never for the whole process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 
 import torch
 
+from xy_inductor.kernels.contract import Accept, OpKernel, Provider
 from xy_inductor.runtime import stats as _stats
 
 __all__ = [
     "PROVIDER_MODULES",
+    "Accept",
     "OpKernel",
     "Provider",
-    "accept_all",
     "active_providers",
+    "describe",
     "prepare",
     "run",
     "use_providers",
 ]
 
-# Priority order. Heavy imports of a provider stay inside its module, behind `available()`.
-PROVIDER_MODULES: tuple[str, ...] = ("xy_inductor.kernels.triton", "xy_inductor.kernels.cpu")
+# Priority order. Heavy imports of a provider stay inside its module, behind `unavailable()`.
+PROVIDER_MODULES: tuple[str, ...] = ("xy_inductor.kernels.triton", "xy_inductor.kernels.aten")
 
-
-def accept_all(*args: object) -> str | None:
-    """A checker that accepts every call."""
-    return None
-
-
-@dataclass(frozen=True)
-class OpKernel:
-    check: Callable[..., str | None]
-    """Returns None to accept the call, or why the kernel cannot run it."""
-    run: Callable[..., torch.Tensor]
-    """Computes the op; called only after ``check`` accepted the same arguments."""
-
-
-@dataclass(frozen=True)
-class Provider:
-    name: str
-    """Shown in ``stats()``: ``aten``, ``triton``, ``ascend``."""
-    available: Callable[[], bool]
-    """Whether this process can run the provider at all (library installed, device present)."""
-    kernels: Mapping[str, OpKernel]
-    """Op name (``gemm``, ``attention``) to its checker and kernel."""
-    prepare: Mapping[str, Callable[..., int]] = field(default_factory=dict)
-    """Op name to what the backend calls once per weight at compile time, before the first
-    request (compile the kernels that will serve it); returns the variants it compiled."""
-
-
-_active: tuple[Provider, ...] | None = None
+_override: ContextVar[tuple[Provider, ...] | None] = ContextVar("xyserve_providers", default=None)
 
 
 def _load(module_names: Sequence[str]) -> tuple[Provider, ...]:
     providers = []
     for name in module_names:
         provider = importlib.import_module(name).PROVIDER
-        if provider.available():
+        if provider.unavailable() is None:
             providers.append(provider)
     return tuple(providers)
 
 
+@functools.cache
+def _default() -> tuple[Provider, ...]:
+    return _load(PROVIDER_MODULES)
+
+
 def active_providers() -> tuple[Provider, ...]:
-    """The providers that will be tried, in order (loaded on first use)."""
-    global _active
-    if _active is None:
-        _active = _load(PROVIDER_MODULES)
-    return _active
+    """The providers that will be tried, in order: those set by ``use_providers`` in this
+    context, else every available provider of ``PROVIDER_MODULES``."""
+    override = _override.get()
+    return override if override is not None else _default()
+
+
+def describe() -> list[tuple[str, str | None]]:
+    """Every provider of ``PROVIDER_MODULES`` in priority order, with why this process cannot
+    use it (None when it can)."""
+    out = []
+    for name in PROVIDER_MODULES:
+        provider = importlib.import_module(name).PROVIDER
+        out.append((provider.name, provider.unavailable()))
+    return out
 
 
 @contextlib.contextmanager
 def use_providers(providers: Sequence[Provider]) -> Iterator[None]:
-    """Run xyserve ops with this provider list (in this order) inside the block."""
-    global _active
+    """Run xyserve ops with this provider list (in this order) inside the block; the setting
+    belongs to the current context (thread or async task) only."""
     if not providers:
         raise ValueError("use_providers: expected at least one Provider, got an empty list")
     for p in providers:
         if not isinstance(p, Provider):
             raise ValueError(f"use_providers: expected Provider objects, got {type(p).__name__}")
-    saved = _active
-    _active = tuple(providers)
+    token = _override.set(tuple(providers))
     try:
         yield
     finally:
-        _active = saved
+        _override.reset(token)
 
 
-def run(op: str, *args: object) -> torch.Tensor:
-    """Run ``op`` with the first provider whose checker accepts ``args``."""
+def run(op: str, call: object) -> torch.Tensor:
+    """Run ``op`` on ``call`` (a ``runtime.calls`` object) with the first provider whose checker
+    accepts it, as that checker decided."""
     declined = []
     for provider in active_providers():
         kernel = provider.kernels.get(op)
         if kernel is None:
             continue
-        reason = kernel.check(*args)
-        if reason is None:
-            _stats.record_call(op, provider.name)
-            return kernel.run(*args)
-        _stats.record_decline(op, provider.name, reason)
-        declined.append(f"{provider.name}: {reason}")
+        decision = kernel.check(call)
+        if type(decision) is Accept:
+            _stats.record_call(op, provider.name, decision.path)
+            return kernel.run(call, decision)
+        if not isinstance(decision, str):
+            raise TypeError(
+                f"xyserve.{op}: the {provider.name} provider's checker returned {decision!r}; "
+                "a checker returns an Accept or the reason it declines (a str)"
+            )
+        _stats.record_decline(op, provider.name, decision)
+        declined.append(f"{provider.name}: {decision}")
     raise RuntimeError(
         f"xyserve.{op}: no provider accepted the call"
         + (f" ({'; '.join(declined)})" if declined else " (no provider implements it)")
-        + "; the ATen provider (xy_inductor.kernels.cpu) should be last in the list"
+        + "; the ATen provider (xy_inductor.kernels.aten) should be last in the list"
     )
 
 
-def prepare(op: str, *args: object, **kwargs: object) -> int:
-    """Let every active provider prepare for ``op`` with these arguments (see
-    ``Provider.prepare``); returns the kernel variants compiled."""
-    return sum(p.prepare[op](*args, **kwargs) for p in active_providers() if op in p.prepare)
+def prepare(op: str, what: object) -> int:
+    """Let every active provider prepare for ``op`` (see ``Provider.prepare``); ``what`` is a
+    ``runtime.calls`` object (``GemmWeight`` for ``gemm``). Returns the kernel variants
+    compiled."""
+    return sum(p.prepare[op](what) for p in active_providers() if op in p.prepare)

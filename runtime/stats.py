@@ -22,14 +22,13 @@ class _Counters:
     inductor_failures: int = 0
     sites_lowered: Counter = field(default_factory=Counter)  # kind -> n
     sites_unlowered: Counter = field(default_factory=Counter)  # kind -> n
-    calls: Counter = field(default_factory=Counter)  # (op, provider) -> n
+    calls: Counter = field(default_factory=Counter)  # (op, provider, path) -> n
     declined: Counter = field(default_factory=Counter)  # (op, provider, reason) -> n
     fused_calls: int = 0
     unfused_calls: int = 0
     gemm_over_max_tokens: int = 0
     warned_over_max: set = field(default_factory=set)  # (N, K, max_tokens) warned about
     kernels_warmed: int = 0
-    attention_planned: int = 0
 
 
 _COUNTERS = _Counters()
@@ -55,6 +54,9 @@ class Stats:
     """Sites left as they were, per kind; ``xy_inductor.explain`` says why."""
     calls: dict[str, dict[str, int]]
     """Run-time calls per op, then per provider that ran them."""
+    paths: dict[str, dict[str, int]]
+    """Run-time calls per op, then per ``provider/path``: the way the provider's checker
+    decided to run them (``aten/sdpa``, ``aten/rows``, ``aten/plan``, ``triton/smoothgemm``…)."""
     declined: dict[str, dict[str, int]]
     """Per op, per ``provider: reason``: how often a provider's checker declined a call."""
     fused_calls: int
@@ -65,9 +67,6 @@ class Stats:
     """GEMM calls with more rows (M) than ``max_tokens``: served by the ATen fallback."""
     kernels_warmed: int
     """Kernel variants compiled before the first request (a tile menu's entries per GEMM)."""
-    attention_planned: int
-    """Attention calls the CPU ran as planned rows (each sequence at its own length) instead
-    of one dense call over the padded batch."""
 
     def __str__(self) -> str:
         lines = [
@@ -80,22 +79,20 @@ class Stats:
         for kind in sorted(set(self.sites_lowered) | set(self.sites_unlowered)):
             lo, un = self.sites_lowered.get(kind, 0), self.sites_unlowered.get(kind, 0)
             lines.append(f"{kind + ' sites':<17} {lo} lowered, {un} left as they were")
-        for op, per_provider in sorted(self.calls.items()):
-            calls = ", ".join(f"{p}: {n}" for p, n in sorted(per_provider.items()))
-            lines.append(f"xyserve.{op:<9} {calls}")
+        for op, per_path in sorted(self.paths.items()):
+            calls = ", ".join(f"{p}: {n}" for p, n in sorted(per_path.items()))
+            lines.append(f"xyserve.{op:<16} {calls}")
         if self.fused_calls or self.unfused_calls:
             lines.append(
                 f"sibling gemms     {self.fused_calls} fused, {self.unfused_calls} run one by one"
             )
         if self.gemm_over_max_tokens:
             lines.append(f"gemm over max_tokens {self.gemm_over_max_tokens} calls (ATen fallback)")
-        if self.attention_planned:
-            lines.append(f"attention planned {self.attention_planned} calls (rows, no padding)")
         if self.kernels_warmed:
             lines.append(f"kernels warmed    {self.kernels_warmed} before the first request")
         for op, per_reason in sorted(self.declined.items()):
             for why, n in sorted(per_reason.items()):
-                lines.append(f"xyserve.{op:<9} declined {n}x by {why}")
+                lines.append(f"xyserve.{op:<16} declined {n}x by {why}")
         return "\n".join(lines)
 
 
@@ -103,8 +100,11 @@ def stats() -> Stats:
     """Backend compiles, lowered and fallback graphs, calls per op and provider."""
     c = _COUNTERS
     calls: dict[str, dict[str, int]] = {}
-    for (op, provider), n in c.calls.items():
-        calls.setdefault(op, {})[provider] = n
+    paths: dict[str, dict[str, int]] = {}
+    for (op, provider, path), n in c.calls.items():
+        per_provider = calls.setdefault(op, {})
+        per_provider[provider] = per_provider.get(provider, 0) + n
+        paths.setdefault(op, {})[f"{provider}/{path}"] = n
     declined: dict[str, dict[str, int]] = {}
     for (op, provider, reason), n in c.declined.items():
         declined.setdefault(op, {})[f"{provider}: {reason}"] = n
@@ -117,12 +117,12 @@ def stats() -> Stats:
         sites_lowered=dict(c.sites_lowered),
         sites_unlowered=dict(c.sites_unlowered),
         calls=calls,
+        paths=paths,
         declined=declined,
         fused_calls=c.fused_calls,
         unfused_calls=c.unfused_calls,
         gemm_over_max_tokens=c.gemm_over_max_tokens,
         kernels_warmed=c.kernels_warmed,
-        attention_planned=c.attention_planned,
     )
 
 
@@ -154,8 +154,8 @@ def record_compile(
     c.sites_unlowered.update(unlowered)
 
 
-def record_call(op: str, provider: str) -> None:
-    _COUNTERS.calls[op, provider] += 1
+def record_call(op: str, provider: str, path: str) -> None:
+    _COUNTERS.calls[op, provider, path] += 1
 
 
 def record_fusion(*, fused: bool) -> None:
@@ -180,7 +180,3 @@ def record_over_max_tokens(m: int, n: int, k: int, max_tokens: int) -> None:
             "the max_tokens option to plan tiles for them.",
             stacklevel=4,
         )
-
-
-def record_planned_attention() -> None:
-    _COUNTERS.attention_planned += 1

@@ -6,18 +6,16 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xy_inductor.kernels.cpu_attention import run_plan
+from xy_inductor.kernels.aten_attention import run_dense, run_plan
 from xy_inductor.runtime.attention_plan import (
     AttentionMenu,
     TokenTable,
     choose_q_tile,
     plan_attention,
     symmetric_round_robin,
-    tiles_from_mask,
 )
 
 MENU = AttentionMenu(q_tiles=(1, 16, 64), kv_chunk=32, workers=4)
@@ -49,11 +47,11 @@ def test_bad_rows_are_rejected_with_the_row():
     with pytest.raises(
         ValueError, match=r"row 1: expected 0 <= q_len <= kv_len.*q_len=9, kv_len=4"
     ):
-        plan_attention([1, 9], [4, 4], causal=True)
+        plan_attention([1, 9], [4, 4], causal=True, menu=MENU)
     with pytest.raises(ValueError, match="q_lens has 2 rows but kv_lens has 1"):
         TokenTable.build([1, 2], [3], (16,))
     with pytest.raises(ValueError, match="window must be a positive int"):
-        plan_attention([1], [4], causal=True, window=0)
+        plan_attention([1], [4], causal=True, window=0, menu=MENU)
 
 
 def test_symmetric_round_robin_deals_back_and_forth():
@@ -115,22 +113,10 @@ def test_decode_steps_share_a_plan_until_a_chunk_boundary():
         a.check([2, 1], [100, 200])
 
 
-def test_tiles_from_mask_keeps_blocks_with_any_allowed_pair():
-    mask = torch.zeros(2, 1, 40, 70, dtype=torch.bool)
-    mask[0, 0, 5, 69] = True
-    mask[1, 0, 33:, :10] = True
-    blocks = tiles_from_mask(mask, 16, 32)
-    assert blocks.shape == (2, 3, 3)
-    assert blocks[0].nonzero().tolist() == [[0, 2]]
-    assert blocks[1].nonzero().tolist() == [[2, 0]]
-    additive = torch.where(mask, 0.0, float("-inf"))
-    assert torch.equal(tiles_from_mask(additive, 16, 32), blocks)
-
-
 # -- the CPU executor against float64 ---------------------------------------------------------
 
 
-def reference(q, ks, vs, q_lens, kv_lens, causal, window, scale, masks=None):
+def reference(q, ks, vs, q_lens, kv_lens, causal, window, scale):
     """Plain float64 attention row by row: q packed [Tq, Hq, D], ks[r] [kv_len, Hkv, D]."""
     outs, start = [], 0
     for r, (ql, kl) in enumerate(zip(q_lens, kv_lens, strict=True)):
@@ -141,8 +127,6 @@ def reference(q, ks, vs, q_lens, kv_lens, causal, window, scale, masks=None):
         s = (qr @ kr.transpose(-1, -2) * scale).masked_fill(
             ~visible(ql, kl, causal, window), float("-inf")
         )
-        if masks is not None:
-            s = s.masked_fill(~masks[r], float("-inf"))
         m = s.amax(-1, keepdim=True)
         p = torch.exp(s - torch.where(torch.isinf(m), 0, m))
         denom = p.sum(-1, keepdim=True)
@@ -228,40 +212,6 @@ def test_executor_matches_float64_for_random_token_tables(
         assert err < tolerance, f"{layout}: relative error {err:.2e}"
 
 
-def test_rows_with_every_key_masked_are_zero_like_sdpa():
-    gen = torch.Generator().manual_seed(0)
-    b, h, lq, lk, d = 2, 2, 20, 50, 64
-    q = torch.randn(b, h, lq, d, generator=gen)
-    k = torch.randn(b, h, lk, d, generator=gen)
-    v = torch.randn(b, h, lk, d, generator=gen)
-    mask = torch.rand(b, 1, lq, lk, generator=gen) > 0.5
-    mask[0, :, 3] = False  # a query that sees nothing
-    mask[1, :, 10:] = False  # padded query rows
-    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    plan = plan_attention([lq] * b, [lk] * b, causal=False, kv_heads=h, menu=MENU)
-    packed = q.transpose(1, 2).reshape(b * lq, h, d)
-    out = torch.full((b * lq, h, d), float("nan"))
-    got = run_plan(plan, packed, k, v, [lk] * b, scale=d**-0.5, mask=mask, out=out)
-    got = got.view(b, lq, h, d).transpose(1, 2)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert (got[0, :, 3] == 0).all() and (got[1, :, 10:] == 0).all()
-
-
-def test_additive_mask_matches_sdpa():
-    gen = torch.Generator().manual_seed(1)
-    b, h, lq, lk, d = 2, 4, 33, 70, 64
-    q = torch.randn(b, h, lq, d, generator=gen)
-    k = torch.randn(b, 2, lk, d, generator=gen)
-    v = torch.randn(b, 2, lk, d, generator=gen)
-    bias = torch.randn(b, h, lq, lk, generator=gen)  # ALiBi-like, per head
-    bias[:, :, :, 60:] = float("-inf")
-    want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
-    plan = plan_attention([lq] * b, [lk] * b, causal=False, kv_heads=2, menu=MENU)
-    packed = q.transpose(1, 2).reshape(b * lq, h, d)
-    got = run_plan(plan, packed, k, v, [lk] * b, scale=d**-0.5, mask=bias)
-    torch.testing.assert_close(got.view(b, lq, h, d).transpose(1, 2), want, rtol=1e-5, atol=1e-5)
-
-
 # -- dense cache, rows known by their lengths (the fast CPU paths) ------------------------------
 
 
@@ -271,15 +221,12 @@ def test_additive_mask_matches_sdpa():
     rows=st.integers(1, 4),
     group=st.sampled_from([1, 2, 4, 8]),
     causal=st.booleans(),
-    window=st.one_of(st.none(), st.integers(1, 64)),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     seed=st.integers(0, 2**16),
 )
 def test_dense_rows_match_float64_with_left_or_right_padding(
-    data, rows, group, causal, window, dtype, seed
+    data, rows, group, causal, dtype, seed
 ):
-    from xy_inductor.kernels.cpu_attention import run_dense
-
     length = data.draw(st.integers(1, 300))
     lq = data.draw(st.integers(1, length))
     kv_lens = data.draw(st.lists(st.integers(1, length), min_size=rows, max_size=rows))
@@ -296,7 +243,7 @@ def test_dense_rows_match_float64_with_left_or_right_padding(
     q = torch.randn(rows, hkv * group, lq, d, generator=gen).to(dtype)
     k = torch.randn(rows, hkv, length, d, generator=gen).to(dtype)
     v = torch.randn(rows, hkv, length, d, generator=gen).to(dtype)
-    plan = plan_attention(q_lens, kv_lens, causal=causal, window=window, kv_heads=hkv, menu=MENU)
+    plan = plan_attention(q_lens, kv_lens, causal=causal, kv_heads=hkv, menu=MENU)
     out = torch.full(q.shape, float("nan")).to(dtype)  # poison
     got = run_dense(
         plan, q, k, v, q_end=q_end, kv_start=kv_start, kv_lens=kv_lens, scale=d**-0.5, out=out
@@ -308,7 +255,7 @@ def test_dense_rows_match_float64_with_left_or_right_padding(
         keys = slice(kv_start[r], kv_start[r] + kv_lens[r])
         want = reference(
             q[r, :, lo:hi].transpose(0, 1), [k[r, :, keys].transpose(0, 1)],
-            [v[r, :, keys].transpose(0, 1)], [q_lens[r]], [kv_lens[r]], causal, window, d**-0.5,
+            [v[r, :, keys].transpose(0, 1)], [q_lens[r]], [kv_lens[r]], causal, None, d**-0.5,
         )  # fmt: skip
         mine = got[r, :, lo:hi].transpose(0, 1)
         err = ((mine.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
@@ -316,49 +263,15 @@ def test_dense_rows_match_float64_with_left_or_right_padding(
         assert (got[r, :, :lo] == 0).all() and (got[r, :, hi:] == 0).all()  # padding slots
 
 
-def test_long_row_by_diagonals_computes_exactly_the_planned_tiles():
-    from xy_inductor.kernels.cpu_attention import attend_long_row
-
-    gen = torch.Generator().manual_seed(3)
-    for ql, kl, window in ((256, 256, None), (200, 330, None), (256, 256, 40)):
-        q = torch.randn(ql, 4, 64, generator=gen)
-        k = torch.randn(2, kl, 64, generator=gen)
-        v = torch.randn(2, kl, 64, generator=gen)
-        got, blocks = attend_long_row(q, k, v, causal=True, window=window, tile=32, scale=0.125)
-        want = reference(
-            q, [k.transpose(0, 1)], [v.transpose(0, 1)], [ql], [kl], True, window, 0.125
-        )
-        assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
-        plan = plan_attention(
-            [ql], [kl], causal=True, window=window, menu=AttentionMenu((32,), 32, 1)
-        )
-        assert blocks == plan.tiles
+def test_dense_rows_are_refused_a_window():
+    plan = plan_attention([4], [4], causal=True, window=2, menu=MENU)
+    q = k = v = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="without a window"):
+        run_dense(plan, q, k, v, q_end=[4], kv_start=[0], kv_lens=[4], scale=0.25)
 
 
-@pytest.mark.parametrize(("lq", "lk"), [(40, 40), (24, 70)])
-def test_plans_from_a_dense_mask_skip_hidden_tiles_and_stay_exact(lq, lk):
-    gen = torch.Generator().manual_seed(4)
-    b, h, d = 2, 2, 64
-    # A sliding window of 9 plus one far-away key: most tiles hidden, some partly visible.
-    i, j = torch.arange(lq)[:, None] + (lk - lq), torch.arange(lk)[None, :]
-    mask = ((j <= i) & (j > i - 9)) | (j == 3)
-    mask = mask[None, None].expand(b, 1, lq, lk).clone()
-    mask[1, 0, 5] = False  # a query that sees nothing
-    menu = AttentionMenu(q_tiles=(1, 8), kv_chunk=8, workers=4)
-    plan = plan_attention([lq] * b, [lk] * b, causal=False, kv_heads=h, menu=menu, mask=mask)
-    assert plan.skipped > plan.tiles  # the window hides most of the grid
-    for r in range(b):  # every allowed pair is in exactly one scheduled tile
-        covered = torch.zeros(lq, lk, dtype=torch.int64)
-        for t in (plan.row == r).nonzero().flatten().tolist():
-            q0, size, k0, k1 = (int(x[t]) for x in (plan.q0, plan.q_tile, plan.k0, plan.k1))
-            covered[q0 : q0 + size, k0:k1] += 1
-        assert (covered[mask[r, 0]] == 1).all()
-    q = torch.randn(b, h, lq, d, generator=gen)
-    k = torch.randn(b, h, lk, d, generator=gen)
-    v = torch.randn(b, h, lk, d, generator=gen)
-    packed = q.transpose(1, 2).reshape(b * lq, h, d)
-    got = run_plan(plan, packed, k, v, [lk] * b, scale=d**-0.5, mask=mask)
-    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    torch.testing.assert_close(got.view(b, lq, h, d).transpose(1, 2), want, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="plans rows of"):
-        plan_attention([lq, 3], [lk, lk], causal=False, mask=mask)
+def test_a_plan_keeps_what_providers_derive_from_it():
+    plan = plan_attention([1, 1], [100, 200], causal=True, menu=MENU)
+    plan.cache["x"] = 1
+    same = plan_attention([1, 1], [101, 201], causal=True, menu=MENU)  # next decode step
+    assert same is plan and same.cache["x"] == 1

@@ -7,7 +7,7 @@ import torch
 from test_attention_plan import _layouts, reference
 
 import xy_inductor
-from xy_inductor.kernels import cpu
+from xy_inductor.kernels import aten
 from xy_inductor.runtime import providers
 
 varlen = torch.ops.xyserve.attention_varlen.default
@@ -35,7 +35,7 @@ def test_mixed_batch_matches_float64_on_the_aten_provider(window):
     got = varlen(*args, True, window)
     want = reference(q, ks, vs, Q_LENS, KV_LENS, True, window, 64**-0.5)
     assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
-    assert xy_inductor.stats().calls["attention_varlen"] == {"aten": 1}
+    assert xy_inductor.stats().paths["attention_varlen"] == {"aten/plan": 1}
 
 
 def test_mixed_batch_on_the_triton_kernel():
@@ -44,11 +44,11 @@ def test_mixed_batch_on_the_triton_kernel():
 
     args, (q, ks, vs) = _inputs(dtype=torch.bfloat16, block_size=32)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with providers.use_providers([triton_provider.PROVIDER, cpu.PROVIDER]):
+    with providers.use_providers([triton_provider.PROVIDER, aten.PROVIDER]):
         got = varlen(*(a.to(device) for a in args)).cpu()
     want = reference(q, ks, vs, Q_LENS, KV_LENS, True, None, 64**-0.5)
     assert ((got.double() - want).norm() / want.norm()).item() < 1e-2
-    assert xy_inductor.stats().calls["attention_varlen"] == {"triton": 1}
+    assert xy_inductor.stats().paths["attention_varlen"] == {"triton/plan": 1}
 
 
 def test_traces_with_symbolic_token_counts():

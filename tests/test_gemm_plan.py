@@ -16,7 +16,7 @@ from xy_inductor.config import XyConfig
 from xy_inductor.lowering import lower_graph
 from xy_inductor.runtime.gemm_plan import MENUS, plan_gemm, tile_cost
 from xy_inductor.runtime.ops import gemm_impl
-from xy_inductor.runtime.shape_guards import check_shapes
+from xy_inductor.shape_guards import check_shapes
 
 # Linear shapes (N, K) of Llama-2-7B and Qwen2.5-7B, and odd ones.
 SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (4608, 3584), (37, 129)]

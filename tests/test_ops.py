@@ -1,6 +1,12 @@
-"""torch.ops.xyserve.gemm / .attention: fake implementations, numerics, errors, providers."""
+"""torch.ops.xyserve.gemm / .attention: fake implementations, numerics, errors, providers.
+
+The numeric tests run each of the op's own paths (ATen's SDPA call and planned rows, the Triton
+kernels under the interpreter) against float64 references, and check through ``stats().paths``
+that the path they meant to test is the one that ran."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -8,9 +14,10 @@ import torch.nn.functional as F
 from helpers import TOLERANCE, rel_error
 
 import xy_inductor
+from xy_inductor.kernels import aten
 from xy_inductor.runtime import providers
-from xy_inductor.runtime.ops import attention_output
-from xy_inductor.runtime.providers import OpKernel, Provider
+from xy_inductor.runtime.calls import attention_output
+from xy_inductor.runtime.providers import Accept, OpKernel, Provider
 
 gemm = torch.ops.xyserve.gemm.default
 attention = torch.ops.xyserve.attention.default
@@ -25,18 +32,35 @@ def randn(*shape, dtype=torch.float32, seed=0):
 # -- gemm ---------------------------------------------------------------------------------------
 
 
+def _triton_first():
+    pytest.importorskip("triton")
+    from xy_inductor.kernels import triton
+
+    return providers.use_providers([triton.PROVIDER, aten.PROVIDER])
+
+
+# Each path: the providers in force, and what stats().paths must then show for the op.
+GEMM_PATHS = {
+    "aten": (lambda: providers.use_providers([aten.PROVIDER]), "aten/linear"),
+    "triton": (_triton_first, "triton/smoothgemm"),
+}
+
+
+@pytest.mark.parametrize("path", list(GEMM_PATHS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", SIZES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_gemm_matches_float64_linear(dtype, m, bias):
+def test_gemm_matches_float64_linear(path, dtype, m, bias):
     k, n = 37, 129
     x, w = randn(m, k, dtype=dtype, seed=1), randn(n, k, dtype=dtype, seed=2)
     b = randn(n, dtype=dtype, seed=3) if bias else None
-    out = gemm(x, w, b)
+    use, expected = GEMM_PATHS[path]
+    with use():
+        out = gemm(x, w, b)
     ref = F.linear(x.double(), w.double(), None if b is None else b.double())
     assert out.dtype == dtype and out.shape == (m, n) and out.is_contiguous()
     assert rel_error(out, ref) < TOLERANCE[dtype]
-    torch.testing.assert_close(out, F.linear(x, w, b), rtol=0, atol=0)  # the ATen provider
+    assert xy_inductor.stats().paths["gemm"] == {expected: 1}
 
 
 @pytest.mark.parametrize("shape", [(37,), (3, 37), (2, 7, 37), (2, 3, 1, 37)])
@@ -98,12 +122,30 @@ CASES = [
     (2, 4, 2, 7, 37, "bool2d", False),
     (1, 8, 8, 129, 129, "float", False),
     (3, 8, 2, 37, 129, "bool_batch", False),
+    (3, 8, 2, 37, 37, "padded", False),  # a left-padded batch, as Hugging Face builds it
+    (2, 4, 1, 7, 40, "padded_float", False),  # prefill of 7 over a static cache of 40 slots
 ]
+# Masks that are rows of padding: the planned paths run them (others fall back to SDPA).
+ROW_KINDS = (None, "padded", "padded_float")
+
+
+def padded(b, lq, lk):
+    """Left-padded causal rows: row r has lq - 2r queries over lk - 2r keys ending at slot lk."""
+    keep = torch.zeros(b, 1, lq, lk, dtype=torch.bool)
+    for r in range(b):
+        n, m = lq - 2 * r, lk - 2 * r
+        for i in range(n):
+            keep[r, 0, lq - n + i, lk - m : lk - m + m - n + i + 1] = True
+    return keep
 
 
 def make_mask(kind, b, hq, lq, lk, dtype):
     if kind is None:
         return None
+    if kind == "padded":
+        return padded(b, lq, lk)
+    if kind == "padded_float":
+        return torch.zeros(b, 1, lq, lk, dtype=dtype).masked_fill(~padded(b, lq, lk), -math.inf)
     keep = randn(b, 1, lq, lk, seed=9) > -0.5
     keep[..., 0] = True  # every query keeps at least one key
     if kind == "bool4d":
@@ -115,17 +157,40 @@ def make_mask(kind, b, hq, lq, lk, dtype):
     return (randn(1, hq, lq, lk, seed=10) * 0.5).to(dtype)
 
 
+ATTENTION_PATHS = {
+    # ATen as shipped: these calls are too small to plan, one SDPA call each.
+    "sdpa": lambda: providers.use_providers([aten.PROVIDER]),
+    # ATen planning every call whose mask is rows: each sequence at its own length.
+    "rows": lambda: providers.use_providers([aten.provider(planned_min_scores=0)]),
+    "triton": _triton_first,
+}
+
+
+def expected_path(path: str, kind: str | None, causal: bool, lq: int, lk: int) -> str:
+    rows = kind in ROW_KINDS and not (causal and lq != lk)
+    if path == "sdpa" or not rows:
+        return "aten/sdpa"
+    return "aten/rows" if path == "rows" else "triton/rows"
+
+
+@pytest.mark.parametrize("path", list(ATTENTION_PATHS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("b", "hq", "hkv", "lq", "lk", "kind", "causal"), CASES)
 @pytest.mark.parametrize("scale", [None, 0.3])
-def test_attention_matches_float64_reference(dtype, b, hq, hkv, lq, lk, kind, causal, scale):
+def test_attention_matches_float64_reference(path, dtype, b, hq, hkv, lq, lk, kind, causal, scale):
     q = randn(b, hq, lq, 64, dtype=dtype, seed=1)
     k, v = randn(b, hkv, lk, 64, dtype=dtype, seed=2), randn(b, hkv, lk, 64, dtype=dtype, seed=3)
     mask = make_mask(kind, b, hq, lq, lk, dtype)
-    out = attention(q, k, v, mask, causal, scale)
+    with ATTENTION_PATHS[path]():
+        out = attention(q, k, v, mask, causal, scale)
     assert out.shape == (b, hq, lq, 64) and out.dtype == dtype
     assert out.transpose(1, 2).is_contiguous(), "output must be laid out [B, Lq, H, D]"
-    assert rel_error(out, attention_reference(q, k, v, mask, causal, scale)) < TOLERANCE[dtype]
+    want = attention_reference(q, k, v, mask, causal, scale)
+    if kind in ("padded", "padded_float"):
+        # Padding query slots see no key: the op writes zeros there, as SDPA does.
+        want = torch.where(torch.isnan(want), 0.0, want)
+    assert rel_error(out, want) < TOLERANCE[dtype]
+    assert xy_inductor.stats().paths["attention"] == {expected_path(path, kind, causal, lq, lk): 1}
 
 
 def test_attention_fully_masked_rows_match_sdpa():
@@ -203,14 +268,14 @@ def test_aten_is_the_last_provider_and_is_counted():
 
 
 def _picky_provider(ran: list) -> Provider:
-    def check(x, weight, bias, max_tokens):
-        return "odd K" if x.shape[-1] % 2 else None
+    def check(call):
+        return "odd K" if call.x.shape[-1] % 2 else Accept("even", call.x.shape[-1])
 
-    def run(x, weight, bias, max_tokens):
-        ran.append(x.shape[-1])
-        return F.linear(x, weight, bias)
+    def run(call, accept):
+        ran.append(accept.decision)  # what the checker decided, handed over unchanged
+        return F.linear(call.x, call.weight, call.bias)
 
-    return Provider(name="picky", available=lambda: True, kernels={"gemm": OpKernel(check, run)})
+    return Provider(name="picky", unavailable=lambda: None, kernels={"gemm": OpKernel(check, run)})
 
 
 def test_first_accepting_provider_runs_and_declines_are_counted():
@@ -223,6 +288,7 @@ def test_first_accepting_provider_runs_and_declines_are_counted():
     assert even.shape == odd.shape == (3, 4)
     s = xy_inductor.stats()
     assert s.calls["gemm"] == {"picky": 1, "aten": 1}
+    assert s.paths["gemm"] == {"picky/even": 1, "aten/linear": 1}
     assert s.declined["gemm"] == {"picky: odd K": 1}
     assert providers.active_providers()[-1].name == "aten"  # restored after the block
 
@@ -239,10 +305,42 @@ def test_unavailable_providers_are_skipped(monkeypatch):
     import types
 
     absent = types.ModuleType("xy_test_absent_provider")
-    absent.PROVIDER = Provider(name="absent", available=lambda: False, kernels={})
+    absent.PROVIDER = Provider(name="absent", unavailable=lambda: "not here", kernels={})
     monkeypatch.setitem(__import__("sys").modules, "xy_test_absent_provider", absent)
-    loaded = providers._load(["xy_test_absent_provider", "xy_inductor.kernels.cpu"])
+    loaded = providers._load(["xy_test_absent_provider", "xy_inductor.kernels.aten"])
     assert [p.name for p in loaded] == ["aten"]
+
+
+def test_every_provider_says_whether_it_can_run_here():
+    listed = dict(providers.describe())
+    assert list(listed) == ["triton", "aten"] and listed["aten"] is None
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in listed["triton"] or "not installed" in listed["triton"]
+
+
+def test_a_checker_that_returns_neither_accept_nor_reason_is_a_clear_error():
+    sloppy = Provider(
+        name="sloppy",
+        unavailable=lambda: None,
+        kernels={"gemm": OpKernel(lambda call: None, lambda call, accept: None)},
+    )
+    with (
+        providers.use_providers([sloppy, aten.PROVIDER]),
+        pytest.raises(TypeError, match="sloppy provider's checker returned None"),
+    ):
+        gemm(randn(3, 8), randn(4, 8, seed=1), None)
+
+
+def test_the_provider_list_is_local_to_a_thread():
+    import threading
+
+    seen = []
+    with providers.use_providers([_picky_provider([]), aten.PROVIDER]):
+        other = threading.Thread(target=lambda: seen.append(providers.active_providers()))
+        other.start()
+        other.join()
+        assert providers.active_providers()[0].name == "picky"
+    assert [p.name for p in seen[0]] == [p.name for p in providers.active_providers()]
 
 
 def test_use_providers_validates_its_argument():

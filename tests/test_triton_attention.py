@@ -16,14 +16,19 @@ from test_attention_plan import _layouts, reference
 import xy_inductor
 from xy_inductor import hf
 from xy_inductor import workload as wl
-from xy_inductor.kernels import cpu
+from xy_inductor.kernels import aten
 from xy_inductor.kernels import triton as triton_provider
 from xy_inductor.kernels.triton_attention import menu_for, triton_attention
 from xy_inductor.runtime import providers
-from xy_inductor.runtime.attention_plan import plan_attention
-from xy_inductor.runtime.providers import Provider
+from xy_inductor.runtime.attention_plan import AttentionMenu, plan_attention
+from xy_inductor.runtime.calls import DenseAttention
+from xy_inductor.runtime.providers import Accept, Provider
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def kernel_menu(group: int, workers: int, kv_chunk: int = 512) -> AttentionMenu:
+    return AttentionMenu(**menu_for(group, workers, kv_chunk))
 
 
 def _case(data, rows, group, head_dim, block_size, causal, window, dtype, seed, longest):
@@ -35,7 +40,7 @@ def _case(data, rows, group, head_dim, block_size, causal, window, dtype, seed, 
     ks = [torch.randn(kv, hkv, head_dim, generator=gen).to(dtype) for kv in kv_lens]
     vs = [torch.randn(kv, hkv, head_dim, generator=gen).to(dtype) for kv in kv_lens]
     dense, paged = _layouts(ks, vs, kv_lens, block_size, hkv, head_dim, gen)
-    menu = menu_for(group, workers=3, kv_chunk=data.draw(st.sampled_from([32, 64])))
+    menu = kernel_menu(group, workers=3, kv_chunk=data.draw(st.sampled_from([32, 64])))
     plan = plan_attention(q_lens, kv_lens, causal=causal, window=window, kv_heads=hkv, menu=menu)
     want = reference(q, ks, vs, q_lens, kv_lens, causal, window, head_dim**-0.5)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
@@ -83,7 +88,7 @@ def test_kernel_matches_float64_for_token_tables_up_to_300(**kw):
 
 def test_a_row_with_no_keys_reads_zeros_like_sdpa():
     # Non-causal rows may have no keys at all: every key is masked, SDPA gives zeros.
-    plan = plan_attention([3, 2], [0, 5], causal=False, kv_heads=1, menu=menu_for(1, 2))
+    plan = plan_attention([3, 2], [0, 5], causal=False, kv_heads=1, menu=kernel_menu(1, 2))
     q = torch.randn(5, 1, 16, device=DEVICE)
     k = v = torch.randn(2, 1, 5, 16, device=DEVICE)
     out = torch.full((5, 1, 16), float("nan"), device=DEVICE)
@@ -94,7 +99,8 @@ def test_a_row_with_no_keys_reads_zeros_like_sdpa():
 
 
 def test_tiles_larger_than_the_kernel_block_are_refused():
-    plan = plan_attention([100], [100], causal=True, kv_heads=1)  # CPU menu: tiles of 128
+    cpu_menu = AttentionMenu(**aten.MENU)  # tiles of 128
+    plan = plan_attention([100], [100], causal=True, kv_heads=1, menu=cpu_menu)
     q = torch.randn(100, 4, 16, device=DEVICE)
     k = v = torch.randn(1, 1, 100, 16, device=DEVICE)
     with pytest.raises(ValueError, match="plan with menu_for"):
@@ -106,10 +112,10 @@ def triton_attention_first():
     # Only attention through Triton: the GEMMs stay on ATen (the interpreter is slow).
     only_attention = Provider(
         name="triton",
-        available=lambda: True,
+        unavailable=lambda: None,
         kernels={"attention": triton_provider.PROVIDER.kernels["attention"]},
     )
-    with providers.use_providers([only_attention, cpu.PROVIDER]):
+    with providers.use_providers([only_attention, aten.PROVIDER]):
         yield
 
 
@@ -134,17 +140,20 @@ def test_provider_declines_masks_that_are_not_rows(triton_attention_first):
     window = torch.ones(8, 8, dtype=torch.bool).tril() & ~torch.ones(8, 8, dtype=torch.bool).tril(
         -3
     )
-    reason = triton_provider.check_attention(q, k, v, window[None, None], False, None)
+    call = DenseAttention(q, k, v, window[None, None], False, None)
+    reason = triton_provider.check_attention(call)
     assert reason.startswith("mask is not rows of padding")
-    assert triton_provider.check_attention(q, k, v, None, True, None) is None
-    assert math.isfinite(float(triton_provider.run_attention(q, k, v, None, True, None).sum()))
+    call = DenseAttention(q, k, v, None, True, None)
+    accept = triton_provider.check_attention(call)
+    assert isinstance(accept, Accept) and accept.path == "rows"
+    assert math.isfinite(float(triton_provider.run_attention(call, accept).sum()))
 
 
-def test_split_query_tiles_are_merged_inside_the_launch():
+def test_split_query_tiles_are_merged_by_a_second_launch():
     # Decode rows over 200 keys in chunks of 32: every query tile is split in 7 parts.
     gen = torch.Generator().manual_seed(7)
     q_lens, kv_lens = [1, 1, 3], [200, 131, 64]
-    plan = plan_attention(q_lens, kv_lens, causal=True, kv_heads=2, menu=menu_for(4, 3, 32))
+    plan = plan_attention(q_lens, kv_lens, causal=True, kv_heads=2, menu=kernel_menu(4, 3, 32))
     assert plan.split
     q = torch.randn(5, 8, 64, generator=gen)
     ks = [torch.randn(n, 2, 64, generator=gen) for n in kv_lens]
@@ -156,3 +165,71 @@ def test_split_query_tiles_are_merged_inside_the_launch():
     )
     want = reference(q, ks, vs, q_lens, kv_lens, True, None, 0.125)
     assert ((got.double().cpu() - want).norm() / want.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("strided", ["q", "k", "v"])
+def test_inputs_strided_in_the_head_dim_are_declined_not_misread(strided):
+    # Regression: the kernel assumed stride(-1) == 1 and neither checker tested it; a q with
+    # stride(-1) == 2 was accepted and gave a max error of 1.65.
+    gen = torch.Generator().manual_seed(11)
+    args, (q, ks, vs) = varlen_inputs(gen)
+    q_, k_, v_ = args[:3]
+    wide = {"q": q_, "k": k_, "v": v_}[strided]
+    spread = torch.zeros(*wide.shape[:-1], 2 * wide.shape[-1], dtype=wide.dtype)
+    spread[..., ::2] = wide
+    view = spread[..., ::2]
+    assert view.stride(-1) == 2 and torch.equal(view, wide)
+    args = (*(view if a is wide else a for a in args[:3]), *args[3:])
+    with providers.use_providers([triton_provider.PROVIDER, aten.PROVIDER]):
+        got = torch.ops.xyserve.attention_varlen(*args)
+    want = reference(q, ks, vs, [5, 1, 9], [5, 40, 30], True, None, 64**-0.5)
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
+    stats = xy_inductor.stats()
+    assert stats.paths["attention_varlen"] == {"aten/plan": 1}
+    reason = "triton: q, k or v not contiguous in the head dim (it would need a copy)"
+    assert stats.declined["attention_varlen"] == {reason: 1}
+    plan = plan_attention([5, 1, 9], [5, 40, 30], causal=True, kv_heads=2, menu=kernel_menu(2, 4))
+    with pytest.raises(ValueError, match=f"{strided} must be contiguous in its last dim"):
+        triton_attention(plan, *args[:3], [5, 40, 30], scale=0.125, block_table=args[5],
+                         block_size=16)  # fmt: skip
+
+
+def varlen_inputs(gen):
+    """A prefill, a decode and a chunked-prefill row over a paged cache (blocks of 16)."""
+    q_lens, kv_lens = [5, 1, 9], [5, 40, 30]
+    q = torch.randn(sum(q_lens), 4, 64, generator=gen)
+    ks = [torch.randn(n, 2, 64, generator=gen) for n in kv_lens]
+    vs = [torch.randn(n, 2, 64, generator=gen) for n in kv_lens]
+    _, (k, v, table) = _layouts(ks, vs, kv_lens, 16, 2, 64, gen)
+    cu = torch.tensor([0, 5, 6, 15], dtype=torch.int32)
+    kv = torch.tensor(kv_lens, dtype=torch.int32)
+    return (q, k, v, cu, kv, table), (q, ks, vs)
+
+
+def test_tables_are_built_once_per_plan_and_shared_by_layers():
+    gen = torch.Generator().manual_seed(12)
+    args, _ = varlen_inputs(gen)
+    args = tuple(a.to(DEVICE) for a in args)
+    with providers.use_providers([triton_provider.PROVIDER, aten.PROVIDER]):
+        first = torch.ops.xyserve.attention_varlen(*args)
+        menu = kernel_menu(2, triton_provider._menu(args[0], 2)["workers"])
+        plan = plan_attention([5, 1, 9], [5, 40, 30], causal=True, kv_heads=2, menu=menu)
+        tables, rows = (
+            plan.cache[("triton", args[0].device)],
+            plan.cache[("triton rows", args[0].device)],
+        )
+        for _ in range(3):  # the next layers of the step
+            torch.testing.assert_close(torch.ops.xyserve.attention_varlen(*args), first)
+        assert plan.cache[("triton", args[0].device)] is tables
+        assert plan.cache[("triton rows", args[0].device)] is rows
+        # The next decode step (one more key per row, same shape class): same plan and tables,
+        # new row arrays.
+        longer = (
+            *args[:4],
+            args[4] + torch.tensor([0, 1, 0], dtype=torch.int32, device=DEVICE),
+            args[5],
+        )
+        torch.ops.xyserve.attention_varlen(*longer)
+        assert plan.cache[("triton", args[0].device)] is tables
+        assert plan.cache[("triton rows", args[0].device)] is not rows
+    assert xy_inductor.stats().paths["attention_varlen"] == {"triton/plan": 5}

@@ -11,11 +11,13 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 import xy_inductor
-from xy_inductor.kernels import cpu
+from xy_inductor.kernels import aten
 from xy_inductor.kernels import triton as triton_provider
 from xy_inductor.kernels import triton_gemm as tg
 from xy_inductor.runtime import providers
-from xy_inductor.runtime.gemm_plan import MENUS
+from xy_inductor.runtime.calls import GemmCall
+from xy_inductor.runtime.gemm_plan import MENUS, plan_gemm
+from xy_inductor.runtime.providers import Accept
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TILES = MENUS["triton"].tiles
@@ -74,12 +76,39 @@ def test_bad_out_is_a_clear_error():
         tg.triton_gemm(torch.randn(2, 4), torch.randn(3, 4), None, TILES[0], torch.empty(3, 2))
 
 
+def test_row_offsets_past_2_to_the_31_do_not_wrap():
+    # Regression: offs_m * stride_xm (and offs_n * stride_wn, offs_m * stride_om) were int32;
+    # on a large-vocabulary lm_head with a raised max_tokens, M x N passes 2**31 elements. Here
+    # row 2 of x lies 2**31 elements past row 0 (each factor fits int32, the product does
+    # not); a wrapped offset read the buffer's start instead (max error 175.8). The buffer is 8
+    # GiB of address space, of which only the pages written are ever touched.
+    k, n = 16, 64
+    big = torch.empty(2**32 + 4 * k, dtype=torch.bfloat16, device=DEVICE)
+    x = big[2**31 :].as_strided((3, k), (2**30, 1))
+    g = torch.Generator().manual_seed(3)
+    x.copy_(torch.randn(3, k, generator=g).to(torch.bfloat16))
+    big[: 4 * k] = -7.0  # where a wrapped offset would read
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16).to(DEVICE)
+    got = tg.triton_gemm(x, w, None, TILES[0])
+    want = F.linear(x.double(), w.double())
+    assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-2
+
+
+def test_inputs_that_are_not_rows_are_refused_not_copied():
+    x = torch.randn(8, 2, 32, device=DEVICE).transpose(0, 1)  # [2, 8, 32]: rows do not collapse
+    assert triton_provider.row_stride(x) is None
+    assert triton_provider.row_stride(torch.randn(4, 64, device=DEVICE)[:, ::2]) is None
+    assert triton_provider.row_stride(torch.randn(4, 3, 64, device=DEVICE)[:, 1:2]) == 192
+    with pytest.raises(ValueError, match="not a view of \\[M, K\\] rows"):
+        tg.triton_gemm(x, torch.randn(8, 32, device=DEVICE), None, TILES[0])
+
+
 # -- the provider --------------------------------------------------------------------------
 
 
 @pytest.fixture
 def triton_first():
-    with providers.use_providers([triton_provider.PROVIDER, cpu.PROVIDER]):
+    with providers.use_providers([triton_provider.PROVIDER, aten.PROVIDER]):
         yield
 
 
@@ -102,32 +131,37 @@ def test_provider_serves_compiled_gemms_and_declines_above_max_tokens(triton_fir
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
     s = xy_inductor.stats()
     assert s.calls["gemm"] == {"triton": 6, "aten": 2}  # M=65 > max_tokens runs on ATen
+    assert s.paths["gemm"] == {"triton/smoothgemm": 6, "aten/linear": 2}
     assert s.declined["gemm"] == {"triton: M above max_tokens": 2}
     assert s.gemm_over_max_tokens == 2
 
 
 def test_provider_declines_what_it_cannot_serve(triton_first):
-    check = triton_provider.check_gemm
+    def check(x, w, b, max_tokens):
+        return triton_provider.check_gemm(GemmCall(x, w, b, max_tokens))
+
     x, w = torch.randn(4, 32, device=DEVICE), torch.randn(8, 32, device=DEVICE)
-    assert check(x, w, None, 8192) is None
+    accept = check(x, w, None, 8192)
+    assert accept == Accept("smoothgemm", MENUS["triton"].tiles[0])  # the plan's tile for M=4
     assert check(x.double(), w.double(), None, 8192).startswith("torch.float64")
     assert check(x, w, None, 3) == "M above max_tokens"
     unaligned = torch.randn(4 * 32 + 1, device=DEVICE)[1:].view(4, 32)
     assert check(unaligned, w, None, 8192) == "input not 16-byte aligned"
     strided = torch.randn(8, 64, device=DEVICE)[:, ::2]
     assert check(x, strided, None, 8192) == "weight strided in both dims"
+    assert check(strided, w, None, 8192).startswith("x is not [M, K] rows")
 
 
-def test_warm_up_compiles_every_variant_m_1_to_300_needs(triton_first):
-    """The first request compiles nothing: the compile keys Triton computes for every call
-    with M = 1…300 are among those the backend warmed at compile time."""
+def _serve_after_warm_up(rows: list[int]) -> None:
+    """The first request compiles nothing: the compile keys Triton computes for calls with
+    these M are among those the backend warmed at compile time."""
     model = _Mlp().eval().to(DEVICE)
     compiled = xy_inductor.compile(model, max_tokens=300)
     with tg.record_launch_keys() as keys, torch.no_grad():
         compiled(torch.randn(2, 48, device=DEVICE))  # compiles the graph: warms the kernels
         warmed = set(keys)
         variants = tg.compiled_variants()
-        for m in range(1, 301):
+        for m in rows:
             compiled(torch.randn(m, 48, device=DEVICE))
     # Dynamo compiles a second graph for M=1 (it specialises size 1); that compile warms the
     # same variants again, so the keys stay the warmed ones.
@@ -135,7 +169,20 @@ def test_warm_up_compiles_every_variant_m_1_to_300_needs(triton_first):
     assert xy_inductor.stats().kernels_warmed == 2 * len(warmed) > 0
     assert keys == warmed, f"compiled while serving: {keys - warmed}"
     assert tg.compiled_variants() == variants  # on CUDA: Triton's own cache did not grow
-    assert xy_inductor.stats().calls["gemm"] == {"triton": 2 * 301}
+    assert xy_inductor.stats().calls["gemm"] == {"triton": 2 * (len(rows) + 1)}
+
+
+def test_warm_up_compiles_every_variant_serving_needs(triton_first):
+    # Both sides of every bucket edge of the two GEMMs' plans (M = 1…300), and odd values.
+    plans = [plan_gemm(n, k, dtype=torch.float32, max_tokens=300) for n, k in ((80, 48), (48, 80))]
+    edges = {b.lo for plan in plans for b in plan.buckets}
+    rows = sorted({1, 7, 37, 129, 255, 300} | {m for e in edges for m in (e - 1, e) if m >= 1})
+    _serve_after_warm_up(rows)
+
+
+@pytest.mark.slow
+def test_warm_up_compiles_every_variant_m_1_to_300_needs(triton_first):
+    _serve_after_warm_up(list(range(1, 301)))
 
 
 def test_compile_key_ignores_m_but_not_tile_or_dtype():

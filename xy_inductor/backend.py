@@ -19,8 +19,9 @@ from xy_inductor.config import BACKEND_OPTIONS, XyConfig
 from xy_inductor.lowering import lay_out_weights, lower_graph, sibling_parameters
 from xy_inductor.runtime import providers
 from xy_inductor.runtime import stats as _stats
+from xy_inductor.runtime.calls import GemmWeight
 from xy_inductor.runtime.ops import DIRECT_CALLS, stacked_rows
-from xy_inductor.runtime.shape_guards import ShapeCheck, check_shapes
+from xy_inductor.shape_guards import ShapeCheck, check_shapes
 
 __all__ = ["compile_graph", "fallback_reason", "make_backend", "xyserve_backend"]
 
@@ -157,7 +158,7 @@ def _warm_up(gemms: list, max_tokens: int) -> int:
         seen.add(key)
         rows = (max(lo, 1), min(hi if hi is not None else max_tokens, max_tokens))
         variants += providers.prepare(
-            "gemm", weight, has_bias=has_bias, max_tokens=max_tokens, rows=rows
+            "gemm", GemmWeight(weight, has_bias=has_bias, max_tokens=max_tokens, rows=rows)
         )
     return variants
 

@@ -20,7 +20,7 @@ import torch.fx
 from xy_inductor.backend import fallback_reason
 from xy_inductor.config import XyConfig
 from xy_inductor.lowering import GraphReport, Site, lower_graph
-from xy_inductor.runtime.shape_guards import ShapeCheck, check_shapes
+from xy_inductor.shape_guards import ShapeCheck, check_shapes
 
 __all__ = ["ExplainReport", "explain"]
 

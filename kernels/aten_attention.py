@@ -1,9 +1,9 @@
-"""Meta-attention on the CPU: run an ``AttentionPlan`` with batched ATen calls.
+"""Meta-attention with ATen calls: the ATen provider's executors of an ``AttentionPlan``.
 
-The plan's tiles are executed in batches of equal query-tile size: the batch's query rows and
-key chunks are gathered once (``index_select``-style advanced indexing), one batched matmul
-computes every tile's scores, the in-tile mask (causal diagonal, window edge, tail of a row,
-optional dense mask block) is applied, a softmax with its running max and sum gives each tile's
+``run_plan`` (the generic executor) runs the plan's tiles in batches of equal query-tile size:
+the batch's query rows and key chunks are gathered once (``index_select``-style advanced
+indexing), one batched matmul computes every tile's scores, the in-tile mask (causal diagonal,
+window edge, tail of a row) is applied, a softmax with its running max and sum gives each tile's
 partial output, and chunks of one query tile are merged with a log-sum-exp update. There is no
 Python loop per tile: the loop is over batches (bounded by a memory budget).
 
@@ -20,14 +20,15 @@ zeros, as ``F.scaled_dot_product_attention`` does.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from xy_inductor.runtime.attention_plan import AttentionPlan
+if TYPE_CHECKING:  # the runtime's plan, for annotations only: kernels never import the runtime
+    from xy_inductor.runtime.attention_plan import AttentionPlan
 
-__all__ = ["run_plan"]
+__all__ = ["run_dense", "run_plan"]
 
 # Score elements (tiles × heads × query rows × keys) computed per batch: bounds the memory of
 # the gathered operands and scores (about 4 bytes × 4 of these at fp32).
@@ -60,14 +61,12 @@ def run_plan(
     scale: float,
     block_table: torch.Tensor | None = None,
     block_size: int | None = None,
-    mask: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of packed queries ``q [Tq, Hq, D]`` over each row's keys, per ``plan``.
 
-    ``kv_lens`` are this run's KV lengths (checked against the plan). ``mask`` (dense layout
-    only) is ``[B, 1 or Hq, max q_len, Lk]``, bool or additive, indexed by row, query index
-    within the row and key position. Returns ``out [Tq, Hq, Dv]``, every element written.
+    ``kv_lens`` are this run's KV lengths (checked against the plan). Returns ``out [Tq, Hq,
+    Dv]``, every element written.
     """
     table = plan.table
     plan.check(table.q_len, kv_lens)
@@ -129,20 +128,6 @@ def run_plan(
             if plan.window is not None:
                 allowed &= kpos[:, None, :] > qpos[:, :, None] - plan.window
             s = s.masked_fill(~allowed[:, None, None], float("-inf"))
-            if mask is not None:
-                block = mask[
-                    rows[:, None, None], :, torch.where(q_ok, qi, 0)[:, :, None], k_safe[:, None, :]
-                ]
-                block = block.permute(0, 3, 1, 2)  # [n, H', T, C]
-                block = (
-                    block.reshape(n, -1, 1, size, chunk)
-                    if block.shape[1] == 1
-                    else block.reshape(n, hkv, g, size, chunk)
-                )
-                if block.dtype == torch.bool:
-                    s = s.masked_fill(~block, float("-inf"))
-                else:
-                    s = s + block.float()
             # -- softmax pieces, merged into the query tile's running max and sum -------------
             m = s.amax(dim=-1)  # [n, Hkv, g, T]
             m_safe = torch.where(torch.isinf(m), 0.0, m)
@@ -195,111 +180,10 @@ def run_plan(
 # -- dense layout, rows known by their lengths: no gathers ------------------------------------
 #
 # When K/V are a dense [B, Hkv, L, D] cache and each row's keys are one contiguous range of it
-# (right or left padding), the plan's tiles can be computed on views: short rows (decode,
-# verify) all at once against the whole cache, masked per row; long rows by diagonals of the
-# tile grid, each diagonal one batched matmul (the tiles (i, i - d) of a row are equally spaced
-# in both Q and K), plus the keys before the row's queries (a prefix-cached or chunked prefill)
-# in chunks. The loops are over diagonals and prefix chunks, never over tiles.
-
-
-class _Online:
-    """Running max, sum and weighted values per query row: the flash-attention update."""
-
-    def __init__(self, shape: tuple[int, ...], dv: int, device: torch.device) -> None:
-        self.m = torch.full(shape, float("-inf"), device=device)
-        self.l = torch.zeros(shape, device=device)
-        self.acc = torch.zeros((*shape, dv), device=device)
-
-    def update(self, sl: slice, s: torch.Tensor, v: torch.Tensor) -> None:
-        """Fold scores ``s [..., keys]`` (masked with -inf) and values ``v [..., keys, Dv]``
-        into the rows ``sl`` selects."""
-        m_old = self.m[sl]
-        m_new = torch.maximum(m_old, s.amax(dim=-1))
-        m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)
-        alpha = torch.exp(m_old - m_safe)  # 0 where nothing was seen yet
-        p = torch.exp(s - m_safe[..., None])
-        self.l[sl] = self.l[sl] * alpha + p.sum(dim=-1)
-        self.acc[sl] = self.acc[sl] * alpha[..., None] + torch.matmul(p, v)
-        self.m[sl] = m_new
-
-    def result(self) -> torch.Tensor:
-        return self.acc / torch.where(self.l > 0, self.l, 1.0)[..., None]
-
-
-def attend_long_row(
-    q_row: torch.Tensor,
-    k_row: torch.Tensor,
-    v_row: torch.Tensor,
-    *,
-    causal: bool,
-    window: int | None,
-    tile: int,
-    scale: float,
-) -> tuple[torch.Tensor, int]:
-    """One row: queries ``[ql, Hq, D]`` (the row's last ql tokens) over keys ``[Hkv, kl, D]``.
-
-    Returns ``[ql, Hq, Dv]`` and the number of (tile × tile-or-chunk) blocks computed.
-    """
-    ql, hq, d = q_row.shape
-    hkv, kl, dv = k_row.shape[0], k_row.shape[1], v_row.shape[2]
-    g, off = hq // hkv, kl - ql
-    n = math.ceil(ql / tile)
-    device = q_row.device
-    # One copy each, padded to whole tiles: Q as [n, Hkv, g*T, D] (scaled), the row's own keys
-    # as tiles [n, Hkv, T, D] aligned with the query tiles.
-    qt = q_row.new_zeros((n * tile, hq, d), dtype=torch.float32)
-    qt[:ql] = q_row
-    qt = (qt * scale).view(n, tile, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(n, hkv, g * tile, d)
-    ks = k_row.new_zeros((hkv, n * tile, d), dtype=torch.float32)
-    vs = v_row.new_zeros((hkv, n * tile, dv), dtype=torch.float32)
-    ks[:, :ql] = k_row[:, off:]
-    vs[:, :ql] = v_row[:, off:]
-    ks = ks.view(hkv, n, tile, d).transpose(0, 1)  # [n, Hkv, T, D]
-    vs = vs.view(hkv, n, tile, dv).transpose(0, 1)
-    # KV position of every query row in the [g*T] layout: [n, 1, g*T]
-    qpos = (off + torch.arange(n * tile, device=device)).view(n, 1, 1, tile)
-    qpos = qpos.expand(n, 1, g, tile).reshape(n, 1, g * tile)
-    state = _Online((n, hkv, g * tile), dv, device)
-    blocks = 0
-
-    def allowed(kpos: torch.Tensor, qp: torch.Tensor) -> torch.Tensor:
-        ok = kpos < kl
-        if causal:
-            ok = ok & (kpos <= qp)
-        if window is not None:
-            ok = ok & (kpos > qp - window)
-        return ok
-
-    # -- the row's own keys: diagonals d of the tile grid (key tile j = i - d) ----------------
-    diagonals = range(n) if causal else range(-(n - 1), n)
-    for dg in diagonals:
-        if window is not None and dg * tile - (tile - 1) >= window:
-            break  # every pair of this diagonal is older than the window
-        lo, hi = max(dg, 0), n + min(dg, 0)  # query tiles i with 0 <= i - dg < n
-        s = torch.matmul(qt[lo:hi], ks[lo - dg : hi - dg].transpose(-1, -2))
-        edge = dg <= 0 or window is not None or hi - dg == n  # diagonal, window or tail tile
-        if edge:
-            kpos = (off + (torch.arange(lo - dg, hi - dg, device=device) * tile)[:, None]
-                    + torch.arange(tile, device=device))  # fmt: skip
-            s = s.masked_fill(
-                ~allowed(kpos[:, None, None, :], qpos[lo:hi, :, :, None]), float("-inf")
-            )
-        state.update(slice(lo, hi), s, vs[lo - dg : hi - dg])
-        blocks += hi - lo
-    # -- keys before the row's queries, in chunks of one tile -----------------------------------
-    for c1 in range(off, 0, -tile):
-        c0 = max(c1 - tile, 0)
-        if window is not None and c1 - 1 <= off - window:
-            break  # older than the window for every query
-        kc = k_row[:, c0:c1].float()
-        s = torch.matmul(qt, kc.transpose(-1, -2).unsqueeze(0))  # [n, Hkv, g*T, c]
-        if window is not None:
-            kpos = torch.arange(c0, c1, device=device)
-            s = s.masked_fill(~allowed(kpos, qpos[..., None]), float("-inf"))
-        state.update(slice(None), s, v_row[:, c0:c1].float().unsqueeze(0))
-        blocks += n
-    out = state.result().view(n, hkv, g, tile, dv).permute(0, 3, 1, 2, 4)
-    return out.reshape(n * tile, hq, dv)[:ql], blocks
+# (right or left padding), the rows run on views of the cache through ATen's fused CPU flash
+# kernel: short rows (decode, verify) all at once against the whole cache, masked per row; long
+# rows one by one, their causal square in one call and the keys before it (a prefix-cached or
+# chunked prefill) in a second, merged by log-sum-exp.
 
 
 def attend_short_rows(
@@ -311,7 +195,6 @@ def attend_short_rows(
     kv_len: torch.Tensor,
     *,
     causal: bool,
-    window: int | None,
     scale: float,
     sees_all: bool = False,
 ) -> torch.Tensor:
@@ -332,8 +215,6 @@ def attend_short_rows(
     ok = (kpos >= 0) & (kpos < kv_len[:, None, None, None])
     if causal:
         ok = ok & (kpos <= qpos)
-    if window is not None:
-        ok = ok & (kpos > qpos - window)
     # [B, 1, T, L]; when every row sees the whole cache (uniform decode) there is no mask at all.
     mask = (
         None
@@ -389,7 +270,8 @@ def run_dense(
     scale: float,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention over a dense cache whose rows are known by their lengths (left or right padded).
+    """Attention over a dense cache whose rows are known by their lengths (left or right padded),
+    causal or full (``plan`` has no window: rows come from masks of padding).
 
     q ``[B, Hq, Lq, D]`` with row r's ``plan.table.q_len[r]`` queries ending before
     ``q_end[r]``; k/v ``[B, Hkv, L, D]`` with row r's keys at ``kv_start[r] :
@@ -398,6 +280,8 @@ def run_dense(
     """
     table = plan.table
     plan.check(table.q_len, kv_lens)
+    if plan.window is not None:
+        raise ValueError("run_dense: rows of a dense cache are planned without a window")
     b, hq, lq, _ = q.shape
     if out is None:
         out = q.new_empty((b, hq, lq, v.shape[3]))
@@ -424,10 +308,8 @@ def run_dense(
             torch.tensor([kv_start[r] for r in short]),
             torch.tensor([kv_lens[r] for r in short]),
             causal=plan.causal,
-            window=plan.window,
             scale=scale,
             sees_all=every
-            and plan.window is None
             and all(kv_start[r] == 0 and kv_lens[r] == k.shape[2] for r in short)
             and (not plan.causal or all(table.q_len[r] == 1 for r in short)),
         )
@@ -443,18 +325,7 @@ def run_dense(
         q_row = q[r, :, q_end[r] - n : q_end[r]]
         k_row = k[r, :, kv_start[r] : kv_start[r] + kv_lens[r]]
         v_row = v[r, :, kv_start[r] : kv_start[r] + kv_lens[r]]
-        if plan.window is None:
-            got = attend_row_fused(q_row, k_row, v_row, causal=plan.causal, scale=scale)
-        else:
-            got, _ = attend_long_row(
-                q_row.transpose(0, 1),
-                k_row,
-                v_row,
-                causal=plan.causal,
-                window=plan.window,
-                tile=table.q_tile[r],
-                scale=scale,
-            )
-            got = got.transpose(0, 1)
-        out[r, :, q_end[r] - n : q_end[r]] = got
+        out[r, :, q_end[r] - n : q_end[r]] = attend_row_fused(
+            q_row, k_row, v_row, causal=plan.causal, scale=scale
+        )
     return out

@@ -1,0 +1,134 @@
+"""The ATen provider: every xyserve op as ATen calls. Every device's fallback.
+
+It accepts any call on any device, which is why it stays last in the provider list. What it
+decides per call:
+
+- ``gemm``: ``F.linear`` (path ``linear``); ATen blocks every M itself.
+- ``attention``: on the CPU, a call big enough to be worth planning whose mask is rows of
+  padding runs each sequence at its own length (path ``rows``, ``aten_attention.run_dense``),
+  so nothing is computed for padding; anything else is one SDPA call (path ``sdpa``).
+- ``attention_varlen``: the generic executor over the plan's tiles (path ``plan``,
+  ``aten_attention.run_plan``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from xy_inductor.kernels.aten_attention import run_dense, run_plan
+from xy_inductor.kernels.contract import Accept, OpKernel, Provider
+
+if TYPE_CHECKING:  # the runtime's call objects, for annotations only
+    from xy_inductor.runtime.calls import DenseAttention, GemmCall, VarlenAttention
+
+__all__ = ["MENU", "PLANNED_MIN_SCORES", "PROVIDER", "provider"]
+
+# The planner's menu for the CPU executors: query tiles per row length, keys per chunk, and
+# how many tasks run at once.
+MENU = {"q_tiles": (1, 16, 64, 128), "kv_chunk": 512, "workers": 2}
+
+# Below this many scores (B × Lq × Lk) one dense SDPA call costs less than recognising rows and
+# planning them (a tiny model's decode step); above it, skipping padding pays.
+PLANNED_MIN_SCORES = 1 << 18
+
+_LINEAR = Accept("linear")
+_SDPA = Accept("sdpa")
+
+
+def check_gemm(call: GemmCall) -> Accept:
+    return _LINEAR
+
+
+def run_gemm(call: GemmCall, accept: Accept) -> torch.Tensor:
+    return F.linear(call.x, call.weight, call.bias)
+
+
+def _check_attention(call: DenseAttention, planned_min_scores: int) -> Accept:
+    if call.q.device.type != "cpu" or call.scores < planned_min_scores:
+        return _SDPA
+    rows = call.rows()
+    if rows is None:
+        return _SDPA
+    return Accept("rows", (rows, call.plan(rows, **MENU)))
+
+
+def check_attention(call: DenseAttention) -> Accept:
+    return _check_attention(call, PLANNED_MIN_SCORES)
+
+
+def run_attention(call: DenseAttention, accept: Accept) -> torch.Tensor:
+    q, k, v = call.q, call.k, call.v
+    if accept.path == "rows":
+        rows, plan = accept.decision
+        return run_dense(
+            plan,
+            q,
+            k,
+            v,
+            q_end=rows.q_end,
+            kv_start=rows.kv_start,
+            kv_lens=rows.kv_len,
+            scale=call.softmax_scale,
+            out=call.new_output(),
+        )
+    # enable_gqa lets SDPA read the Hkv heads directly instead of repeating K and V.
+    out = F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=call.attn_mask,
+        is_causal=call.is_causal,
+        scale=call.scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    # The op promises the [B, Lq, H, D] memory layout of its fake implementation. Some SDPA
+    # kernels write [B, H, Lq, D]; then one copy fixes it (the transpose that follows attention
+    # in the model would have copied anyway). is_contiguous ignores strides of size-1 dims.
+    if not out.transpose(1, 2).is_contiguous():
+        out = call.new_output().copy_(out)
+    return out
+
+
+def check_attention_varlen(call: VarlenAttention) -> Accept:
+    return Accept("plan", call.plan(**MENU))
+
+
+def run_attention_varlen(call: VarlenAttention, accept: Accept) -> torch.Tensor:
+    return run_plan(
+        accept.decision,
+        call.q,
+        call.k_cache,
+        call.v_cache,
+        call.kv_lens,
+        scale=call.softmax_scale,
+        block_table=call.block_table,
+        block_size=call.block_size,
+    )
+
+
+def provider(*, planned_min_scores: int = PLANNED_MIN_SCORES) -> Provider:
+    """The ATen provider; ``planned_min_scores`` (default ``PLANNED_MIN_SCORES``) is the
+    smallest B × Lq × Lk a dense CPU call needs to be run as planned rows (tests pass 0 to run
+    every call with rows that way)."""
+    if planned_min_scores == PLANNED_MIN_SCORES:
+        attention = check_attention
+    else:
+
+        def attention(call: DenseAttention) -> Accept:
+            return _check_attention(call, planned_min_scores)
+
+    return Provider(
+        name="aten",
+        unavailable=lambda: None,
+        kernels={
+            "gemm": OpKernel(check_gemm, run_gemm),
+            "attention": OpKernel(attention, run_attention),
+            "attention_varlen": OpKernel(check_attention_varlen, run_attention_varlen),
+        },
+    )
+
+
+PROVIDER = provider()
