@@ -98,8 +98,12 @@ def compare(args: argparse.Namespace) -> list[dict]:
         )
         if device == "cuda":
             from xy_inductor.kernels.triton import warm_up_gemm
+            from xy_inductor.runtime.calls import GemmWeight
 
-            warm_up_gemm(w, has_bias=False, max_tokens=args.max_tokens)
+            rows_served = (1, args.max_tokens)
+            warm_up_gemm(
+                GemmWeight(w, has_bias=False, max_tokens=args.max_tokens, rows=rows_served)
+            )
         for m in args.m:
             x = torch.randn(m, k, generator=gen).to(dtype).to(device)
             before = xy_inductor.stats().calls.get("gemm", {})

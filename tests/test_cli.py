@@ -47,3 +47,12 @@ def test_plan_prints_the_buckets_and_rejects_bad_sizes():
     assert "m16n64k128" in out.stdout
     bad = subprocess.run([SCRIPT, "plan", "0", "4096"], capture_output=True, text=True)
     assert bad.returncode == 2 and "n must be a positive int" in bad.stderr
+
+
+def test_providers_lists_what_runs_here_and_why_not_the_rest():
+    out = subprocess.run([SCRIPT, "providers"], capture_output=True, text=True, check=True)
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("triton") and lines[1].split() == ["aten", "available"]
+    if "unavailable" in lines[0]:
+        assert "no CUDA device" in lines[0] or "not installed" in lines[0]
+    assert lines[-1].startswith("xyserve ops try, in order:") and lines[-1].endswith("aten")

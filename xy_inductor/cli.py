@@ -1,4 +1,4 @@
-"""The ``xyserve`` console script: ``demo``, ``bench``, ``explain``, ``plan``."""
+"""The ``xyserve`` console script: ``demo``, ``bench``, ``explain``, ``plan``, ``providers``."""
 
 from __future__ import annotations
 
@@ -132,6 +132,19 @@ def plan_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def providers_cmd(args: argparse.Namespace) -> int:
+    """Which kernel providers this machine can run, in priority order, and why not the others."""
+    from xy_inductor.runtime import providers
+
+    listed = providers.describe()
+    width = max(len(name) for name, _ in listed)
+    for name, reason in listed:
+        print(f"{name:<{width}}  {'available' if reason is None else 'unavailable: ' + reason}")
+    active = ", ".join(p.name for p in providers.active_providers())
+    print(f"xyserve ops try, in order: {active}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from xy_inductor.bench import CONFIGS
 
@@ -165,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=8192)
     p.add_argument("--provider", choices=["triton", "aten"], default="triton")
     p.set_defaults(run=plan_cmd)
+    p = sub.add_parser("providers", help=providers_cmd.__doc__)
+    p.set_defaults(run=providers_cmd)
     args = parser.parse_args(argv)
     if getattr(args, "rounds", 1) < 1:
         parser.error("--rounds must be at least 1")
