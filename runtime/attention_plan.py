@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from xy_inductor.runtime import stats as _stats
+
 __all__ = [
     "AttentionMenu",
     "AttentionPlan",
@@ -236,6 +238,7 @@ def _plan(
     kv_heads: int,
     menu: AttentionMenu,
 ) -> AttentionPlan:
+    _stats.record_attention_plan()
     return _build_plan(q_lens, kv_lens, causal, window, kv_heads, menu)
 
 

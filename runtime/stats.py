@@ -29,6 +29,7 @@ class _Counters:
     gemm_over_max_tokens: int = 0
     warned_over_max: set = field(default_factory=set)  # (N, K, max_tokens) warned about
     kernels_warmed: int = 0
+    attention_plans: int = 0
 
 
 _COUNTERS = _Counters()
@@ -67,6 +68,9 @@ class Stats:
     """GEMM calls with more rows (M) than ``max_tokens``: served by the ATen fallback."""
     kernels_warmed: int
     """Kernel variants compiled before the first request (a tile menu's entries per GEMM)."""
+    attention_plans: int
+    """Meta-attention plans built (token table → task table). Plans are cached per shape
+    class, so every layer of a step, and decode steps of one class, share one."""
 
     def __str__(self) -> str:
         lines = [
@@ -88,6 +92,8 @@ class Stats:
             )
         if self.gemm_over_max_tokens:
             lines.append(f"gemm over max_tokens {self.gemm_over_max_tokens} calls (ATen fallback)")
+        if self.attention_plans:
+            lines.append(f"attention plans   {self.attention_plans} built")
         if self.kernels_warmed:
             lines.append(f"kernels warmed    {self.kernels_warmed} before the first request")
         for op, per_reason in sorted(self.declined.items()):
@@ -123,6 +129,7 @@ def stats() -> Stats:
         unfused_calls=c.unfused_calls,
         gemm_over_max_tokens=c.gemm_over_max_tokens,
         kernels_warmed=c.kernels_warmed,
+        attention_plans=c.attention_plans,
     )
 
 
@@ -180,3 +187,7 @@ def record_over_max_tokens(m: int, n: int, k: int, max_tokens: int) -> None:
             "the max_tokens option to plan tiles for them.",
             stacklevel=4,
         )
+
+
+def record_attention_plan() -> None:
+    _COUNTERS.attention_plans += 1

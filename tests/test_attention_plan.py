@@ -275,3 +275,14 @@ def test_a_plan_keeps_what_providers_derive_from_it():
     plan.cache["x"] = 1
     same = plan_attention([1, 1], [101, 201], causal=True, menu=MENU)  # next decode step
     assert same is plan and same.cache["x"] == 1
+
+
+def test_plans_built_are_counted_once_per_shape_class():
+    import xy_inductor
+    from xy_inductor.runtime.attention_plan import _plan
+
+    _plan.cache_clear()  # plans are process-wide; start from none
+    plan_attention([1, 1], [1000, 2000], causal=True, menu=MENU)
+    for step in range(5):  # later decode steps of the same class: no new plan
+        plan_attention([1, 1], [1001 + step, 2001 + step], causal=True, menu=MENU)
+    assert xy_inductor.stats().attention_plans == 1
