@@ -72,17 +72,25 @@ class GemmCall:
 
 class GemmWeight:
     """What the backend knows about one GEMM at compile time, for ``Provider.prepare``: its
-    weight, whether it has a bias, and the range of M its graph can call it with."""
+    weight, whether it has a bias, the range of M its graph can call it with, and whether the
+    user allowed the weight's storage format to change (``ascend_nz_weights``)."""
 
-    __slots__ = ("has_bias", "max_tokens", "rows", "weight")
+    __slots__ = ("has_bias", "max_tokens", "nz_weights", "rows", "weight")
 
     def __init__(
-        self, weight: torch.Tensor, *, has_bias: bool, max_tokens: int, rows: tuple[int, int]
+        self,
+        weight: torch.Tensor,
+        *,
+        has_bias: bool,
+        max_tokens: int,
+        rows: tuple[int, int],
+        nz_weights: bool = False,
     ) -> None:
         self.weight = weight
         self.has_bias = has_bias
         self.max_tokens = max_tokens
         self.rows = rows
+        self.nz_weights = nz_weights
 
     def tiles(self, provider: str) -> tuple[GemmTile, ...]:
         """The tiles of ``provider``'s plan that serve some M in ``rows``."""

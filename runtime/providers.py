@@ -37,7 +37,11 @@ __all__ = [
 ]
 
 # Priority order. Heavy imports of a provider stay inside its module, behind `unavailable()`.
-PROVIDER_MODULES: tuple[str, ...] = ("xy_inductor.kernels.triton", "xy_inductor.kernels.aten")
+PROVIDER_MODULES: tuple[str, ...] = (
+    "xy_inductor.kernels.ascend",
+    "xy_inductor.kernels.triton",
+    "xy_inductor.kernels.aten",
+)
 
 _override: ContextVar[tuple[Provider, ...] | None] = ContextVar("xyserve_providers", default=None)
 

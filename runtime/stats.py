@@ -71,12 +71,18 @@ class Stats:
     attention_plans: int
     """Meta-attention plans built (token table → task table). Plans are cached per shape
     class, so every layer of a step, and decode steps of one class, share one."""
+    providers: dict[str, str | None]
+    """Every provider in priority order, with why this process cannot use it (None: it can)."""
 
     def __str__(self) -> str:
+        usable = ", ".join(
+            name if why is None else f"{name} (no: {why})" for name, why in self.providers.items()
+        )
         lines = [
             f"backend compiles  {self.backend_compiles}  ({self.compile_seconds:.2f} s in backend)",
             f"graphs            {self.graphs_lowered} lowered, "
             f"{self.graphs_fallback} run as traced",
+            f"providers         {usable}",
         ]
         if self.inductor_failures:
             lines.append(f"inductor failures {self.inductor_failures} (ran lowered, no Inductor)")
@@ -104,6 +110,8 @@ class Stats:
 
 def stats() -> Stats:
     """Backend compiles, lowered and fallback graphs, calls per op and provider."""
+    from xy_inductor.runtime import providers  # it imports this module
+
     c = _COUNTERS
     calls: dict[str, dict[str, int]] = {}
     paths: dict[str, dict[str, int]] = {}
@@ -130,6 +138,7 @@ def stats() -> Stats:
         gemm_over_max_tokens=c.gemm_over_max_tokens,
         kernels_warmed=c.kernels_warmed,
         attention_plans=c.attention_plans,
+        providers=dict(providers.describe()),
     )
 
 

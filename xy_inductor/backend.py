@@ -143,8 +143,10 @@ def _gemm_weights(
     return found
 
 
-def _warm_up(gemms: list, max_tokens: int) -> int:
-    """Compile, before the first request, the kernels that will serve these GEMMs."""
+def _warm_up(gemms: list, config: XyConfig) -> int:
+    """Compile, before the first request, the kernels that will serve these GEMMs (and, with
+    ``ascend_nz_weights``, lay their weights out for the NPU's matmul)."""
+    max_tokens = config.max_tokens
     seen = set()
     variants = 0
     for tensors, has_bias, (lo, hi) in gemms:
@@ -153,13 +155,20 @@ def _warm_up(gemms: list, max_tokens: int) -> int:
         if weight is None:
             continue
         key = (weight.shape, weight.stride(), weight.dtype, weight.device, has_bias, lo, hi)
+        if config.ascend_nz_weights:
+            key += (weight.data_ptr(),)  # variants compile per shape; NZ casts per weight
         if key in seen:
             continue
         seen.add(key)
         rows = (max(lo, 1), min(hi if hi is not None else max_tokens, max_tokens))
-        variants += providers.prepare(
-            "gemm", GemmWeight(weight, has_bias=has_bias, max_tokens=max_tokens, rows=rows)
+        gemm = GemmWeight(
+            weight,
+            has_bias=has_bias,
+            max_tokens=max_tokens,
+            rows=rows,
+            nz_weights=config.ascend_nz_weights,
         )
+        variants += providers.prepare("gemm", gemm)
     return variants
 
 
@@ -191,7 +200,7 @@ def compile_graph(
     if siblings:
         moved = lay_out_weights(siblings)
         log.info("xyserve: moved the weights of %d sibling groups into one buffer each", moved)
-    warmed = _warm_up(gemms, config.max_tokens)
+    warmed = _warm_up(gemms, config)
     seconds = time.perf_counter() - start
     _stats.record_compile(
         seconds,

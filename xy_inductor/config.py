@@ -38,6 +38,12 @@ class XyConfig:
     is served by the ATen fallback, counted in ``stats().gemm_over_max_tokens`` and warned
     about once; it never recompiles. ``explain`` reports GEMMs whose M can exceed it."""
 
+    ascend_nz_weights: bool = False
+    """Ascend only: cast every linear weight to FRACTAL_NZ once, when the backend compiles, so
+    aclnn's WeightNz matmul kernels serve it (vllm-ascend does the same for speed). Off by
+    default because it changes the parameters' storage format in place (their values stay):
+    code that reads the weights' device memory directly sees the new layout."""
+
     inductor: bool = False
     """Compile the rest of each graph with Inductor, once, with symbolic sizes; the xyserve ops
     stay opaque calls. Off: the lowered graph runs as traced, and compiling costs only tracing."""
