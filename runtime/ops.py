@@ -1,17 +1,23 @@
-"""The xyserve custom ops, defined once: ``torch.ops.xyserve.gemm`` and ``.attention``.
+"""The xyserve ops, defined once: ``torch.ops.xyserve.gemm``, ``.gemm_fused``, ``.attention``,
+``.attention_varlen``.
 
 Each op has a fake implementation that computes the output from the input sizes alone, so it
 traces with symbolic sizes and never reads data, and a real implementation that checks its
 arguments, wraps them in a call object (``runtime.calls``) and hands it to the provider
-registry (``providers.run``). The argument checks are shared by both and
-raise ``ValueError``: the fake implementations check with ``torch._check_value``, which also
-holds for symbolic sizes; the real ones with a plain ``if``, which costs nanoseconds instead of
-microseconds on every call.
+registry (``providers.run``). The argument checks are shared by both and raise ``ValueError``:
+the fake implementations check with ``torch._check_value``, which also holds for symbolic
+sizes; the real ones with a plain ``if``, which costs nanoseconds instead of microseconds.
 
-``gemm_impl`` and ``attention_impl`` are the real implementations as plain functions.
+The ops are registered with ``torch.library`` ``define`` + ``impl`` + ``register_fake``
+(vLLM's ``direct_register_custom_op``), not ``torch.library.custom_op``, whose Python autograd
+layer costs about 10 us more on every call from Inductor's generated code
+(``benchmarks/op_overhead.py``; pytorch/pytorch#139500). They are inference ops: their
+Autograd kernel raises a clear error when asked to record gradients, and otherwise runs the
+implementation itself, so a call crosses into Python once.
+
+``gemm_impl``, ``attention_impl``… are the real implementations as plain functions.
 ``DIRECT_CALLS`` maps each op to its implementation: a graph that runs as traced (no Inductor)
-calls them directly, skipping the custom-op layers of the dispatcher (10 to 20 us a call,
-``benchmarks/op_overhead.py``; at decode that is as long as a small GEMM).
+calls them directly, skipping the dispatcher altogether.
 """
 
 from __future__ import annotations
@@ -94,9 +100,12 @@ def check_gemm_args(
 
 
 def _note_rows(x: torch.Tensor, weight: torch.Tensor, max_tokens: int) -> None:
+    k = x.shape[-1]
+    if k and x.numel() <= max_tokens * k:
+        return  # M <= max_tokens, told without walking the leading sizes
     m = rows_of(x)
     if m > max_tokens:
-        _stats.record_over_max_tokens(m, weight.shape[0], x.shape[-1], max_tokens)
+        _stats.record_over_max_tokens(m, weight.shape[0], k, max_tokens)
 
 
 def gemm_impl(
@@ -112,6 +121,14 @@ def gemm_impl(
     """
     if not _gemm_args_ok(x, weight, bias, max_tokens):
         check_gemm_args(x, weight, bias, max_tokens=max_tokens)  # raises, naming the argument
+    return _traced_gemm(x, weight, bias, max_tokens)
+
+
+def _traced_gemm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_tokens: int
+) -> torch.Tensor:
+    """``gemm_impl`` for arguments already checked: what a graph that runs as traced calls (the
+    fake implementation checked them when the graph was traced, Dynamo's guards keep them so)."""
     _note_rows(x, weight, max_tokens)
     return providers.run("gemm", GemmCall(x, weight, bias, max_tokens))
 
@@ -141,10 +158,6 @@ def _gemm_args_ok(
     )
 
 
-gemm = torch.library.custom_op("xyserve::gemm", gemm_impl, mutates_args=())
-
-
-@gemm.register_fake
 def _gemm_fake(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -250,13 +263,21 @@ def attention_impl(
     ``scale`` defaults to ``D ** -0.5``. Returns ``[B, Hq, Lq, Dv]`` stored as ``[B, Lq, Hq, Dv]``.
     """
     check_attention_args(q, k, v, attn_mask, is_causal)
+    return _traced_attention(q, k, v, attn_mask, is_causal, scale)
+
+
+def _traced_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+) -> torch.Tensor:
+    """``attention_impl`` for arguments already checked (see ``_traced_gemm``)."""
     return providers.run("attention", DenseAttention(q, k, v, attn_mask, is_causal, scale))
 
 
-attention = torch.library.custom_op("xyserve::attention", attention_impl, mutates_args=())
-
-
-@attention.register_fake
 def _attention_fake(q, k, v, attn_mask=None, is_causal=False, scale=None):
     check_attention_args(q, k, v, attn_mask, is_causal, torch._check_value)
     return attention_output(q, v)
@@ -316,10 +337,6 @@ def gemm_fused_impl(
     return torch.cat(outs, dim=-1)
 
 
-gemm_fused = torch.library.custom_op("xyserve::gemm_fused", gemm_fused_impl, mutates_args=())
-
-
-@gemm_fused.register_fake
 def _gemm_fused_fake(
     x: torch.Tensor,
     weights: list[torch.Tensor],
@@ -434,12 +451,6 @@ def attention_varlen_impl(
     return providers.run("attention_varlen", call)
 
 
-attention_varlen = torch.library.custom_op(
-    "xyserve::attention_varlen", attention_varlen_impl, mutates_args=()
-)
-
-
-@attention_varlen.register_fake
 def _attention_varlen_fake(
     q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_table, causal=True, window=None, scale=None
 ):
@@ -447,9 +458,62 @@ def _attention_varlen_fake(
     return q.new_empty((q.shape[0], q.shape[1], v_cache.shape[3]))
 
 
+# -- registration ---------------------------------------------------------------------------------
+
+_LIB = torch.library.Library("xyserve", "DEF")
+
+
+def _requires_grad(args: tuple) -> bool:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.requires_grad:
+                return True
+        elif isinstance(a, (list, tuple)) and _requires_grad(tuple(a)):
+            return True
+    return False
+
+
+_REAL = (torch.Tensor, torch.nn.Parameter)
+
+
+def _inference_only(name: str, impl: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """The op's Autograd kernel: a clear error where gradients would be recorded; otherwise the
+    implementation, run here (real tensors) or below autograd (fake or functional tensors, while
+    tracing, which reach the fake implementation)."""
+
+    def kernel(*args: object) -> torch.Tensor:
+        if type(args[0]) not in _REAL:  # fake or functional tensors: a trace, not a run
+            with torch._C._AutoDispatchBelowAutograd():
+                return getattr(torch.ops.xyserve, name).default(*args)
+        if torch.is_grad_enabled() and _requires_grad(args):
+            raise RuntimeError(
+                f"xyserve.{name} is an inference op and has no backward: call it (or the model "
+                "compiled with xyserve) under torch.no_grad() or torch.inference_mode(); "
+                "xyserve's backend runs graphs that need gradients as traced"
+            )
+        return impl(*args)
+
+    return kernel
+
+
+def _register(name: str, impl: Callable[..., torch.Tensor], fake: Callable[..., object]) -> object:
+    _LIB.define(name + torch.library.infer_schema(impl, mutates_args=()))
+    _LIB.impl(name, impl, "CompositeExplicitAutograd")
+    _LIB.impl(name, _inference_only(name, impl), "Autograd")
+    torch.library.register_fake(f"xyserve::{name}", fake, lib=_LIB)
+    return getattr(torch.ops.xyserve, name)
+
+
+gemm = _register("gemm", gemm_impl, _gemm_fake)
+attention = _register("attention", attention_impl, _attention_fake)
+gemm_fused = _register("gemm_fused", gemm_fused_impl, _gemm_fused_fake)
+attention_varlen = _register("attention_varlen", attention_varlen_impl, _attention_varlen_fake)
+
 DIRECT_CALLS: dict[object, Callable[..., torch.Tensor]] = {
     torch.ops.xyserve.attention_varlen.default: attention_varlen_impl,
-    torch.ops.xyserve.gemm.default: gemm_impl,
-    torch.ops.xyserve.attention.default: attention_impl,
+    torch.ops.xyserve.gemm.default: _traced_gemm,
+    torch.ops.xyserve.attention.default: _traced_attention,
     torch.ops.xyserve.gemm_fused.default: gemm_fused_impl,
 }
+"""What a graph that runs as traced calls for each op: the implementation without the
+dispatcher, and for the hot ops without re-checking what tracing checked."""

@@ -352,3 +352,18 @@ def test_use_providers_validates_its_argument():
         providers.use_providers(["aten"]),
     ):
         pass
+
+
+def test_differentiating_through_an_op_is_a_clear_error():
+    x, w = randn(3, 8), torch.nn.Parameter(randn(4, 8, seed=1))
+    q = randn(1, 2, 3, 8).requires_grad_()
+    k, v = randn(1, 2, 3, 8, seed=1), randn(1, 2, 3, 8, seed=2)
+    for call in (
+        lambda: gemm(x, w, None),
+        lambda: attention(q, k, v, None, True, None),
+        lambda: torch.ops.xyserve.gemm_fused.default(x, [w, w], []),
+    ):
+        with pytest.raises(RuntimeError, match="inference op and has no backward"):
+            call()
+        with torch.no_grad():
+            assert not call().requires_grad  # the same call without gradients runs
