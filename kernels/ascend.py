@@ -24,6 +24,8 @@ summarised in the team's ASCEND.md):
   layout directly. A query that is not contiguous as ``[B, Hq, Lq, D]`` is copied (counted as
   path ``bnsd+qcopy``; the KV cache never is). FIA's output for padding slots is unspecified;
   the kernel zeroes them, as SDPA writes them.
+- ``attention_packed`` (a prompt batch packed without padding): one FIA call in TND with the
+  packed keys themselves (``actual_seq_lengths_kv`` cumulative, no block table).
 - ``gemm``: ``F.linear`` on NPU tensors (aclnn's matmul kernels). With the option
   ``ascend_nz_weights`` the backend casts each weight to FRACTAL_NZ once at compile time.
 
@@ -55,7 +57,13 @@ import torch.nn.functional as F
 from xy_inductor.kernels.contract import Accept, OpKernel, Provider
 
 if TYPE_CHECKING:  # the runtime's call objects, for annotations only
-    from xy_inductor.runtime.calls import DenseAttention, GemmCall, GemmWeight, VarlenAttention
+    from xy_inductor.runtime.calls import (
+        DenseAttention,
+        GemmCall,
+        GemmWeight,
+        PackedAttention,
+        VarlenAttention,
+    )
 
 __all__ = [
     "BLOCK_SIZES",
@@ -294,6 +302,55 @@ def run_attention_varlen(call: VarlenAttention, accept: Accept) -> torch.Tensor:
     return out[row, slot]
 
 
+# -- attention_packed: a prompt batch without its padding, TND over the packed keys -----------
+
+
+def check_attention_packed(call: PackedAttention) -> Accept | str:
+    q, k, v = call.q, call.k, call.v
+    reason = _tensor_reason(q, k, v)
+    if reason is not None:
+        return reason
+    d = q.shape[2]
+    reason = _heads_reason(q.shape[1], k.shape[1], d, v.shape[2])
+    if reason is not None:
+        return reason
+    if d not in TND_HEAD_DIMS:
+        return f"packed rows of head dim {d} (TND takes {TND_HEAD_DIMS[0]} on Atlas A2/A3)"
+    if len(call.lens) > MAX_TND_ROWS:
+        return f"{len(call.lens)} rows (TND takes at most {MAX_TND_ROWS})"
+    if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
+        return "packed q/k/v not contiguous (FIA would need a copy)"
+    if not call.causal and call.window is None:
+        return "non-causal rows without a window (TND with sparse_mode=0: vllm-ascend#13699)"
+    cum, total = [], 0
+    for n in call.lens:
+        total += n
+        cum.append(total)
+    mode, (pre, nxt) = (4, band_tokens(call.window)) if call.window else (3, (INT_MAX, INT_MAX))
+    return Accept("tnd", VarlenFia("TND", tuple(cum), tuple(cum), mode, pre, nxt, max(call.lens)))
+
+
+def run_attention_packed(call: PackedAttention, accept: Accept) -> torch.Tensor:
+    fia: VarlenFia = accept.decision
+    q = call.q
+    sparse: dict[str, object] = {"atten_mask": compressed_mask(q.device), "sparse_mode": 3}
+    if fia.sparse_mode == 4:
+        sparse.update(sparse_mode=4, pre_tokens=fia.pre_tokens, next_tokens=fia.next_tokens)
+    out, _ = _torch_npu().npu_fused_infer_attention_score(
+        q,
+        call.k,
+        call.v,
+        actual_seq_lengths=list(fia.actual_q),
+        actual_seq_lengths_kv=list(fia.actual_kv),  # cumulative: the keys are packed too
+        num_heads=q.shape[1],
+        num_key_value_heads=call.k.shape[1],
+        scale=call.softmax_scale,
+        input_layout="TND",
+        **sparse,
+    )
+    return out
+
+
 # -- attention: the dense form, rows of padding as lengths ---------------------------------------
 
 
@@ -410,6 +467,7 @@ PROVIDER = Provider(
         "gemm": OpKernel(check_gemm, run_gemm),
         "attention": OpKernel(check_attention, run_attention),
         "attention_varlen": OpKernel(check_attention_varlen, run_attention_varlen),
+        "attention_packed": OpKernel(check_attention_packed, run_attention_packed),
     },
     prepare={"gemm": prepare_gemm},
 )

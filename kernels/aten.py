@@ -9,6 +9,8 @@ decides per call:
   so nothing is computed for padding; anything else is one SDPA call (path ``sdpa``).
 - ``attention_varlen``: the generic executor over the plan's tiles (path ``plan``,
   ``aten_attention.run_plan``).
+- ``attention_packed``: each packed sequence on views of its own tokens (path ``rows``,
+  ``aten_attention.run_packed``).
 """
 
 from __future__ import annotations
@@ -18,11 +20,16 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from xy_inductor.kernels.aten_attention import run_dense, run_plan
+from xy_inductor.kernels.aten_attention import run_dense, run_packed, run_plan
 from xy_inductor.kernels.contract import Accept, OpKernel, Provider
 
 if TYPE_CHECKING:  # the runtime's call objects, for annotations only
-    from xy_inductor.runtime.calls import DenseAttention, GemmCall, VarlenAttention
+    from xy_inductor.runtime.calls import (
+        DenseAttention,
+        GemmCall,
+        PackedAttention,
+        VarlenAttention,
+    )
 
 __all__ = ["MENU", "PLANNED_MIN_SCORES", "PROVIDER", "provider"]
 
@@ -109,6 +116,14 @@ def run_attention_varlen(call: VarlenAttention, accept: Accept) -> torch.Tensor:
     )
 
 
+def check_attention_packed(call: PackedAttention) -> Accept:
+    return Accept("rows", call.plan(**MENU))
+
+
+def run_attention_packed(call: PackedAttention, accept: Accept) -> torch.Tensor:
+    return run_packed(accept.decision, call.q, call.k, call.v, scale=call.softmax_scale)
+
+
 def provider(*, planned_min_scores: int = PLANNED_MIN_SCORES) -> Provider:
     """The ATen provider; ``planned_min_scores`` (default ``PLANNED_MIN_SCORES``) is the
     smallest B × Lq × Lk a dense CPU call needs to be run as planned rows (tests pass 0 to run
@@ -127,6 +142,7 @@ def provider(*, planned_min_scores: int = PLANNED_MIN_SCORES) -> Provider:
             "gemm": OpKernel(check_gemm, run_gemm),
             "attention": OpKernel(attention, run_attention),
             "attention_varlen": OpKernel(check_attention_varlen, run_attention_varlen),
+            "attention_packed": OpKernel(check_attention_packed, run_attention_packed),
         },
     )
 

@@ -24,11 +24,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:  # the runtime's plan, for annotations only: kernels never import the runtime
     from xy_inductor.runtime.attention_plan import AttentionPlan
 
-__all__ = ["run_dense", "run_plan"]
+__all__ = ["run_dense", "run_packed", "run_plan"]
 
 # Score elements (tiles × heads × query rows × keys) computed per batch: bounds the memory of
 # the gathered operands and scores (about 4 bytes × 4 of these at fp32).
@@ -328,4 +329,42 @@ def run_dense(
         out[r, :, q_end[r] - n : q_end[r]] = attend_row_fused(
             q_row, k_row, v_row, causal=plan.causal, scale=scale
         )
+    return out
+
+
+def run_packed(
+    plan: AttentionPlan,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Self-attention of packed sequences: row r's queries and keys are the same tokens
+    ``plan.table.q_start[r] :`` + ``q_len[r]`` of q ``[tokens, Hq, D]`` and k/v ``[tokens, Hkv,
+    D]``. Each row runs on views of its tokens (ATen's fused flash kernel; one SDPA call with
+    the band mask when the plan has a window), so nothing is padded or copied in. Returns
+    ``out [tokens, Hq, Dv]``."""
+    table = plan.table
+    plan.check(table.q_len, table.kv_len)
+    if out is None:
+        out = q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
+    for r in range(table.rows):
+        s, n = table.q_start[r], table.q_len[r]
+        if n == 0:
+            continue
+        q_row, k_row, v_row = (t[s : s + n].transpose(0, 1) for t in (q, k, v))  # [H, n, D]
+        if plan.window is None:
+            got = _flash(q_row, k_row, v_row, plan.causal, scale)[0]
+        else:
+            i = torch.arange(n, device=q.device)
+            keep = i[None, :] > i[:, None] - plan.window
+            if plan.causal:
+                keep = keep & (i[None, :] <= i[:, None])
+            got = F.scaled_dot_product_attention(
+                q_row[None], k_row[None], v_row[None], attn_mask=keep, scale=scale,
+                enable_gqa=q_row.shape[0] != k_row.shape[0],
+            )[0]  # fmt: skip
+        out[s : s + n] = got.transpose(0, 1)
     return out

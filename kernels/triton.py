@@ -12,6 +12,8 @@ What its checkers decide, and the kernels then run:
 - ``attention`` (dense): the rows of padding the runtime recognises in the mask, and their plan
   for this kernel's menu (path ``rows``); other masks are declined.
 - ``attention_varlen``: the plan of the call's token table (path ``plan``).
+- ``attention_packed``: the plan of the packed sequences (path ``plan``); the packed keys are
+  read as one block, each row from its own first token.
 
 Every decline says why, and ``stats().declined`` counts it; the next provider (ATen) serves it.
 """
@@ -27,7 +29,13 @@ import torch
 from xy_inductor.kernels.contract import Accept, OpKernel, Provider
 
 if TYPE_CHECKING:  # the runtime's call objects, for annotations only
-    from xy_inductor.runtime.calls import DenseAttention, GemmCall, GemmWeight, VarlenAttention
+    from xy_inductor.runtime.calls import (
+        DenseAttention,
+        GemmCall,
+        GemmWeight,
+        PackedAttention,
+        VarlenAttention,
+    )
 
 __all__ = ["PROVIDER", "row_stride", "unavailable", "warm_up_gemm"]
 
@@ -197,6 +205,36 @@ def run_attention_varlen(call: VarlenAttention, accept: Accept) -> torch.Tensor:
     )
 
 
+def check_attention_packed(call: PackedAttention) -> Accept | str:
+    reason = _attention_reason(call.q, call.k, call.v)
+    if reason is not None:
+        return reason
+    return Accept("plan", call.plan(**_menu(call.q, call.k.shape[1])))
+
+
+def run_attention_packed(call: PackedAttention, accept: Accept) -> torch.Tensor:
+    from xy_inductor.kernels.triton_attention import DENSE_BLOCK, triton_attention
+
+    plan = accept.decision
+    key = ("triton packed table", call.q.device)
+    table = plan.cache.get(key)
+    if table is None:  # every row reads block 0: the whole packed tensor
+        table = plan.cache[key] = torch.zeros(
+            (len(call.lens), 1), dtype=torch.int32, device=call.q.device
+        )
+    return triton_attention(
+        plan,
+        call.q,
+        call.k.unsqueeze(0),  # [1 block, tokens, Hkv, D]
+        call.v.unsqueeze(0),
+        call.lens,
+        scale=call.softmax_scale,
+        block_table=table,
+        block_size=DENSE_BLOCK,
+        kv_start=call.starts,
+    )
+
+
 PROVIDER = Provider(
     name="triton",
     unavailable=unavailable,
@@ -204,6 +242,7 @@ PROVIDER = Provider(
         "gemm": OpKernel(check_gemm, run_gemm),
         "attention": OpKernel(check_attention, run_attention),
         "attention_varlen": OpKernel(check_attention_varlen, run_attention_varlen),
+        "attention_packed": OpKernel(check_attention_packed, run_attention_packed),
     },
     prepare={"gemm": warm_up_gemm},
 )

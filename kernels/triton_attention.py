@@ -302,8 +302,8 @@ def triton_attention(
     Queries: packed ``[Tq, Hq, D]`` in token-table order, or, with ``q_end``, dense
     ``[B, Hq, Lq, D]`` with row r's queries in the slots ending before ``q_end[r]`` (the output
     then has the same form, padding slots zero). Keys: a paged cache ``[blocks, block_size, Hkv,
-    D]`` with ``block_table``, or a dense cache ``[B, Hkv, L, D]`` with row r's keys starting at
-    ``kv_start[r]`` (default 0). Every tensor's last dim must be contiguous.
+    D]`` with ``block_table``, or a dense cache ``[B, Hkv, L, D]``; row r's keys start at slot
+    ``kv_start[r]`` (default 0) of its first block. Every tensor's last dim must be contiguous.
     """
     # -- check the constraints ----------------------------------------------------------------
     table = plan.table
@@ -345,7 +345,7 @@ def triton_attention(
         block_table = block_table.to(device=device, dtype=torch.int32)
         strides_k = (k.stride(0), k.stride(1), k.stride(2))
         strides_v = (v.stride(0), v.stride(1), v.stride(2))
-        kv_off = (0,) * rows
+        kv_off = tuple(kv_start) if kv_start is not None else (0,) * rows
     if q_end is not None:
         first = [q_end[r] - table.q_len[r] for r in range(rows)]
         q_base = tuple(r * q.stride(0) + first[r] * q.stride(2) for r in range(rows))

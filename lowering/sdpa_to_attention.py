@@ -39,6 +39,13 @@ class SdpaToAttention(LoweringPass):
     def lowered_op(self) -> object:
         return torch.ops.xyserve.attention.default
 
+    def is_lowered(self, node: torch.fx.Node) -> bool:
+        # Attention already in an xyserve op, whoever put it there (the Hugging Face
+        # integration calls attention_packed for packed prefills): one lowered site each.
+        ops = torch.ops.xyserve
+        done = (ops.attention.default, ops.attention_packed.default, ops.attention_varlen.default)
+        return node.op == "call_function" and node.target in done
+
     def why_not(self, node: torch.fx.Node) -> str | None:
         a = bind(node, _PARAMS, _DEFAULTS)
         q, k, v = (fake_value(a[n]) for n in ("query", "key", "value"))

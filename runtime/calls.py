@@ -29,7 +29,14 @@ from xy_inductor.runtime.attention_plan import (
 )
 from xy_inductor.runtime.gemm_plan import GemmTile, plan_for, rows_of
 
-__all__ = ["DenseAttention", "GemmCall", "GemmWeight", "VarlenAttention", "attention_output"]
+__all__ = [
+    "DenseAttention",
+    "GemmCall",
+    "GemmWeight",
+    "PackedAttention",
+    "VarlenAttention",
+    "attention_output",
+]
 
 
 def attention_output(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -227,5 +234,47 @@ class VarlenAttention:
             causal=self.causal,
             window=self.window,
             kv_heads=self.k_cache.shape[2],
+            menu=_menu(q_tiles, kv_chunk, workers),
+        )
+
+
+class PackedAttention:
+    """``xyserve.attention_packed``: q ``[tokens, Hq, D]``, k/v ``[tokens, Hkv, D]`` of packed
+    sequences, each attending to its own tokens; lengths and starts already read on the host."""
+
+    __slots__ = ("causal", "k", "lens", "q", "scale", "starts", "v", "window")
+
+    def __init__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        lens: Sequence[int],
+        starts: Sequence[int],
+        causal: bool,
+        window: int | None,
+        scale: float | None,
+    ) -> None:
+        self.q = q
+        self.k = k
+        self.v = v
+        self.lens = tuple(lens)
+        self.starts = tuple(starts)
+        self.causal = causal
+        self.window = window
+        self.scale = scale
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.scale if self.scale is not None else self.q.shape[-1] ** -0.5
+
+    def plan(self, *, q_tiles: Sequence[int], kv_chunk: int, workers: int) -> AttentionPlan:
+        """The plan of these rows (queries and keys the same tokens) for a provider's menu."""
+        return plan_attention(
+            self.lens,
+            self.lens,
+            causal=self.causal,
+            window=self.window,
+            kv_heads=self.k.shape[1],
             menu=_menu(q_tiles, kv_chunk, workers),
         )

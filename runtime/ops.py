@@ -1,5 +1,5 @@
 """The xyserve ops, defined once: ``torch.ops.xyserve.gemm``, ``.gemm_fused``, ``.attention``,
-``.attention_varlen``.
+``.attention_varlen``, ``.attention_packed``.
 
 Each op has a fake implementation that computes the output from the input sizes alone, so it
 traces with symbolic sizes and never reads data, and a real implementation that checks its
@@ -32,6 +32,7 @@ from xy_inductor.runtime import stats as _stats
 from xy_inductor.runtime.calls import (
     DenseAttention,
     GemmCall,
+    PackedAttention,
     VarlenAttention,
     attention_output,
 )
@@ -41,6 +42,8 @@ __all__ = [
     "DIRECT_CALLS",
     "attention",
     "attention_impl",
+    "attention_packed",
+    "attention_packed_impl",
     "attention_varlen",
     "attention_varlen_impl",
     "check_attention_args",
@@ -458,6 +461,82 @@ def _attention_varlen_fake(
     return q.new_empty((q.shape[0], q.shape[1], v_cache.shape[3]))
 
 
+def check_packed_args(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    check: Check = _raise_unless,
+) -> None:
+    op = "xyserve.attention_packed"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check(
+            t.dim() == 3,
+            lambda t=t, name=name: f"{op}: {name} must be packed [tokens, H, D], got {t.dim()}-D",
+        )
+    _same(q, k, "q and k", "attention_packed", check)
+    _same(q, v, "q and v", "attention_packed", check)
+    for other, name in ((k, "k"), (v, "v")):
+        check(
+            other.shape[0] == q.shape[0],
+            lambda other=other, name=name: (
+                f"{op}: {name} has {other.shape[0]} tokens, q {q.shape[0]} (rows attend to "
+                "their own tokens)"
+            ),
+        )
+    check(
+        k.shape[1] == v.shape[1],
+        lambda: f"{op}: k has {k.shape[1]} heads, v {v.shape[1]}",
+    )
+    check(
+        q.shape[1] % k.shape[1] == 0,
+        lambda: f"{op}: q heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})",
+    )
+    check(
+        q.shape[2] == k.shape[2],
+        lambda: f"{op}: q head dim {q.shape[2]} differs from k head dim {k.shape[2]}",
+    )
+    check(
+        cu_seqlens.dim() == 1 and not cu_seqlens.dtype.is_floating_point,
+        lambda: f"{op}: cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dim()}-D "
+        f"{cu_seqlens.dtype}",
+    )
+
+
+def attention_packed_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    causal: bool = True,
+    window: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Self-attention of packed sequences (a prompt batch without its padding).
+
+    q ``[tokens, Hq, D]``, k/v ``[tokens, Hkv, D]``: sequence r is the tokens
+    ``cu_seqlens[r] : cu_seqlens[r + 1]``, which attend to each other only (causally, within a
+    ``window`` if given). Returns ``[tokens, Hq, Dv]``.
+    """
+    check_packed_args(q, k, v, cu_seqlens)
+    cu = cu_seqlens.tolist()
+    lens = [b - a for a, b in itertools.pairwise(cu)]
+    if not cu or cu[0] != 0 or any(n < 0 for n in lens) or cu[-1] != q.shape[0]:
+        raise ValueError(
+            f"xyserve.attention_packed: cu_seqlens must rise from 0 to the {q.shape[0]} packed "
+            f"tokens, got {cu}"
+        )
+    if window is not None and window < 1:
+        raise ValueError(f"xyserve.attention_packed: window must be >= 1 or None, got {window}")
+    call = PackedAttention(q, k, v, lens, cu[:-1], causal, window, scale)
+    return providers.run("attention_packed", call)
+
+
+def _attention_packed_fake(q, k, v, cu_seqlens, causal=True, window=None, scale=None):
+    check_packed_args(q, k, v, cu_seqlens, torch._check_value)
+    return q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
+
+
 # -- registration ---------------------------------------------------------------------------------
 
 _LIB = torch.library.Library("xyserve", "DEF")
@@ -508,12 +587,14 @@ gemm = _register("gemm", gemm_impl, _gemm_fake)
 attention = _register("attention", attention_impl, _attention_fake)
 gemm_fused = _register("gemm_fused", gemm_fused_impl, _gemm_fused_fake)
 attention_varlen = _register("attention_varlen", attention_varlen_impl, _attention_varlen_fake)
+attention_packed = _register("attention_packed", attention_packed_impl, _attention_packed_fake)
 
 DIRECT_CALLS: dict[object, Callable[..., torch.Tensor]] = {
     torch.ops.xyserve.attention_varlen.default: attention_varlen_impl,
     torch.ops.xyserve.gemm.default: _traced_gemm,
     torch.ops.xyserve.attention.default: _traced_attention,
     torch.ops.xyserve.gemm_fused.default: gemm_fused_impl,
+    torch.ops.xyserve.attention_packed.default: attention_packed_impl,
 }
 """What a graph that runs as traced calls for each op: the implementation without the
 dispatcher, and for the hot ops without re-checking what tracing checked."""

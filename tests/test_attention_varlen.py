@@ -74,3 +74,53 @@ def test_bad_input_is_a_clear_error(change, message):
     args, _ = _inputs()
     with pytest.raises(ValueError, match=message):
         varlen(*change(args))
+
+
+# -- xyserve.attention_packed: a prompt batch without its padding --------------------------------
+
+packed_op = torch.ops.xyserve.attention_packed.default
+PACKED_LENS = [5, 40, 1, 17]
+
+
+def _packed(dtype=torch.float32, seed=0, d=64):
+    gen = torch.Generator().manual_seed(seed)
+    t = sum(PACKED_LENS)
+    q = torch.randn(t, 8, d, generator=gen).to(dtype)
+    k = torch.randn(t, 2, d, generator=gen).to(dtype)
+    v = torch.randn(t, 2, d, generator=gen).to(dtype)
+    cu = torch.tensor([0, *torch.tensor(PACKED_LENS).cumsum(0).tolist()])
+    bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True))
+    return (q, k, v, cu), ([k[a:b] for a, b in bounds], [v[a:b] for a, b in bounds])
+
+
+@pytest.mark.parametrize("provider", ["aten", "triton"])
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_packed_rows_match_float64(provider, window, dtype):
+    (q, k, v, cu), (ks, vs) = _packed(dtype)
+    if provider == "triton":
+        pytest.importorskip("triton")
+        from xy_inductor.kernels import triton as triton_provider
+
+        use = providers.use_providers([triton_provider.PROVIDER, aten.PROVIDER])
+    else:
+        use = providers.use_providers([aten.PROVIDER])
+    with use:
+        got = packed_op(q, k, v, cu, True, window, None)
+    want = reference(q, ks, vs, PACKED_LENS, PACKED_LENS, True, window, 64**-0.5)
+    assert ((got.double() - want).norm() / want.norm()).item() < (
+        1e-5 if dtype == torch.float32 else 1e-2
+    )
+    path = "aten/rows" if provider == "aten" else "triton/plan"
+    assert xy_inductor.stats().paths["attention_packed"] == {path: 1}
+
+
+def test_packed_op_checks_and_traces():
+    (q, k, v, cu), _ = _packed()
+    torch.library.opcheck(packed_op, (q, k, v, cu, True, None, 0.1))
+    with pytest.raises(ValueError, match="k has 62 tokens, q 63"):
+        packed_op(q, k[:-1], v, cu, True, None, None)
+    with pytest.raises(ValueError, match="must rise from 0 to the 63 packed tokens"):
+        packed_op(q, k, v, cu.flip(0), True, None, None)
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        packed_op(q, k, v, cu, True, 0, None)

@@ -49,7 +49,9 @@ def test_generate_matches_eager_with_at_most_two_graphs(reference, cache):
         "attention": layers * compiles,
         "linear": (7 * layers + 1) * compiles,
     }
-    assert set(s.calls) == {"gemm", "attention"} and set(s.calls["gemm"]) == {"aten"}
+    assert set(s.calls["gemm"]) == {"aten"}
+    # Prefills run packed (attention per prompt, no padding), decode steps as dense rows.
+    assert set(s.calls) == {"gemm", "attention", "attention_packed"}
 
 
 def test_explain_shows_every_site_lowered(reference):
@@ -147,3 +149,34 @@ def test_lower_attention_false_keeps_sdpa_and_says_so(reference):
         "disabled by option lower_attention=False"
     }
     assert report.linear_lowered == report.linear_total == 7 * layers + 1
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_padded_prefills_run_packed_with_eager_tokens(reference, cache):
+    # Left-padded batches: the prefill runs only the real tokens (attention per prompt), and
+    # decode continues from the cache the padded prefill would have written.
+    calls = ((5, 3), (9, 2, 4), (1,), (2, 1))
+    expected = wl.generate_pass(reference, cache, calls, 3).outputs
+    model = hf.accelerate(wl.copy_model(reference))
+    got = wl.generate_pass(model, cache, calls, 3).outputs
+    for want, out in zip(expected, got, strict=True):
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+    layers = reference.config.num_hidden_layers
+    s = xy_inductor.stats()
+    assert s.calls["attention_packed"] == {"aten": layers * len(calls)}  # every prefill packed
+    assert s.backend_compiles == 2  # the packed prefill and decode
+
+
+def test_pack_prefill_false_runs_the_padded_batch(reference):
+    calls = ((5, 3),)
+    expected = wl.generate_pass(reference, "dynamic", calls, 2).outputs
+    model = hf.accelerate(wl.copy_model(reference), pack_prefill=False)
+    got = wl.generate_pass(model, "dynamic", calls, 2).outputs
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+    assert "attention_packed" not in xy_inductor.stats().calls
+    assert model._xyserve_accelerator.pack_reason.startswith("disabled by option")
+
+
+def test_sliding_window_models_are_not_packed():
+    model = hf.accelerate(wl.tiny_model("mistral"))
+    assert "sliding-window" in model._xyserve_accelerator.pack_reason

@@ -38,6 +38,12 @@ class XyConfig:
     is served by the ATen fallback, counted in ``stats().gemm_over_max_tokens`` and warned
     about once; it never recompiles. ``explain`` reports GEMMs whose M can exceed it."""
 
+    pack_prefill: bool = True
+    """``hf.accelerate``: run each prefill packed, the real tokens of every prompt one after
+    another without their padding (XY-Serve's token table), so linear layers, norms and MLPs
+    compute nothing for padding; attention runs per prompt (``xyserve.attention_packed``).
+    Decoder-only models with full attention in every layer; others run padded."""
+
     ascend_nz_weights: bool = False
     """Ascend only: cast every linear weight to FRACTAL_NZ once, when the backend compiles, so
     aclnn's WeightNz matmul kernels serve it (vllm-ascend does the same for speed). Off by

@@ -16,7 +16,12 @@ so that every call reaches the compiled code in the same form:
 - ``logits_to_keep=k`` becomes the positions tensor ``[-k..-1]``, which Hugging Face accepts and
   which gathers a contiguous slice (slicing specialises ``F.linear`` on batch 1 under Dynamo);
 - batch, query and KV lengths are marked dynamic, and traced with ``backed_size_oblivious`` and
-  no duck sizing, so that a size of 1 is not specialised and equal sizes are not tied together.
+  no duck sizing, so that a size of 1 is not specialised and equal sizes are not tied together;
+- a prefill of a (left-)padded batch runs packed: only the real tokens, one sequence after
+  another, with attention per sequence (``xyserve.attention_packed``, the token table of
+  XY-Serve), so linear layers, norms and MLPs compute nothing for padding. The keys and values
+  are scattered into the cache in the padded layout decode expects, and only the logits
+  ``generate()`` asked for (``logits_to_keep``) are computed.
 
 Measured on the tiny Llama workload (prompt lengths 1..511, batches 1..4): 2 graphs with a
 ``DynamicCache`` (prefill, decode), 1 with a ``StaticCache``.
@@ -28,7 +33,7 @@ import contextlib
 import functools
 import inspect
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -39,6 +44,7 @@ from xy_inductor.config import XyConfig
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "PACKED_IMPLEMENTATION",
     "SDPA_IMPLEMENTATION",
     "accelerate",
     "attention_forward",
@@ -47,6 +53,10 @@ __all__ = [
 
 ATTN_IMPLEMENTATION = "xyserve"
 SDPA_IMPLEMENTATION = "xyserve_sdpa"
+# The attention function of packed prefills. Registered with AttentionInterface only, not with
+# AttentionMaskInterface, so Hugging Face builds no mask for it (it needs none: each sequence
+# attends to its own tokens, told by cu_seq_lens_q).
+PACKED_IMPLEMENTATION = "xyserve_packed"
 
 
 def _attention(
@@ -136,6 +146,55 @@ def sdpa_forward(
     )
 
 
+def packed_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Hugging Face attention function ``"xyserve_packed"``: a batch of one packed row of tokens
+    ``[1, H, tokens, D]``, sequence r being the tokens ``cu_seq_lens_q[r] : cu_seq_lens_q[r + 1]``
+    (set only by ``accelerate``'s packed prefill)."""
+    out = torch.ops.xyserve.attention_packed.default(
+        query[0].transpose(0, 1),
+        key[0].transpose(0, 1),
+        value[0].transpose(0, 1),
+        kwargs["cu_seq_lens_q"],
+        True,
+        None,
+        scaling,
+    )
+    return out.unsqueeze(0), None
+
+
+class _PackedKV:
+    """The cache a packed prefill runs with. Hugging Face's attention modules hand it each
+    layer's packed keys and values (``update``); it copies them into the padded layout the real
+    cache holds and returns them as they are: packed attention reads each sequence's own keys.
+
+    ``keys``/``values``: per layer ``[B·L, H, D]``, the padded ``[B, L, H, D]`` flattened;
+    ``index``: where each packed token goes (row · L + slot)."""
+
+    def __init__(
+        self, keys: list[torch.Tensor], values: list[torch.Tensor], index: torch.Tensor
+    ) -> None:
+        self.keys = keys
+        self.values = values
+        self.index = index
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kw
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys[layer_idx].index_copy_(0, self.index, key_states[0].transpose(0, 1))
+        self.values[layer_idx].index_copy_(0, self.index, value_states[0].transpose(0, 1))
+        return key_states, value_states
+
+
 def _mask_function(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     """Hugging Face's SDPA mask, but never dropped in favour of ``is_causal`` (which would make
     the graph branch on the query length)."""
@@ -152,6 +211,7 @@ def _register_with_transformers() -> None:
     for name, fn in ((ATTN_IMPLEMENTATION, attention_forward), (SDPA_IMPLEMENTATION, sdpa_forward)):
         AttentionInterface.register(name, fn)
         AttentionMaskInterface.register(name, _mask_function)
+    AttentionInterface.register(PACKED_IMPLEMENTATION, packed_attention_forward)
 
 
 @contextlib.contextmanager
@@ -205,6 +265,8 @@ class _Accelerator:
         self.varargs = any(p.kind is p.VAR_POSITIONAL for p in params.values())
         self.positions: dict[tuple[int, torch.device], torch.Tensor] = {}
         self.compiled = self._compile(make_backend(config))
+        self.pack_reason = self._pack_reason(params)
+        """Why prefills of this model do not run packed (None: they do)."""
 
     def _compile(self, backend: Callable) -> Callable:
         # dynamic=None: the sizes `prepare` marks are symbols from the first trace; anything else
@@ -216,6 +278,10 @@ class _Accelerator:
         )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.pack_reason is None:
+            packed = self._packed_prefill(args, kwargs)
+            if packed is not None:
+                return packed
         args, kwargs = self.prepare(args, kwargs)
         with _symbolic_sizes():
             return self.compiled(*args, **kwargs)
@@ -226,12 +292,26 @@ class _Accelerator:
         with _symbolic_sizes():
             return self._compile(backend)(*args, **kwargs)
 
-    # -- normalising a call -------------------------------------------------------------------
+    # -- packed prefill: the token table -------------------------------------------------------
 
-    def prepare(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """The call in the one form the compiled code sees: keywords, 4-D masks, marked sizes."""
-        if self.varargs:
-            return args, kwargs
+    def _pack_reason(self, params: Mapping[str, inspect.Parameter]) -> str | None:
+        """Why this model's prefills cannot run packed, or None."""
+        config = self.model.config
+        if not (self.config.pack_prefill and self.config.lower_attention):
+            return "disabled by option (pack_prefill / lower_attention)"
+        if self.varargs or self.cache_arg is None or "logits_to_keep" not in params:
+            return "its forward takes no cache or logits_to_keep keyword"
+        if config.is_encoder_decoder or config.get_text_config() is not config:
+            return "not a decoder-only language model"
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None:
+            if any(t != "full_attention" for t in layer_types):
+                return f"layer types {sorted(set(layer_types))} (packing runs full attention)"
+        elif getattr(config, "sliding_window", None) is not None:
+            return "sliding-window attention (packing runs full attention)"
+        return None
+
+    def _bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         bound = self.signature.bind_partial(*args, **kwargs).arguments
         kw: dict[str, Any] = {}
         for name, value in bound.items():
@@ -239,6 +319,64 @@ class _Accelerator:
                 kw.update(value)
             else:
                 kw[name] = value
+        return kw
+
+    def _packed_prefill(self, args: tuple, kwargs: dict) -> Any | None:
+        """Run a prefill packed (module docstring) and return its output, or None when the call
+        is not a prefill that packing serves exactly: a fresh decoder cache, input_ids with a
+        left-padded (or no) 2-D mask, and ``logits_to_keep`` (what ``generate()`` passes) no
+        larger than the shortest prompt; nothing else asked of the outputs."""
+        kw = self._bind(args, kwargs)
+        tokens, mask = kw.get("input_ids"), kw.get("attention_mask")
+        cache = kw.get(self.cache_arg)
+        keep = kw.get("logits_to_keep")
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or not tokens.numel():
+            return None
+        if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+            return None
+        if any(kw.get(k) for k in ("output_attentions", "output_hidden_states", "labels")):
+            return None
+        if kw.get("inputs_embeds") is not None or kw.get("use_cache") is False:
+            return None
+        if not self._is_decoder_cache(cache):
+            return None
+        batch, length = tokens.shape
+        device = tokens.device
+        if mask is None:
+            mask = torch.ones((batch, length), dtype=torch.bool, device=device)
+        elif isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            mask = _padding_of(mask, batch, length)  # generate() builds 4-D masks for static caches
+            if mask is None:
+                return None
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, length):
+            return None
+        mask = mask.bool()
+        lens = mask.sum(dim=1)
+        slots = torch.arange(length, device=device)
+        if not torch.equal(mask, slots[None, :] >= length - lens[:, None]):
+            return None  # not left-padded (holes, right padding)
+        if int(lens.min()) < keep:
+            return None  # logits of padding slots asked for
+        self._initialise(cache, batch, device)
+        if cache.get_seq_length() != 0:
+            return None  # not a prefill
+        packed = _PackedCall.build(self, kw, tokens, mask, lens, cache, keep)
+        saved = self.model.config._attn_implementation
+        try:
+            self.model.config._attn_implementation = PACKED_IMPLEMENTATION
+            with _symbolic_sizes():
+                out = self.compiled(**packed.kwargs)
+        finally:
+            self.model.config._attn_implementation = saved
+        return packed.finish(out)
+
+    # -- normalising a call -------------------------------------------------------------------
+
+    def prepare(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The call in the one form the compiled code sees: keywords, 4-D masks, marked sizes."""
+        if self.varargs:
+            return args, kwargs
+        kw = self._bind(args, kwargs)
         tokens = kw.get("input_ids")
         if tokens is None:
             tokens = kw.get("inputs_embeds")
@@ -350,6 +488,117 @@ class _Accelerator:
         if self.disable_compile is not None:
             self.model.generation_config.disable_compile = self.disable_compile
         del self.model._xyserve_accelerator
+
+
+def _padding_of(mask: torch.Tensor, batch: int, length: int) -> torch.Tensor | None:
+    """The 2-D padding mask ``[B, L]`` of a prefill's causal 4-D mask ``[B, 1, L, Lk]`` whose
+    rows are left-padded prompts ending at key slot L - 1 (keys after it not yet written), or
+    None if it is anything else."""
+    from xy_inductor.runtime.attention_plan import rows_from_mask
+
+    if mask.shape[0] not in (1, batch) or mask.shape[2] != length or mask.shape[3] < length:
+        return None
+    rows = rows_from_mask(mask, batch, length, mask.shape[3])
+    if rows is None or not rows.causal:
+        return None
+    for q_end, q_len, kv_start, kv_len in zip(
+        rows.q_end, rows.q_len, rows.kv_start, rows.kv_len, strict=True
+    ):
+        if q_end != length or q_len != kv_len or kv_start + kv_len != length:
+            return None
+    lens = torch.tensor(rows.q_len, device=mask.device)
+    return torch.arange(length, device=mask.device)[None, :] >= length - lens[:, None]
+
+
+class _PackedCall:
+    """The keyword arguments of one packed prefill, and how its output is put back in the form
+    the padded call would have returned."""
+
+    def __init__(
+        self, kwargs: dict, cache: Any, dest: _PackedKV, batch: int, length: int, keep: int
+    ) -> None:
+        self.kwargs = kwargs
+        self.cache = cache
+        self.dest = dest
+        self.batch = batch
+        self.length = length
+        self.keep = keep
+
+    @classmethod
+    def build(
+        cls,
+        acc: _Accelerator,
+        kw: dict,
+        tokens: torch.Tensor,
+        mask: torch.Tensor,
+        lens: torch.Tensor,
+        cache: Any,
+        keep: int,
+    ) -> _PackedCall:
+        batch, length = tokens.shape
+        # Sequence after sequence, in token order. Fresh tensors: nonzero's outputs are views at
+        # storage offsets Dynamo would guard on.
+        rows, slots = (t.clone() for t in mask.nonzero(as_tuple=True))
+        positions = kw.get("position_ids")
+        # Hugging Face's default positions of a padded prefill are the slots (0 … L-1).
+        packed_positions = slots if positions is None else positions[rows, slots]
+        # One more sequence of one token, whose results are dropped: a packed call then always
+        # has two tokens and two sequences or more, so no size of its graph is traced as 1
+        # (Inductor specialises views of size-1 dims, and the next prompt would recompile).
+        device = tokens.device
+        one = torch.zeros(1, dtype=torch.int64, device=device)
+        cu = torch.zeros(batch + 2, dtype=torch.int64, device=device)
+        cu[1:-1] = lens.cumsum(0)
+        cu[-1] = cu[-2] + 1
+        # The last `keep` tokens of each sequence: what generate() reads the logits of.
+        last = (cu[1:-1, None] - keep + torch.arange(keep, device=device)).flatten()
+        # The padded K/V of the prompt, handed to the cache's own update() after the call, so
+        # every cache kind (dynamic, static) keeps its bookkeeping.
+        text = acc.model.config.get_text_config()
+        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        shape = (batch * length + 1, heads, dim)  # the padded [B, L, H, D], then a spare slot
+        dtype = acc.model.dtype
+        keys = [tokens.new_zeros(shape, dtype=dtype) for _ in range(text.num_hidden_layers)]
+        values = [tokens.new_zeros(shape, dtype=dtype) for _ in range(text.num_hidden_layers)]
+        for t in (*keys, *values):
+            torch._dynamo.mark_dynamic(t, 0)
+        index = torch.cat([rows * length + slots, one + batch * length])
+        dest = _PackedKV(keys, values, _mark(index, (0,)))
+        packed = {
+            k: v
+            for k, v in kw.items()
+            if k not in ("attention_mask", "position_ids", "cache_position", acc.cache_arg)
+        }
+        packed.update(
+            input_ids=_mark(torch.cat([tokens[rows, slots], one.to(tokens.dtype)])[None], (1,)),
+            position_ids=_mark(torch.cat([packed_positions, one])[None], (1,)),
+            attention_mask=None,
+            logits_to_keep=_mark(last, (0,)),
+            cu_seq_lens_q=_mark(cu, (0,)),
+            cu_seq_lens_k=_mark(cu, (0,)),
+            use_cache=True,
+        )
+        packed[acc.cache_arg] = dest
+        return cls(packed, cache, dest, batch, length, keep)
+
+    def finish(self, out: Any) -> Any:
+        """The output as the padded call returns it: logits ``[B, keep, V]`` and the real cache,
+        filled for every layer."""
+        b, n = self.batch, self.length
+        for i, (k, v) in enumerate(zip(self.dest.keys, self.dest.values, strict=True)):
+            # [B·L (+1 spare), H, D] -> [B, H, L, D], the padded prefill's layout.
+            self.cache.update(
+                k[: b * n].view(b, n, *k.shape[1:]).transpose(1, 2),
+                v[: b * n].view(b, n, *v.shape[1:]).transpose(1, 2),
+                i,
+            )
+        out["logits"] = out["logits"].view(self.batch, self.keep, -1)
+        # transformers 5 names the output's cache "cache" (4.x: "past_key_values").
+        name = next((n for n in ("cache", "past_key_values") if n in out.keys()), None)  # noqa: SIM118 (`in out` maps past_key_values to cache, warning)
+        if name is not None:
+            out[name] = self.cache
+        return out
 
 
 def accelerate(model: torch.nn.Module, **options: object) -> torch.nn.Module:
