@@ -498,8 +498,10 @@ def check_packed_args(
     )
     check(
         cu_seqlens.dim() == 1 and not cu_seqlens.dtype.is_floating_point,
-        lambda: f"{op}: cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dim()}-D "
-        f"{cu_seqlens.dtype}",
+        lambda: (
+            f"{op}: cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dim()}-D "
+            f"{cu_seqlens.dtype}"
+        ),
     )
 
 
