@@ -30,6 +30,9 @@ class _Counters:
     warned_over_max: set = field(default_factory=set)  # (N, K, max_tokens) warned about
     kernels_warmed: int = 0
     attention_plans: int = 0
+    inductor_regions: int = 0
+    inductor_regions_compiled: int = 0
+    region_mismatches: int = 0
 
 
 _COUNTERS = _Counters()
@@ -71,6 +74,14 @@ class Stats:
     attention_plans: int
     """Meta-attention plans built (token table → task table). Plans are cached per shape
     class, so every layer of a step, and decode steps of one class, share one."""
+    inductor_regions: int
+    """``inductor=True``: regions (repeated blocks, and what comes before and after them) the
+    graphs were cut into."""
+    inductor_regions_compiled: int
+    """Of those, how many Inductor compiled; the rest reused an identical region's code."""
+    region_mismatches: int
+    """Calls of a region reusing another's code whose inputs were not shaped as the other's
+    were: they ran the region as traced (slower, never wrong)."""
     providers: dict[str, str | None]
     """Every provider in priority order, with why this process cannot use it (None: it can)."""
 
@@ -100,6 +111,11 @@ class Stats:
             lines.append(f"gemm over max_tokens {self.gemm_over_max_tokens} calls (ATen fallback)")
         if self.attention_plans:
             lines.append(f"attention plans   {self.attention_plans} built")
+        if self.inductor_regions:
+            lines.append(
+                f"inductor regions  {self.inductor_regions} "
+                f"({self.inductor_regions_compiled} compiled, the rest reused)"
+            )
         if self.kernels_warmed:
             lines.append(f"kernels warmed    {self.kernels_warmed} before the first request")
         for op, per_reason in sorted(self.declined.items()):
@@ -138,6 +154,9 @@ def stats() -> Stats:
         gemm_over_max_tokens=c.gemm_over_max_tokens,
         kernels_warmed=c.kernels_warmed,
         attention_plans=c.attention_plans,
+        inductor_regions=c.inductor_regions,
+        inductor_regions_compiled=c.inductor_regions_compiled,
+        region_mismatches=c.region_mismatches,
         providers=dict(providers.describe()),
     )
 
@@ -200,3 +219,12 @@ def record_over_max_tokens(m: int, n: int, k: int, max_tokens: int) -> None:
 
 def record_attention_plan() -> None:
     _COUNTERS.attention_plans += 1
+
+
+def record_regions(regions: int, compiled: int) -> None:
+    _COUNTERS.inductor_regions += regions
+    _COUNTERS.inductor_regions_compiled += compiled
+
+
+def record_region_mismatch() -> None:
+    _COUNTERS.region_mismatches += 1

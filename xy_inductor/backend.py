@@ -17,6 +17,7 @@ from torch._dynamo.exc import RestartAnalysis, SkipFrame
 
 from xy_inductor.config import BACKEND_OPTIONS, XyConfig
 from xy_inductor.lowering import lay_out_weights, lower_graph, sibling_parameters
+from xy_inductor.regions import compile_regions
 from xy_inductor.runtime import providers
 from xy_inductor.runtime import stats as _stats
 from xy_inductor.runtime.calls import GemmWeight
@@ -81,13 +82,19 @@ def _call_directly(gm: torch.fx.GraphModule) -> None:
 
 
 def _inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[object]) -> CompiledFn | None:
-    """Inductor-compile the lowered graph; None (and a warning) if Inductor fails on it.
+    """Inductor-compile the lowered graph, region by region when it has repeated blocks (each
+    distinct region once, ``regions.py``); None (and a warning) if Inductor fails on it.
 
     The lowered graph is correct as it is, so an Inductor failure costs speed, not the call.
     """
     from torch._inductor.compile_fx import compile_fx
 
     try:
+        regional = compile_regions(gm, example_inputs, compile_fx)
+        if regional is not None:
+            split, regions, compiled = regional
+            _stats.record_regions(regions, compiled)
+            return split.forward
         return compile_fx(gm, list(example_inputs))
     except (RestartAnalysis, SkipFrame):
         raise  # Dynamo's own control flow (e.g. re-trace with scalars as tensors), not failures

@@ -1,0 +1,205 @@
+"""Regional Inductor compilation: a lowered graph cut at its repeated blocks (the decoder layers
+of a transformer), each distinct region compiled by Inductor once and reused for every block
+with the same code.
+
+Inductor compiles a model's graph as one program, so a 32-layer model costs 32 layers of
+compile time although the layers are identical. Hugging Face accelerate's ``compile_regions``
+compiles one block and reuses it; here the same idea runs inside the backend, on the graph
+Dynamo captured: the nodes of each ``….layers.<i>`` module (read from ``nn_module_stack``)
+become one submodule (``torch.fx.passes.split_module``), the nodes before and after the blocks
+two more, and a submodule whose code and input metadata match one already compiled reuses its
+compiled function. The top-level graph then calls the regions in order.
+
+Each block's inputs have sizes of their own symbols (a cache tensor per layer), so "the same
+metadata" is judged with the symbols renamed in order of appearance. Dynamo's guards hold for
+the region that was compiled, not for those that reuse it; so a reusing region checks, on
+every call, that its inputs have the sizes and strides the compiled one had in the same call
+(the blocks run in order), and runs its own traced code when they do not (never a wrong
+answer, counted in ``stats()``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Sequence
+
+import sympy
+import torch
+import torch.fx
+from torch.fx.passes.split_module import split_module
+
+from xy_inductor.runtime import stats as _stats
+
+__all__ = ["compile_regions", "region_of"]
+
+log = logging.getLogger("xy_inductor")
+
+# A module path ending in a list index: Dynamo writes "….layers[3]", "….layers.3" or
+# "…_modules['3']".
+_INDEXED = re.compile(r"(\.|\[|_modules\[')\d+('\]|\])?$")
+
+
+def region_of(node: torch.fx.Node) -> str | None:
+    """The outermost repeated block (``….layers.3``) a node belongs to, or None."""
+    for path, _cls in (node.meta.get("nn_module_stack") or {}).values():
+        text = path if isinstance(path, str) else str(path)
+        if _INDEXED.search(text):
+            return text
+    return None
+
+
+def _partitions(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, int] | None:
+    """Partition of every compute node: 0 before the first block, i for block i (nodes between
+    two blocks stay with the one before), and one past the last block after it. None when the
+    graph has fewer than two blocks or a block's nodes follow the next block's."""
+    parts: dict[torch.fx.Node, int] = {}
+    blocks: dict[str, int] = {}
+    current = 0
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        block = region_of(node)
+        if block is not None:
+            index = blocks.setdefault(block, len(blocks) + 1)
+            if index < current:
+                return None
+            current = index
+        parts[node] = current
+    if len(blocks) < 2:
+        return None
+    last = len(blocks)
+    # What follows the last block's own nodes is the epilogue.
+    for node in reversed(gm.graph.nodes):
+        if node not in parts:
+            continue
+        if region_of(node) is not None:
+            break
+        parts[node] = last + 1
+    return parts
+
+
+class _Region(torch.nn.Module):
+    """A region in the top-level graph: Inductor's code for it, or, for a region reusing
+    another's code, that code behind a check that its inputs are shaped as the other's were
+    in this same call (``checked``: the positions of the inputs with symbolic sizes)."""
+
+    def __init__(
+        self,
+        fn: Callable,
+        checked: tuple[int, ...],
+        donor: _Region | None = None,
+        traced: torch.fx.GraphModule | None = None,
+    ) -> None:
+        super().__init__()
+        self.fn = fn
+        self.checked = checked
+        self.donor = donor
+        self.traced = traced
+        self.last: tuple | None = None
+        """The compiled region: its checked inputs' shapes in the current call."""
+
+    def _shapes(self, args: tuple) -> tuple:
+        return tuple(
+            (a.shape, a.stride()) if isinstance(a, torch.Tensor) else a
+            for a in (args[i] for i in self.checked)
+        )
+
+    def forward(self, *args: object) -> object:
+        if self.donor is None:
+            if self.checked:
+                self.last = self._shapes(args)
+            return self.fn(*args)
+        if self._shapes(args) != self.donor.last:
+            _stats.record_region_mismatch()
+            return self.traced(*args)
+        return self.fn(*args)
+
+
+def _canonical(values: Sequence[object], symbols: dict) -> str:
+    """``values`` (sizes, strides, SymInts) as text with each symbol named by its order of
+    first appearance, so two blocks whose sizes are their own symbols compare equal."""
+    out = []
+    for v in values:
+        expr = v.node.expr if isinstance(v, torch.SymInt) else v
+        if isinstance(expr, sympy.Expr) and not expr.is_number:
+            for sym in sorted(expr.free_symbols, key=str):
+                symbols.setdefault(sym, sympy.Symbol(f"x{len(symbols)}"))
+            expr = expr.xreplace(symbols)
+        out.append(str(expr))
+    return ",".join(out)
+
+
+def _signature(submod: torch.fx.GraphModule, args: Sequence[object]) -> tuple:
+    """What makes two regions the same program: their code with every name made positional,
+    and the metadata of their inputs with symbols renamed; and which inputs have symbolic
+    sizes (what a reusing region checks at run time)."""
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for i, node in enumerate(submod.graph.nodes):
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        env[node].name = f"n{i}"
+        if node.op == "placeholder":
+            env[node].target = f"n{i}"
+    code = torch.fx.GraphModule(submod, graph).code
+    symbols: dict = {}
+    metas = []
+    checked = []
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            shape = _canonical((*a.shape, *a.stride()), symbols)
+            metas.append((str(a.dtype), str(a.dim()), shape, str(a.device)))
+            if any(isinstance(s, torch.SymInt) for s in (*a.shape, *a.stride())):
+                checked.append(i)
+        elif isinstance(a, torch.SymInt):
+            metas.append(("SymInt", _canonical((a,), symbols)))
+            checked.append(i)
+        else:
+            metas.append((type(a).__name__, repr(a)))
+    return (code, tuple(metas)), tuple(checked)
+
+
+def compile_regions(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[object],
+    compile_fn: Callable[[torch.fx.GraphModule, list], Callable],
+) -> tuple[torch.fx.GraphModule, int, int] | None:
+    """Compile ``gm`` region by region with ``compile_fn`` (Inductor's ``compile_fx``).
+
+    Returns the top-level module calling the compiled regions, how many regions it has and how
+    many were compiled; None when ``gm`` has no repeated blocks. The regions are traced with
+    the example inputs made fake in the backend's fake mode (Dynamo's tracing context), which
+    gives them their symbolic sizes back."""
+    parts = _partitions(gm)
+    if parts is None:
+        return None
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    if fake_mode is None:
+        return None
+    fake_args = [
+        fake_mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in example_inputs
+    ]
+    split = split_module(gm, None, lambda node: parts[node], keep_original_order=True)
+    compiled: dict[tuple, _Region] = {}
+    regions = 0
+
+    class _Compiler(torch.fx.Interpreter):
+        def call_module(self, target: str, args: tuple, kwargs: dict) -> object:
+            nonlocal regions
+            submod = self.fetch_attr(target)
+            regions += 1
+            key, checked = _signature(submod, args)
+            out = submod(*args, **kwargs)  # before compiling: Inductor rewrites the module
+            donor = compiled.get(key)
+            if donor is None:
+                region = compiled[key] = _Region(compile_fn(submod, list(args)), checked)
+            else:
+                region = _Region(donor.fn, checked, donor, submod)
+            split.set_submodule(target, region)
+            return out
+
+    with fake_mode:
+        _Compiler(split).run(*fake_args)
+    split.recompile()
+    log.info("xyserve: %d regions, %d compiled by Inductor", regions, len(compiled))
+    return split, regions, len(compiled)
