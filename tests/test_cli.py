@@ -12,14 +12,20 @@ SCRIPT = str(pathlib.Path(sys.executable).with_name("xyserve"))
 def test_demo_runs_and_reports_identical_tokens():
     # The demo exits 1 if tokens differ from eager or the second pass recompiles.
     out = subprocess.run(
-        [SCRIPT, "demo", "--calls", "3", "--rounds", "1"], capture_output=True, text=True
+        [SCRIPT, "demo", "--calls", "3", "--rounds", "1", "--prefill-rounds", "1"],
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line.split() for line in out.stdout.splitlines() if line.startswith("xyserve")]
+    # Prefills run packed (one graph), decode steps another: two graphs with either cache.
     assert [(r[1], r[2], r[3], r[-1]) for r in rows] == [
         ("dynamic", "2", "0", "yes"),
-        ("static", "1", "0", "yes"),
+        ("static", "2", "0", "yes"),
     ]
+    assert "TTFT ms" in out.stdout.splitlines()[1]
+    # The padded-prefill columns (TTFT ms, x eager) are filled on the first cache's row only.
+    assert len(rows[0]) == len(rows[1]) + 2 and float(rows[0][-3]) > 0
 
 
 def test_explain_prints_every_site_lowered():

@@ -19,33 +19,44 @@ def _progress(total: int, desc: str):
 
 
 def demo(args: argparse.Namespace) -> int:
-    """Eager vs xyserve on the built-in tiny Llama, both Hugging Face caches."""
+    """Eager vs xyserve on the built-in tiny Llama, both Hugging Face caches, and the time to
+    first token of a padded prefill; with --inductor, Inductor and xyserve+Inductor too."""
     from xy_inductor import bench
     from xy_inductor import workload as wl
 
     calls = wl.WORKLOAD[: args.calls] if args.calls else wl.WORKLOAD
     caches = ("dynamic", "static")
+    configs = ("xyserve", "xyserve-inductor", "inductor-dynamic") if args.inductor else ("xyserve",)
+    lengths = ", ".join(map(str, bench.PREFILL_LENGTHS))
     print(
         f"tiny Llama (random weights, {wl.TINY_LLAMA['num_hidden_layers']} layers, "
         f"hidden {wl.TINY_LLAMA['hidden_size']}), {len(calls)} generate() calls of "
         f"{wl.NEW_TOKENS} new tokens, prompt lengths 1..{max(max(c) for c in calls)}, "
-        f"batches 1..{max(len(c) for c in calls)}, {torch.get_num_threads()} threads",
+        f"batches 1..{max(len(c) for c in calls)}, {torch.get_num_threads()} threads; "
+        f"TTFT: first token of a left-padded batch of {lengths} tokens",
         flush=True,
     )
     start = time.perf_counter()
     results = []
-    total = len(caches) * bench.passes_per_measure(args.rounds) * len(calls)
-    with _progress(total, "eager vs xyserve") as bar:
-        for cache in caches:
-            result = bench.measure("xyserve", cache, args.rounds, calls, progress=bar.update)
-            results += [result.eager_row(), result]
+    per = bench.passes_per_measure(args.rounds) * len(calls)
+    total = len(configs) * (len(caches) * per + args.prefill_rounds)
+    with _progress(total, f"eager vs {', '.join(configs)}") as bar:
+        for config in configs:
+            for cache in caches:
+                torch._dynamo.reset()  # each configuration from a cold Dynamo cache
+                prefill = args.prefill_rounds if cache == caches[0] else 0
+                result = bench.measure(
+                    config, cache, args.rounds, calls, progress=bar.update, prefill_rounds=prefill
+                )
+                results += [result] if config != configs[0] else [result.eager_row(), result]
     print(bench.format_table(results))
     print(
         f"graphs: compiled by Dynamo over the first pass; 2nd-pass: recompiles on a second pass "
-        f"(want 0); steady: median of {args.rounds} passes alternating with eager. "
-        f"{time.perf_counter() - start:.0f} s in all."
+        f"(want 0); steady: median of {args.rounds} passes alternating with eager; TTFT: median "
+        f"of {args.prefill_rounds}. {time.perf_counter() - start:.0f} s in all."
     )
-    return 0 if all(r.identical and r.recompiles_second_pass == 0 for r in results) else 1
+    ok = all(r.identical and r.prefill_identical for r in results)
+    return 0 if ok and all(r.recompiles_second_pass == 0 for r in results) else 1
 
 
 def bench_cmd(args: argparse.Namespace) -> int:
@@ -57,11 +68,15 @@ def bench_cmd(args: argparse.Namespace) -> int:
     for cache in args.caches:
         for config in args.configs:
             print(f"measuring {config} / {cache} ...", file=sys.stderr, flush=True)
-            results.append(bench.run_isolated(config, cache, args.rounds, args.calls))
+            prefill = args.prefill_rounds if cache == args.caches[0] else 0
+            results.append(bench.run_isolated(config, cache, args.rounds, args.calls, prefill))
     print(bench.format_table(results))
     print(bench.summary(results))
     seconds = time.perf_counter() - start
     print(f"{args.rounds} rounds, each configuration in a fresh process; {seconds:.0f} s")
+    if args.plot:
+        bench.plot(results, args.plot)
+        print(f"plot: {args.plot}")
     return 0
 
 
@@ -153,6 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("demo", help=demo.__doc__)
     p.add_argument("--rounds", type=int, default=2, help="steady-state rounds (default 2)")
     p.add_argument("--calls", type=int, default=None, help="only the first N workload calls")
+    p.add_argument("--prefill-rounds", type=int, default=2, help="TTFT rounds (default 2)")
+    p.add_argument(
+        "--inductor",
+        action="store_true",
+        help="also Inductor dynamic=True and xyserve with inductor=True (compiles for minutes)",
+    )
     p.set_defaults(run=demo)
     p = sub.add_parser("bench", help=bench_cmd.__doc__)
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -161,6 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--calls", type=int, default=None, help="only the first N workload calls")
+    p.add_argument(
+        "--prefill-rounds", type=int, default=3, help="TTFT rounds, first cache only (0: skip)"
+    )
+    p.add_argument("--plot", help="write tokens/s and compile seconds per config to this PNG")
     p.set_defaults(run=bench_cmd)
     p = sub.add_parser("explain", help=explain_cmd.__doc__)
     p.add_argument("--layers", type=int, default=4)
