@@ -165,6 +165,7 @@ def test_backend_options_are_the_config_fields_without_front_end_ones():
         "lower_linear",
         "fuse_siblings",
         "max_tokens",
+        "pack_prefill",
         "ascend_nz_weights",
         "inductor",
     )

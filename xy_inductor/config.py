@@ -52,7 +52,10 @@ class XyConfig:
 
     inductor: bool = False
     """Compile the rest of each graph with Inductor, once, with symbolic sizes; the xyserve ops
-    stay opaque calls. Off: the lowered graph runs as traced, and compiling costs only tracing."""
+    stay opaque calls. Repeated blocks (decoder layers) are compiled once and reused. Packed
+    prefills (``hf.accelerate``) stay as traced: their time is in GEMMs and attention, and
+    compiling them would double Inductor's compile time. Off: the lowered graph runs as traced,
+    and compiling costs only tracing."""
 
     dynamic: bool | None = True
     """``torch.compile(dynamic=...)`` for ``xy_inductor.compile``. True traces sizes as symbols
