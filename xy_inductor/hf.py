@@ -278,19 +278,21 @@ class _Accelerator:
         )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run(self.compiled, args, kwargs)
+
+    def trace_with(self, backend: Callable, args: tuple, kwargs: dict) -> Any:
+        """Run one call through ``backend`` with exactly the preparation ``generate()`` gets
+        (a prefill packed as ``generate()``'s would be)."""
+        return self._run(self._compile(backend), args, kwargs)
+
+    def _run(self, compiled: Callable, args: tuple, kwargs: dict) -> Any:
         if self.pack_reason is None:
-            packed = self._packed_prefill(args, kwargs)
+            packed = self._packed_prefill(compiled, args, kwargs)
             if packed is not None:
                 return packed
         args, kwargs = self.prepare(args, kwargs)
         with _symbolic_sizes():
-            return self.compiled(*args, **kwargs)
-
-    def trace_with(self, backend: Callable, args: tuple, kwargs: dict) -> Any:
-        """Run one call through ``backend`` with exactly the preparation ``generate()`` gets."""
-        args, kwargs = self.prepare(args, kwargs)
-        with _symbolic_sizes():
-            return self._compile(backend)(*args, **kwargs)
+            return compiled(*args, **kwargs)
 
     # -- packed prefill: the token table -------------------------------------------------------
 
@@ -321,7 +323,7 @@ class _Accelerator:
                 kw[name] = value
         return kw
 
-    def _packed_prefill(self, args: tuple, kwargs: dict) -> Any | None:
+    def _packed_prefill(self, compiled: Callable, args: tuple, kwargs: dict) -> Any | None:
         """Run a prefill packed (module docstring) and return its output, or None when the call
         is not a prefill that packing serves exactly: a fresh decoder cache, input_ids with a
         left-padded (or no) 2-D mask, and ``logits_to_keep`` (what ``generate()`` passes) no
@@ -365,7 +367,7 @@ class _Accelerator:
         try:
             self.model.config._attn_implementation = PACKED_IMPLEMENTATION
             with _symbolic_sizes():
-                out = self.compiled(**packed.kwargs)
+                out = compiled(**packed.kwargs)
         finally:
             self.model.config._attn_implementation = saved
         return packed.finish(out)
