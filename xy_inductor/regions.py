@@ -130,6 +130,36 @@ def _canonical(values: Sequence[object], symbols: dict) -> str:
     return ",".join(out)
 
 
+def _input_order(args: Sequence[object]) -> list[int]:
+    """A canonical order of a region's inputs: tensors and constants as they come, then the
+    size symbols it takes, in the order their symbols first appear in the tensors' sizes.
+    ``split_module`` lists a region's symbols in set order, which differs between blocks."""
+    first: dict = {}
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            for size in a.shape:
+                if isinstance(size, torch.SymInt):
+                    for sym in sorted(size.node.expr.free_symbols, key=str):
+                        first.setdefault(sym, len(first))
+
+    def key(i: int) -> tuple:
+        a = args[i]
+        if isinstance(a, torch.SymInt) and a.node.expr in first:
+            return (1, first[a.node.expr])
+        return (0 if not isinstance(a, torch.SymInt) else 2, i)
+
+    return sorted(range(len(args)), key=key)
+
+
+def _reorder_inputs(submod: torch.fx.GraphModule, order: list[int]) -> None:
+    """Make ``submod``'s placeholders come in ``order`` (its caller passes them so)."""
+    placeholders = [n for n in submod.graph.nodes if n.op == "placeholder"]
+    anchor = next(n for n in submod.graph.nodes if n.op != "placeholder")
+    for i in order:
+        anchor.prepend(placeholders[i])
+    submod.recompile()
+
+
 def _signature(submod: torch.fx.GraphModule, args: Sequence[object]) -> tuple:
     """What makes two regions the same program: their code with every name made positional,
     and the metadata of their inputs with symbols renamed; and which inputs have symbolic
@@ -139,6 +169,7 @@ def _signature(submod: torch.fx.GraphModule, args: Sequence[object]) -> tuple:
     for i, node in enumerate(submod.graph.nodes):
         env[node] = graph.node_copy(node, lambda n: env[n])
         env[node].name = f"n{i}"
+        env[node].type = None  # an input's annotation says where it came from, not what it is
         if node.op == "placeholder":
             env[node].target = f"n{i}"
     code = torch.fx.GraphModule(submod, graph).code
@@ -184,6 +215,15 @@ def compile_regions(
     regions = 0
 
     class _Compiler(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> object:
+            if n.op == "call_module":
+                args, _ = self.fetch_args_kwargs_from_env(n)
+                order = _input_order(args)
+                if order != list(range(len(args))):
+                    _reorder_inputs(self.fetch_attr(n.target), order)
+                    n.args = tuple(n.args[i] for i in order)
+            return super().run_node(n)
+
         def call_module(self, target: str, args: tuple, kwargs: dict) -> object:
             nonlocal regions
             submod = self.fetch_attr(target)
