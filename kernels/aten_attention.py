@@ -28,7 +28,7 @@ import torch
 if TYPE_CHECKING:  # the runtime's plan, for annotations only: kernels never import the runtime
     from xy_inductor.runtime.attention_plan import AttentionPlan
 
-__all__ = ["run_dense", "run_plan"]
+__all__ = ["run_dense", "run_paged", "run_plan"]
 
 # Score elements (tiles × heads × query rows × keys) computed per batch: bounds the memory of
 # the gathered operands and scores (about 4 bytes × 4 of these at fp32).
@@ -42,13 +42,23 @@ def _gather_kv(
     block_table: torch.Tensor | None,
     block_size: int | None,
 ) -> torch.Tensor:
-    """Keys (or values) at positions ``pos [n, C]`` of rows ``rows [n]``: ``[n, C, Hkv, D]``."""
+    """Keys (or values) at positions ``pos [n, C]`` of rows ``rows [n]``: ``[n, C, Hkv, D]``.
+
+    Reads only the rows it returns, whatever the cache's size or strides: nothing here copies
+    the cache (a ``reshape`` of a cache that is not one run of slots would copy all of it)."""
     if block_table is None:
         return cache[rows[:, None], :, pos]  # dense [B, Hkv, L, D]
-    flat = block_table[rows[:, None], pos // block_size] * block_size + pos % block_size
-    # paged [blocks, block_size, Hkv, D]: one index_select of whole [Hkv, D] rows
-    rows_of = cache.reshape(-1, *cache.shape[2:]).index_select(0, flat.flatten())
-    return rows_of.view(*flat.shape, *cache.shape[2:])
+    blocks = block_table[rows[:, None], pos // block_size].long()  # [n, C]
+    slots = pos % block_size
+    if cache.shape[0] <= 1 or cache.stride(0) == cache.shape[1] * cache.stride(1):
+        # paged [blocks, block_size, Hkv, D] whose blocks follow each other slot by slot: one
+        # index_select of whole [Hkv, D] slots over the flattened cache (a view).
+        flat = cache.view(-1, *cache.shape[2:])
+        rows_of = flat.index_select(0, (blocks * block_size + slots).flatten())
+        return rows_of.view(*pos.shape, *cache.shape[2:])
+    # Blocks apart from each other (a per-layer view of a cache that interleaves layers, or
+    # heads outside the block): index the block and slot dims directly.
+    return cache[blocks, slots]
 
 
 def run_plan(
@@ -83,7 +93,8 @@ def run_plan(
     if plan.tiles == 0:
         return out
     device = q.device
-    kv_len = torch.tensor(list(kv_lens), dtype=torch.int64, device=device)
+    kv_host = torch.tensor(list(kv_lens), dtype=torch.int64)
+    kv_len = kv_host.to(device)
     q_len = torch.tensor(table.q_len, dtype=torch.int64, device=device)
     q_start = torch.tensor(table.q_start, dtype=torch.int64, device=device)
     chunk = plan.menu.kv_chunk
@@ -97,13 +108,21 @@ def run_plan(
         members = (plan.q_tile == size).nonzero().flatten()
         per_batch = max(1, SCORE_BUDGET // (hq * size * chunk))
         for b0 in range(0, members.numel(), per_batch):
-            idx = members[b0 : b0 + per_batch].to(device)
+            batch = members[b0 : b0 + per_batch]
+            # Keys gathered per tile: the most any tile of the batch really has (a decode row
+            # planned for its shape class's longest KV has fewer), read from the host plan.
+            width = int(
+                (torch.minimum(plan.k1[batch], kv_host[plan.row[batch]]) - plan.k0[batch])
+                .clamp_min(1)
+                .max()
+            )
+            idx = batch.to(device)
             rows = plan.row.to(device)[idx]
             # -- gather this batch's query rows and key chunks --------------------------------
             qi = plan.q0.to(device)[idx, None] + torch.arange(size, device=device)  # [n, T]
             q_ok = qi < q_len[rows, None]
             qpos = kv_len[rows, None] - q_len[rows, None] + qi  # KV position of each query
-            kpos = plan.k0.to(device)[idx, None] + torch.arange(chunk, device=device)  # [n, C]
+            kpos = plan.k0.to(device)[idx, None] + torch.arange(width, device=device)  # [n, C]
             k_ok = kpos < torch.minimum(plan.k1.to(device)[idx], kv_len[rows])[:, None]
             q_rows = torch.where(q_ok, q_start[rows, None] + qi, 0)
             k_safe = torch.where(k_ok, kpos, 0)
@@ -121,7 +140,7 @@ def run_plan(
             # where a permuted [n, Hkv, D, C] operand would be copied first.)
             s = torch.stack(
                 [torch.bmm(qt[:, h], kt[:, :, h].transpose(1, 2)) for h in range(hkv)], dim=1
-            ).view(n, hkv, g, size, chunk)
+            ).view(n, hkv, g, size, width)
             allowed = q_ok[:, :, None] & k_ok[:, None, :]  # [n, T, C]
             if plan.causal:
                 allowed &= kpos[:, None, :] <= qpos[:, :, None]
@@ -133,7 +152,7 @@ def run_plan(
             m_safe = torch.where(torch.isinf(m), 0.0, m)
             p = torch.exp(s - m_safe[..., None])
             psum = p.sum(dim=-1)
-            pv = p.view(n, hkv, g * size, chunk)
+            pv = p.view(n, hkv, g * size, width)
             o = torch.stack([torch.bmm(pv[:, h], vt[:, :, h]) for h in range(hkv)], dim=1)
             o = o.view(n, hkv, g, size, -1)  # [n, Hkv, g, T, Dv]
             tid = plan.tile_id.to(device)[idx]
@@ -197,9 +216,11 @@ def attend_short_rows(
     causal: bool,
     scale: float,
     sees_all: bool = False,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Every row at once against the whole dense cache, masked per row: for decode and verify.
-    ``sees_all``: the caller knows every query sees every key (no mask is built).
+    ``sees_all``: the caller knows every query sees every key (no mask is built). ``window``:
+    a query at position p sees keys after p - window.
 
     q ``[B, Hq, T, D]`` (row r's queries in its first q_len[r] slots), k/v ``[B, Hkv, L, D]``
     with row r's keys at ``kv_start[r] : kv_start[r] + kv_len[r]``. Returns ``[B, Hq, T, Dv]``.
@@ -215,6 +236,8 @@ def attend_short_rows(
     ok = (kpos >= 0) & (kpos < kv_len[:, None, None, None])
     if causal:
         ok = ok & (kpos <= qpos)
+    if window is not None:
+        ok = ok & (kpos > qpos - window)
     # [B, 1, T, L]; when every row sees the whole cache (uniform decode) there is no mask at all.
     mask = (
         None
@@ -328,4 +351,136 @@ def run_dense(
         out[r, :, q_end[r] - n : q_end[r]] = attend_row_fused(
             q_row, k_row, v_row, causal=plan.causal, scale=scale
         )
+    return out
+
+
+# -- paged layout, rows known by their lengths: each row reads only its own blocks ------------
+#
+# The CPU's way to run a serving step (``xyserve.attention_varlen``): a row's keys are gathered
+# block by block from its block table (only the blocks its queries can see), then run through
+# ATen's fused CPU flash kernel like the dense rows above: short rows (decode, verify) together,
+# masked per row; longer rows (prefill chunks) one by one. What a step costs grows with its
+# rows' tokens and keys, never with the size of the cache.
+
+
+def _visible_from(q_len: int, kv_len: int, causal: bool, window: int | None) -> int:
+    """The first key position any query of the row can see."""
+    if window is None:
+        return 0
+    return max(0, kv_len - q_len - window + 1)
+
+
+def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """The cache blocks ``blocks`` (any shape of block ids) as ``[*blocks.shape, block_size,
+    Hkv, D]``; reads those blocks only, whatever the cache's strides."""
+    return cache.index_select(0, blocks.flatten()).view(*blocks.shape, *cache.shape[1:])
+
+
+def _window_mask(
+    q_len: int, first: int, kv_len: int, causal: bool, window: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive ``[1, 1, q_len, kv_len - first]`` mask of a windowed row whose gathered keys
+    start at position ``first``."""
+    qpos = torch.arange(kv_len - q_len, kv_len)[:, None]
+    kpos = torch.arange(first, kv_len)[None, :]
+    ok = kpos > qpos - window
+    if causal:
+        ok &= kpos <= qpos
+    return torch.zeros(ok.shape, dtype=dtype).masked_fill(~ok, float("-inf"))[None, None]
+
+
+def run_paged(
+    plan: AttentionPlan,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_lens: Sequence[int],
+    *,
+    block_table: torch.Tensor,
+    block_size: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of packed queries ``q [Tq, Hq, D]`` (rows in ``plan``'s token-table order) over
+    a paged cache ``k``/``v [blocks, block_size, Hkv, D]`` (any strides), ``block_table[r, j]``
+    naming the block of row r's keys ``j * block_size …``; the plan's causality and window.
+
+    Each row reads only the blocks holding keys its queries can see. Rows with up to
+    ``SHORT_ROW`` queries run together, masked per row; longer rows one by one. Returns ``out
+    [Tq, Hq, Dv]``, every element written (a row that sees no key gives zeros).
+    """
+    table = plan.table
+    plan.check(table.q_len, kv_lens)
+    causal, window = plan.causal, plan.window
+    hq, dv = q.shape[1], v.shape[3]
+    if out is None:
+        out = q.new_empty((q.shape[0], hq, dv))
+    bs = block_size
+    short, long = [], []
+    for r, (n, kv) in enumerate(zip(table.q_len, kv_lens, strict=True)):
+        if n == 0:
+            continue
+        if kv == 0:  # non-causal row over an empty cache: sees nothing
+            out[table.q_start[r] : table.q_start[r] + n] = 0
+        elif n <= SHORT_ROW:
+            short.append(r)
+        else:
+            long.append(r)
+
+    for r in long:
+        n, kv, s0 = table.q_len[r], kv_lens[r], table.q_start[r]
+        first = _visible_from(n, kv, causal, window)
+        b0, b1 = first // bs, -(-kv // bs)
+        blocks = block_table[r, b0:b1]
+        lo, hi = first - b0 * bs, kv - b0 * bs
+        k_row = _gather_blocks(k, blocks).flatten(0, 1)[lo:hi].transpose(0, 1)  # [Hkv, L, D]
+        v_row = _gather_blocks(v, blocks).flatten(0, 1)[lo:hi].transpose(0, 1)
+        q_row = q[s0 : s0 + n].transpose(0, 1)  # [Hq, n, D]
+        if window is None:
+            o = attend_row_fused(q_row, k_row, v_row, causal=causal, scale=scale)
+        else:
+            mask = _window_mask(n, first, kv, causal, window, q.dtype)
+            o = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q_row[None], k_row[None], v_row[None], 0.0, False, attn_mask=mask, scale=scale
+            )[0][0]
+        out[s0 : s0 + n] = o.transpose(0, 1)
+
+    if short:
+        n_q = [table.q_len[r] for r in short]
+        kv = [kv_lens[r] for r in short]
+        b0 = [_visible_from(n, m, causal, window) // bs for n, m in zip(n_q, kv, strict=True)]
+        b1 = [-(-m // bs) for m in kv]
+        width = max(e - b for b, e in zip(b0, b1, strict=True))
+        # Row i's blocks b0[i] … b1[i] - 1, padded with its last block (masked below).
+        cols = torch.tensor(
+            [[min(b + j, e - 1) for j in range(width)] for b, e in zip(b0, b1, strict=True)]
+        )
+        rows = torch.tensor(short)
+        blocks = block_table[rows[:, None].to(block_table.device), cols.to(block_table.device)]
+        n_rows, hkv, d = len(short), k.shape[2], k.shape[3]
+        k_s = _gather_blocks(k, blocks).view(n_rows, width * bs, hkv, d).transpose(1, 2)
+        v_s = _gather_blocks(v, blocks).view(n_rows, width * bs, hkv, dv).transpose(1, 2)
+        t = max(n_q)
+        q_len = torch.tensor(n_q)
+        j = torch.arange(t)[None, :]
+        valid = j < q_len[:, None]  # [n, t]: slot j holds the row's j-th query
+        slots = torch.tensor([table.q_start[r] for r in short])[:, None] + torch.where(valid, j, 0)
+        q_s = q[slots.to(q.device)].transpose(1, 2)  # [n, Hq, t, D]
+        got = attend_short_rows(
+            q_s,
+            k_s,
+            v_s,
+            q_len,
+            # gathered key i of row r is the row's key b0[r] * bs + i
+            -torch.tensor(b0) * bs,
+            torch.tensor(kv),
+            causal=causal,
+            scale=scale,
+            window=window,
+        )  # [n, Hq, t, Dv]
+        got = got.transpose(1, 2)  # [n, t, Hq, Dv]
+        if t == 1:
+            out[slots[:, 0].to(q.device)] = got[:, 0].to(out.dtype)
+        else:
+            out[slots[valid].to(q.device)] = got[valid.to(q.device)].to(out.dtype)
     return out

@@ -30,6 +30,8 @@ class _Counters:
     warned_over_max: set = field(default_factory=set)  # (N, K, max_tokens) warned about
     kernels_warmed: int = 0
     attention_plans: int = 0
+    varlen_steps: int = 0
+    varlen_step_checks: int = 0
 
 
 _COUNTERS = _Counters()
@@ -71,6 +73,12 @@ class Stats:
     attention_plans: int
     """Meta-attention plans built (token table → task table). Plans are cached per shape
     class, so every layer of a step, and decode steps of one class, share one."""
+    varlen_steps: int
+    """Serving steps of ``attention_varlen`` (``runtime.serving.VarlenStep``): a token table
+    read on the host once and run by every attention layer of the step."""
+    varlen_step_checks: int
+    """Provider choices those steps made (checkers run, plan looked up): one per step and
+    layer signature; the other layers of the step run the same decision."""
 
     def __str__(self) -> str:
         lines = [
@@ -94,6 +102,11 @@ class Stats:
             lines.append(f"gemm over max_tokens {self.gemm_over_max_tokens} calls (ATen fallback)")
         if self.attention_plans:
             lines.append(f"attention plans   {self.attention_plans} built")
+        if self.varlen_steps:
+            lines.append(
+                f"serving steps     {self.varlen_steps} "
+                f"({self.varlen_step_checks} provider choices)"
+            )
         if self.kernels_warmed:
             lines.append(f"kernels warmed    {self.kernels_warmed} before the first request")
         for op, per_reason in sorted(self.declined.items()):
@@ -130,6 +143,8 @@ def stats() -> Stats:
         gemm_over_max_tokens=c.gemm_over_max_tokens,
         kernels_warmed=c.kernels_warmed,
         attention_plans=c.attention_plans,
+        varlen_steps=c.varlen_steps,
+        varlen_step_checks=c.varlen_step_checks,
     )
 
 
@@ -191,3 +206,11 @@ def record_over_max_tokens(m: int, n: int, k: int, max_tokens: int) -> None:
 
 def record_attention_plan() -> None:
     _COUNTERS.attention_plans += 1
+
+
+def record_varlen_step() -> None:
+    _COUNTERS.varlen_steps += 1
+
+
+def record_varlen_step_check() -> None:
+    _COUNTERS.varlen_step_checks += 1
