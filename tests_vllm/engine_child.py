@@ -9,11 +9,12 @@ down before the next, with xyserve's counters reset in between.
 
 SPEC: ``{"model": dir, "runs": [run, ...]}``; a run has ``backend`` (``"CUSTOM"``, or null for
 vLLM's default), ``prompts`` (texts, or lists of token ids), ``max_tokens``, ``dtype`` and
-``engine`` (more ``LLM`` arguments). RESULT: ``{"runs": [report, ...]}``, a report holding the
-tokens and text of each request, the attention implementation class and window of every layer
-in every worker, each worker's ``xy_inductor.stats()``, the rows of every step the attention
-metadata builders saw (engine core in this process), vLLM's prefix-cache hits; or ``error``
-with the exception's text when that engine failed.
+``engine`` (more ``LLM`` arguments), and may name another ``model``. RESULT: ``{"runs":
+[report, ...]}``, a report holding the tokens and text of each request, the attention
+implementation class and window of every layer in every worker, each worker's
+``xy_inductor.stats()``, the rows of every step the attention metadata builders saw (engine
+core in this process), vLLM's prefix-cache hits; or ``error`` with the exception's text when
+that engine failed.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def run(model: str, spec: dict) -> dict:
     STEPS.clear()
     xy_inductor.reset_stats()
     engine: dict[str, Any] = {
-        "model": model,
+        "model": spec.get("model", model),
         "dtype": spec.get("dtype", "float32"),
         "seed": 0,
         "enforce_eager": True,

@@ -42,18 +42,22 @@ def engine_run(
     *,
     max_tokens: int = 8,
     dtype: str = "float32",
+    model: str | None = None,
     **engine: Any,
 ) -> dict[str, Any]:
     """One engine for ``run_engines``: the attention backend (None: vLLM's default), the
     requests (texts or token-id lists, greedy, ``max_tokens`` each), more ``vllm.LLM``
-    arguments."""
-    return {
+    arguments; ``model`` another model than the child's."""
+    run = {
         "backend": backend,
         "prompts": prompts,
         "max_tokens": max_tokens,
         "dtype": dtype,
         "engine": engine,
     }
+    if model is not None:
+        run["model"] = model
+    return run
 
 
 def vllm_and_custom() -> tuple[dict[str, Any], dict[str, Any]]:

@@ -132,8 +132,10 @@ class XyserveMetadataBuilder(AttentionMetadataBuilder[XyserveAttentionMetadata])
         device: torch.device,
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        # Runs when the engine starts (KV cache set-up), before any request.
-        refuse_unsupported(vllm_config, layer_names)
+        # Runs when the engine starts (KV cache set-up), before any request. Every layer of the
+        # model is checked, not only this group's, so the message names all that need another
+        # backend.
+        refuse_unsupported(vllm_config)
         self.block_size = kv_cache_spec.block_size
         logger.info(
             "xyserve meta-attention (CUSTOM) serves %d attention layers, KV blocks of %d",
@@ -269,21 +271,21 @@ class XyserveAttentionImpl(AttentionImpl[XyserveAttentionMetadata]):
         return output
 
 
-def unsupported_features(vllm_config: VllmConfig, layer_names: list[str]) -> dict[str, tuple]:
-    """Layer name → the features xyserve's backend cannot serve, for the layers that have any."""
+def unsupported_features(
+    vllm_config: VllmConfig, layer_names: list[str] | None = None
+) -> dict[str, tuple]:
+    """Layer name → the features xyserve's backend cannot serve, for the attention layers
+    (``layer_names``, default all) that have any."""
     found: dict[str, tuple] = {}
-    for name, layer in get_layers_from_vllm_config(vllm_config, Attention, layer_names).items():
+    layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
+    for name, layer in layers.items():
         impl = layer.impl
         if isinstance(impl, XyserveAttentionImpl) and impl.unsupported:
             found[name] = impl.unsupported
-    if vllm_config.model_config is not None and vllm_config.model_config.is_mm_prefix_lm:
-        for name in layer_names:
-            found.setdefault(name, ())
-            found[name] += ("multimodal prefix-LM (bidirectional) attention",)
     return found
 
 
-def refuse_unsupported(vllm_config: VllmConfig, layer_names: list[str]) -> None:
+def refuse_unsupported(vllm_config: VllmConfig, layer_names: list[str] | None = None) -> None:
     """Raise, naming each layer and feature, if any layer is one xyserve cannot serve."""
     found = unsupported_features(vllm_config, layer_names)
     if found:
