@@ -21,6 +21,7 @@ must not change the time: each step reads only its rows' blocks).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -145,7 +146,7 @@ def child(spec: dict) -> dict:
     wall = time.perf_counter() - start
     tokens = sum(len(t) for t in seen.values())
     ttft = [t[0] - start for t in seen.values()]
-    itl = [b - a for t in seen.values() for a, b in zip(t, t[1:], strict=False)]
+    itl = [b - a for t in seen.values() for a, b in itertools.pairwise(t)]
     stats = xy_inductor.stats()
     return {
         "wall_s": wall,

@@ -53,7 +53,8 @@ __all__ = [
 
 NAME = "CUSTOM"
 
-logger = init_logger(__name__)
+# Under vLLM's "vllm" logger, so its handlers print it in vLLM's format with its own lines.
+logger = init_logger("vllm.xyserve")
 
 
 class XyserveAttentionBackend(AttentionBackend):

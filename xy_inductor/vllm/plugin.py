@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 __all__ = ["register", "selected"]
 
-log = logging.getLogger(__name__)
+# A child of vLLM's "vllm" logger: vLLM's handlers print it with vLLM's own lines.
+log = logging.getLogger("vllm.xyserve")
 
 # Marks the wrapper, so a second register() in one process does not wrap it again.
 _WRAPPED = "_xyserve_wraps"
