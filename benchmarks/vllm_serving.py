@@ -126,17 +126,28 @@ def child(spec: dict) -> dict:
     llm = LLM(**engine)
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in spec["lengths"]]
-    params = SamplingParams(max_tokens=spec["output_tokens"], temperature=0, ignore_eos=True)
+
+    def params() -> SamplingParams:
+        # A fresh object per use: LLM.generate switches the one it is given to final-only
+        # outputs, and the measured loop needs every token as it comes.
+        return SamplingParams(max_tokens=spec["output_tokens"], temperature=0, ignore_eos=True)
+
     # Warm-up: one short request through every code path once (not measured).
-    llm.generate([TokensPrompt(prompt_token_ids=prompts[0][:8])], params, use_tqdm=False)
+    llm.generate([TokensPrompt(prompt_token_ids=prompts[0][:8])], params(), use_tqdm=False)
     totals["attention_s"] = 0.0
     xy_inductor.reset_stats()
 
     core = llm.llm_engine
     seen: dict[str, list[float]] = {}
+    profiler = None
+    if spec.get("profile"):
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     start = time.perf_counter()
     for i, p in enumerate(prompts):
-        core.add_request(str(i), TokensPrompt(prompt_token_ids=p), params)
+        core.add_request(str(i), TokensPrompt(prompt_token_ids=p), params())
     while core.has_unfinished_requests():
         outputs = core.step()
         now = time.perf_counter()
@@ -144,6 +155,14 @@ def child(spec: dict) -> dict:
             times = seen.setdefault(out.request_id, [])
             times.extend([now] * (len(out.outputs[0].token_ids) - len(times)))
     wall = time.perf_counter() - start
+    if profiler is not None:
+        import io
+        import pstats
+
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+        print(f"-- profile ({spec['backend'] or 'vllm'}) --\n{text.getvalue()}", file=sys.stderr)
     tokens = sum(len(t) for t in seen.values())
     ttft = [t[0] - start for t in seen.values()]
     itl = [b - a for t in seen.values() for a, b in itertools.pairwise(t)]
@@ -170,7 +189,7 @@ def _p99(values: list[float]) -> float:
 # -- parent: children side by side -------------------------------------------------------------
 
 
-def run_child(spec: dict) -> dict:
+def run_child(spec: dict, cpus: str) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         path = pathlib.Path(folder) / "spec.json"
         path.write_text(json.dumps(spec))
@@ -178,11 +197,13 @@ def run_child(spec: dict) -> dict:
             [sys.executable, __file__, "--child", str(path)],
             capture_output=True,
             text=True,
-            env={**os.environ, "VLLM_NO_USAGE_STATS": "1"},
+            env={**os.environ, "VLLM_NO_USAGE_STATS": "1", "VLLM_CPU_OMP_THREADS_BIND": cpus},
         )
         result = pathlib.Path(folder) / "result.json"
         if proc.returncode != 0 or not result.exists():
             sys.exit(f"child failed ({spec['backend']}):\n{proc.stderr[-4000:]}")
+        if spec.get("profile"):
+            print(proc.stderr[proc.stderr.index("-- profile") :], file=sys.stderr)
         return json.loads(result.read_text())
 
 
@@ -199,6 +220,13 @@ def main() -> None:
         "--backends", nargs="+", choices=sorted(BACKENDS), default=["vllm", "xyserve"]
     )
     parser.add_argument("--breakdown", action="store_true", help="time the attention layers")
+    parser.add_argument("--profile", action="store_true", help="cProfile each measured run")
+    parser.add_argument(
+        "--cpus",
+        default="auto",
+        help="VLLM_CPU_OMP_THREADS_BIND for every engine: 'auto' (all cores), or e.g. '0' for "
+        "one thread on core 0 (steadier on a shared machine)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -218,13 +246,15 @@ def main() -> None:
                     "output_tokens": args.output_tokens, "dtype": args.dtype,
                     "max_num_batched_tokens": args.max_num_batched_tokens,
                     "kv_cache_mib": args.kv_cache_mib, "breakdown": args.breakdown,
+                    "profile": args.profile,
                 }  # fmt: skip
-                results[name].append(run_child(spec))
+                results[name].append(run_child(spec, args.cpus))
     print(
         f"model {args.model} ({MODELS[args.model]}), {args.dtype}, {args.requests} requests, "
         f"prompt tokens {sum(lengths)} (median {statistics.median(lengths)}, max {max(lengths)}), "
         f"{args.output_tokens} output tokens each, max_num_batched_tokens "
-        f"{args.max_num_batched_tokens}, KV cache {args.kv_cache_mib} MiB; medians of "
+        f"{args.max_num_batched_tokens}, KV cache {args.kv_cache_mib} MiB, CPUs {args.cpus}; "
+        "medians of "
         f"{args.rounds} rounds, each engine in a fresh process"
     )
     columns = [("tokens_per_s", "out tok/s", 1), ("ttft_mean_s", "TTFT mean ms", 1e3),

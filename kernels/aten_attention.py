@@ -354,26 +354,56 @@ def run_dense(
     return out
 
 
-# -- paged layout, rows known by their lengths: each row reads only its own blocks ------------
+# -- paged layout, rows known by their lengths: each row reads only its own keys --------------
 #
-# The CPU's way to run a serving step (``xyserve.attention_varlen``): a row's keys are gathered
-# block by block from its block table (only the blocks its queries can see), then run through
-# ATen's fused CPU flash kernel like the dense rows above: short rows (decode, verify) together,
-# masked per row; longer rows (prefill chunks) one by one. What a step costs grows with its
-# rows' tokens and keys, never with the size of the cache.
+# The CPU's way to run a serving step (``xyserve.attention_varlen``): the keys each row's queries
+# can see are gathered slot by slot through its block table, then run through ATen's fused CPU
+# flash kernel like the dense rows above. Longer rows (prefill chunks) run one by one; short rows
+# (decode, verify) run in groups of similar KV length (the tile menu of this executor: a group
+# pads its rows to its longest, at most twice a row's own keys), one call per group. What a step
+# costs grows with its rows' tokens and keys, never with the size of the cache.
+
+# Short rows are grouped while the group's longest row has at most this many times a member's
+# keys: bounds the keys gathered and attended for padding.
+GROUP_SPREAD = 2
 
 
-def _visible_from(q_len: int, kv_len: int, causal: bool, window: int | None) -> int:
+def _visible_from(q_len: int, kv_len: int, window: int | None) -> int:
     """The first key position any query of the row can see."""
     if window is None:
         return 0
     return max(0, kv_len - q_len - window + 1)
 
 
-def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """The cache blocks ``blocks`` (any shape of block ids) as ``[*blocks.shape, block_size,
-    Hkv, D]``; reads those blocks only, whatever the cache's strides."""
-    return cache.index_select(0, blocks.flatten()).view(*blocks.shape, *cache.shape[1:])
+def _joint(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """``[blocks, block_size, Hkv, D + Dv]`` viewing both caches when V is stored right after K
+    in every slot (vLLM's layout: one tensor, K then V), so one gather reads both; else None."""
+    d = k.shape[-1]
+    if (
+        k.shape[:-1] != v.shape[:-1]
+        or k.stride() != v.stride()
+        or k.dtype != v.dtype
+        or k.stride(-1) != 1
+        or v.data_ptr() != k.data_ptr() + d * k.element_size()
+        or k.stride(-2) < d + v.shape[-1]
+    ):
+        return None
+    return k.as_strided((*k.shape[:-1], d + v.shape[-1]), k.stride(), k.storage_offset())
+
+
+def _gather_slots(
+    cache: torch.Tensor, block_table: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor
+) -> torch.Tensor:
+    """``cache``'s slots at key positions ``pos [n, L]`` of rows ``rows [n]``: ``[n, L, Hkv, C]``.
+    Reads those slots only, whatever the cache's size or strides."""
+    bs = cache.shape[1]
+    blocks = block_table[rows[:, None], pos // bs].long()
+    if cache.shape[0] <= 1 or cache.stride(0) == bs * cache.stride(1):
+        # blocks follow each other slot by slot: one index_select over the flattened cache
+        flat = cache.view(-1, *cache.shape[2:])
+        got = flat.index_select(0, (blocks * bs + pos % bs).flatten())
+        return got.view(*pos.shape, *cache.shape[2:])
+    return cache[blocks, pos % bs]
 
 
 def _window_mask(
@@ -387,6 +417,18 @@ def _window_mask(
     if causal:
         ok &= kpos <= qpos
     return torch.zeros(ok.shape, dtype=dtype).masked_fill(~ok, float("-inf"))[None, None]
+
+
+def _groups(short: list[int], length: dict[int, int]) -> list[list[int]]:
+    """Short rows in groups of similar KV length: longest first, a group's longest at most
+    ``GROUP_SPREAD`` times any member's."""
+    groups: list[list[int]] = []
+    for r in sorted(short, key=lambda r: -length[r]):
+        if groups and length[groups[-1][0]] <= GROUP_SPREAD * max(length[r], 1):
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
 
 
 def run_paged(
@@ -405,82 +447,86 @@ def run_paged(
     a paged cache ``k``/``v [blocks, block_size, Hkv, D]`` (any strides), ``block_table[r, j]``
     naming the block of row r's keys ``j * block_size …``; the plan's causality and window.
 
-    Each row reads only the blocks holding keys its queries can see. Rows with up to
-    ``SHORT_ROW`` queries run together, masked per row; longer rows one by one. Returns ``out
-    [Tq, Hq, Dv]``, every element written (a row that sees no key gives zeros).
+    Each row reads only the keys its queries can see. Rows with up to ``SHORT_ROW`` queries run
+    in groups of similar length, masked per row; longer rows one by one. Returns ``out [Tq, Hq,
+    Dv]``, every element written (a row that sees no key gives zeros).
     """
     table = plan.table
     plan.check(table.q_len, kv_lens)
+    if k.shape[1] != block_size:
+        raise ValueError(f"run_paged: the cache has blocks of {k.shape[1]}, not {block_size}")
     causal, window = plan.causal, plan.window
-    hq, dv = q.shape[1], v.shape[3]
+    hq, d, dv = q.shape[1], k.shape[3], v.shape[3]
     if out is None:
         out = q.new_empty((q.shape[0], hq, dv))
-    bs = block_size
+    device = q.device
+    joint = _joint(k, v)
+
+    def gather(rows: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of rows ``rows`` at positions ``pos [n, L]``: ``[n, L, Hkv, D]`` each."""
+        rows, pos = rows.to(block_table.device), pos.to(block_table.device)
+        if joint is not None:
+            both = _gather_slots(joint, block_table, rows, pos)
+            return both[..., :d], both[..., d:]
+        return (_gather_slots(k, block_table, rows, pos), _gather_slots(v, block_table, rows, pos))
+
+    first: dict[int, int] = {}
+    length: dict[int, int] = {}  # keys a row's queries can see
     short, long = [], []
     for r, (n, kv) in enumerate(zip(table.q_len, kv_lens, strict=True)):
         if n == 0:
             continue
         if kv == 0:  # non-causal row over an empty cache: sees nothing
             out[table.q_start[r] : table.q_start[r] + n] = 0
-        elif n <= SHORT_ROW:
-            short.append(r)
-        else:
-            long.append(r)
+            continue
+        first[r] = _visible_from(n, kv, window)
+        length[r] = kv - first[r]
+        (short if n <= SHORT_ROW else long).append(r)
 
     for r in long:
         n, kv, s0 = table.q_len[r], kv_lens[r], table.q_start[r]
-        first = _visible_from(n, kv, causal, window)
-        b0, b1 = first // bs, -(-kv // bs)
-        blocks = block_table[r, b0:b1]
-        lo, hi = first - b0 * bs, kv - b0 * bs
-        k_row = _gather_blocks(k, blocks).flatten(0, 1)[lo:hi].transpose(0, 1)  # [Hkv, L, D]
-        v_row = _gather_blocks(v, blocks).flatten(0, 1)[lo:hi].transpose(0, 1)
+        pos = torch.arange(first[r], kv)[None]
+        k_row, v_row = gather(torch.tensor([r]), pos)
+        k_row, v_row = k_row[0].transpose(0, 1), v_row[0].transpose(0, 1)  # [Hkv, L, D]
         q_row = q[s0 : s0 + n].transpose(0, 1)  # [Hq, n, D]
         if window is None:
             o = attend_row_fused(q_row, k_row, v_row, causal=causal, scale=scale)
         else:
-            mask = _window_mask(n, first, kv, causal, window, q.dtype)
+            mask = _window_mask(n, first[r], kv, causal, window, q.dtype)
             o = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q_row[None], k_row[None], v_row[None], 0.0, False, attn_mask=mask, scale=scale
             )[0][0]
         out[s0 : s0 + n] = o.transpose(0, 1)
 
-    if short:
-        n_q = [table.q_len[r] for r in short]
-        kv = [kv_lens[r] for r in short]
-        b0 = [_visible_from(n, m, causal, window) // bs for n, m in zip(n_q, kv, strict=True)]
-        b1 = [-(-m // bs) for m in kv]
-        width = max(e - b for b, e in zip(b0, b1, strict=True))
-        # Row i's blocks b0[i] … b1[i] - 1, padded with its last block (masked below).
-        cols = torch.tensor(
-            [[min(b + j, e - 1) for j in range(width)] for b, e in zip(b0, b1, strict=True)]
-        )
-        rows = torch.tensor(short)
-        blocks = block_table[rows[:, None].to(block_table.device), cols.to(block_table.device)]
-        n_rows, hkv, d = len(short), k.shape[2], k.shape[3]
-        k_s = _gather_blocks(k, blocks).view(n_rows, width * bs, hkv, d).transpose(1, 2)
-        v_s = _gather_blocks(v, blocks).view(n_rows, width * bs, hkv, dv).transpose(1, 2)
+    for group in _groups(short, length):
+        n_q = [table.q_len[r] for r in group]
+        widest = max(length[r] for r in group)
+        j = torch.arange(widest)[None, :]
+        starts = torch.tensor([first[r] for r in group])
+        last = torch.tensor([kv_lens[r] - 1 for r in group])
+        # Row i's keys first[i] … kv[i] - 1, padded with its last key (masked below).
+        pos = torch.minimum(starts[:, None] + j, last[:, None])
+        k_g, v_g = gather(torch.tensor(group), pos)
         t = max(n_q)
         q_len = torch.tensor(n_q)
-        j = torch.arange(t)[None, :]
-        valid = j < q_len[:, None]  # [n, t]: slot j holds the row's j-th query
-        slots = torch.tensor([table.q_start[r] for r in short])[:, None] + torch.where(valid, j, 0)
-        q_s = q[slots.to(q.device)].transpose(1, 2)  # [n, Hq, t, D]
+        valid = torch.arange(t)[None, :] < q_len[:, None]  # [n, t]: slot i holds query i
+        slots = torch.tensor([table.q_start[r] for r in group])[:, None] + torch.where(
+            valid, torch.arange(t)[None, :], 0
+        )
+        q_g = q[slots.to(device)].transpose(1, 2)  # [n, Hq, t, D]
         got = attend_short_rows(
-            q_s,
-            k_s,
-            v_s,
+            q_g,
+            k_g.transpose(1, 2),
+            v_g.transpose(1, 2),
             q_len,
-            # gathered key i of row r is the row's key b0[r] * bs + i
-            -torch.tensor(b0) * bs,
-            torch.tensor(kv),
+            -starts,  # gathered key i of row r is the row's key first[r] + i
+            torch.tensor([kv_lens[r] for r in group]),
             causal=causal,
             scale=scale,
             window=window,
-        )  # [n, Hq, t, Dv]
-        got = got.transpose(1, 2)  # [n, t, Hq, Dv]
+        ).transpose(1, 2)  # [n, t, Hq, Dv]
         if t == 1:
-            out[slots[:, 0].to(q.device)] = got[:, 0].to(out.dtype)
+            out[slots[:, 0].to(device)] = got[:, 0].to(out.dtype)
         else:
-            out[slots[valid].to(q.device)] = got[valid.to(q.device)].to(out.dtype)
+            out[slots[valid].to(device)] = got[valid.to(device)].to(out.dtype)
     return out
