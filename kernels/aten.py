@@ -94,13 +94,20 @@ def run_attention(call: DenseAttention, accept: Accept) -> torch.Tensor:
 
 
 def check_attention_varlen(call: VarlenAttention) -> Accept:
-    return Accept("rows" if call.q.device.type == "cpu" else "plan", call.plan(**MENU))
+    plan = call.plan(**MENU)
+    if call.q.device.type == "cpu":
+        # The plan, and a place for what run_paged derives from the rows (their slots and
+        # masks): a serving step (runtime.serving.VarlenStep) hands this one decision to each of
+        # its layers, so that is derived once per step.
+        return Accept("rows", (plan, {}))
+    return Accept("plan", plan)
 
 
 def run_attention_varlen(call: VarlenAttention, accept: Accept) -> torch.Tensor:
     if accept.path == "rows":
+        plan, cache = accept.decision
         return run_paged(
-            accept.decision,
+            plan,
             call.q,
             call.k_cache,
             call.v_cache,
@@ -108,6 +115,7 @@ def run_attention_varlen(call: VarlenAttention, accept: Accept) -> torch.Tensor:
             block_table=call.block_table,
             block_size=call.block_size,
             scale=call.softmax_scale,
+            cache=cache,
         )
     return run_plan(
         accept.decision,

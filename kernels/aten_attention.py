@@ -216,11 +216,9 @@ def attend_short_rows(
     causal: bool,
     scale: float,
     sees_all: bool = False,
-    window: int | None = None,
 ) -> torch.Tensor:
     """Every row at once against the whole dense cache, masked per row: for decode and verify.
-    ``sees_all``: the caller knows every query sees every key (no mask is built). ``window``:
-    a query at position p sees keys after p - window.
+    ``sees_all``: the caller knows every query sees every key (no mask is built).
 
     q ``[B, Hq, T, D]`` (row r's queries in its first q_len[r] slots), k/v ``[B, Hkv, L, D]``
     with row r's keys at ``kv_start[r] : kv_start[r] + kv_len[r]``. Returns ``[B, Hq, T, Dv]``.
@@ -236,8 +234,6 @@ def attend_short_rows(
     ok = (kpos >= 0) & (kpos < kv_len[:, None, None, None])
     if causal:
         ok = ok & (kpos <= qpos)
-    if window is not None:
-        ok = ok & (kpos > qpos - window)
     # [B, 1, T, L]; when every row sees the whole cache (uniform decode) there is no mask at all.
     mask = (
         None
@@ -391,21 +387,6 @@ def _joint(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
     return k.as_strided((*k.shape[:-1], d + v.shape[-1]), k.stride(), k.storage_offset())
 
 
-def _gather_slots(
-    cache: torch.Tensor, block_table: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor
-) -> torch.Tensor:
-    """``cache``'s slots at key positions ``pos [n, L]`` of rows ``rows [n]``: ``[n, L, Hkv, C]``.
-    Reads those slots only, whatever the cache's size or strides."""
-    bs = cache.shape[1]
-    blocks = block_table[rows[:, None], pos // bs].long()
-    if cache.shape[0] <= 1 or cache.stride(0) == bs * cache.stride(1):
-        # blocks follow each other slot by slot: one index_select over the flattened cache
-        flat = cache.view(-1, *cache.shape[2:])
-        got = flat.index_select(0, (blocks * bs + pos % bs).flatten())
-        return got.view(*pos.shape, *cache.shape[2:])
-    return cache[blocks, pos % bs]
-
-
 def _window_mask(
     q_len: int, first: int, kv_len: int, causal: bool, window: int, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -431,6 +412,98 @@ def _groups(short: list[int], length: dict[int, int]) -> list[list[int]]:
     return groups
 
 
+class PagedRows:
+    """What ``run_paged`` derives from a step's rows alone, before it reads any layer's tensors:
+    which rows run alone and which in groups, the cache slots each reads (through the block
+    table), the query slots, the masks. Every attention layer of a serving step runs the same
+    rows, so this is built once per step (``run_paged``'s ``cache``) and used by all of them.
+    """
+
+    def __init__(
+        self,
+        plan: AttentionPlan,
+        kv_lens: Sequence[int],
+        block_table: torch.Tensor,
+        block_size: int,
+        dtype: torch.dtype,
+    ) -> None:
+        table = plan.table
+        causal, window = plan.causal, plan.window
+        self.key = (tuple(kv_lens), id(block_table), block_size, dtype)
+        bs = block_size
+        device = block_table.device
+        self.empty: list[tuple[int, int]] = []  # (first query, queries) of rows seeing no key
+        first: dict[int, int] = {}
+        length: dict[int, int] = {}  # keys a row's queries can see
+        short, long = [], []
+        for r, (n, kv) in enumerate(zip(table.q_len, kv_lens, strict=True)):
+            if n == 0:
+                continue
+            if kv == 0:  # non-causal row over an empty cache
+                self.empty.append((table.q_start[r], n))
+                continue
+            first[r] = _visible_from(n, kv, window)
+            length[r] = kv - first[r]
+            (short if n <= SHORT_ROW else long).append(r)
+
+        def blocks_of(rows: list[int], pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            rows_t = torch.tensor(rows, device=device)[:, None]
+            pos = pos.to(device)
+            return block_table[rows_t, pos // bs].long(), pos % bs
+
+        # (query start, queries, block ids [1, L], slots [1, L], additive mask or None)
+        self.long = []
+        for r in long:
+            n, kv = table.q_len[r], kv_lens[r]
+            blocks, offsets = blocks_of([r], torch.arange(first[r], kv)[None])
+            mask = None if window is None else _window_mask(n, first[r], kv, causal, window, dtype)
+            self.long.append((table.q_start[r], n, blocks, offsets, mask))
+
+        # (block ids [n, L], slots [n, L], query slots [n, t], valid [n, t], mask or None)
+        self.groups = []
+        for group in _groups(short, length):
+            n_q = torch.tensor([table.q_len[r] for r in group])
+            kv = torch.tensor([kv_lens[r] for r in group])
+            starts = torch.tensor([first[r] for r in group])
+            widest = max(length[r] for r in group)
+            j = torch.arange(widest)[None, :]
+            # Row i's keys first[i] … kv[i] - 1, padded with its last key (masked below).
+            pos = torch.minimum(starts[:, None] + j, (kv - 1)[:, None])
+            blocks, offsets = blocks_of(group, pos)
+            t = int(n_q.max())
+            i = torch.arange(t)[None, :]
+            valid = i < n_q[:, None]  # [n, t]: slot i holds the row's query i
+            q_slots = torch.tensor([table.q_start[r] for r in group])[:, None] + torch.where(
+                valid, i, 0
+            )
+            kpos = starts[:, None, None] + j[:, None, :]  # [n, 1, L] key positions
+            qpos = (kv - n_q)[:, None, None] + i[:, :, None]  # [n, t, 1] query positions
+            ok = (kpos < kv[:, None, None]) & (i[:, :, None] < n_q[:, None, None])
+            ok = ok | ~valid[:, :, None]  # padding query slots: any finite row (discarded)
+            if causal:
+                ok = ok & ((kpos <= qpos) | ~valid[:, :, None])
+            if window is not None:
+                ok = ok & ((kpos > qpos - window) | ~valid[:, :, None])
+            mask = (
+                None
+                if bool(ok.all())
+                else torch.zeros(ok.shape, dtype=dtype).masked_fill(~ok, float("-inf"))[:, None]
+            )
+            self.groups.append((blocks, offsets, q_slots.to(device), valid.to(device), mask))
+
+
+def _read(cache: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``cache``'s slots (``blocks``, ``offsets``, both ``[n, L]``): ``[n, L, Hkv, C]``. Reads
+    those slots only, whatever the cache's size or strides."""
+    bs = cache.shape[1]
+    if cache.shape[0] <= 1 or cache.stride(0) == bs * cache.stride(1):
+        # blocks follow each other slot by slot: one index_select over the flattened cache
+        flat = cache.view(-1, *cache.shape[2:])
+        got = flat.index_select(0, (blocks * bs + offsets).flatten())
+        return got.view(*blocks.shape, *cache.shape[2:])
+    return cache[blocks, offsets]
+
+
 def run_paged(
     plan: AttentionPlan,
     q: torch.Tensor,
@@ -442,91 +515,63 @@ def run_paged(
     block_size: int,
     scale: float,
     out: torch.Tensor | None = None,
+    cache: dict | None = None,
 ) -> torch.Tensor:
     """Attention of packed queries ``q [Tq, Hq, D]`` (rows in ``plan``'s token-table order) over
     a paged cache ``k``/``v [blocks, block_size, Hkv, D]`` (any strides), ``block_table[r, j]``
     naming the block of row r's keys ``j * block_size …``; the plan's causality and window.
 
     Each row reads only the keys its queries can see. Rows with up to ``SHORT_ROW`` queries run
-    in groups of similar length, masked per row; longer rows one by one. Returns ``out [Tq, Hq,
-    Dv]``, every element written (a row that sees no key gives zeros).
+    in groups of similar length, masked per row; longer rows one by one. ``cache``: a dict kept
+    for the step, where the rows' slots and masks (``PagedRows``) are kept for the step's next
+    layers. Returns ``out [Tq, Hq, Dv]``, every element written (a row that sees no key gives
+    zeros).
     """
     table = plan.table
     plan.check(table.q_len, kv_lens)
     if k.shape[1] != block_size:
         raise ValueError(f"run_paged: the cache has blocks of {k.shape[1]}, not {block_size}")
-    causal, window = plan.causal, plan.window
+    key = (tuple(kv_lens), id(block_table), block_size, q.dtype)
+    rows = cache.get("paged rows") if cache is not None else None
+    if rows is None or rows.key != key:
+        rows = PagedRows(plan, kv_lens, block_table, block_size, q.dtype)
+        if cache is not None:
+            cache["paged rows"] = rows
+    causal = plan.causal
     hq, d, dv = q.shape[1], k.shape[3], v.shape[3]
     if out is None:
         out = q.new_empty((q.shape[0], hq, dv))
-    device = q.device
     joint = _joint(k, v)
 
-    def gather(rows: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of rows ``rows`` at positions ``pos [n, L]``: ``[n, L, Hkv, D]`` each."""
-        rows, pos = rows.to(block_table.device), pos.to(block_table.device)
+    def read(blocks: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V at those slots: ``[n, L, Hkv, D]`` each."""
         if joint is not None:
-            both = _gather_slots(joint, block_table, rows, pos)
+            both = _read(joint, blocks, offsets)
             return both[..., :d], both[..., d:]
-        return (_gather_slots(k, block_table, rows, pos), _gather_slots(v, block_table, rows, pos))
+        return _read(k, blocks, offsets), _read(v, blocks, offsets)
 
-    first: dict[int, int] = {}
-    length: dict[int, int] = {}  # keys a row's queries can see
-    short, long = [], []
-    for r, (n, kv) in enumerate(zip(table.q_len, kv_lens, strict=True)):
-        if n == 0:
-            continue
-        if kv == 0:  # non-causal row over an empty cache: sees nothing
-            out[table.q_start[r] : table.q_start[r] + n] = 0
-            continue
-        first[r] = _visible_from(n, kv, window)
-        length[r] = kv - first[r]
-        (short if n <= SHORT_ROW else long).append(r)
-
-    for r in long:
-        n, kv, s0 = table.q_len[r], kv_lens[r], table.q_start[r]
-        pos = torch.arange(first[r], kv)[None]
-        k_row, v_row = gather(torch.tensor([r]), pos)
+    for s0, n in rows.empty:
+        out[s0 : s0 + n] = 0
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    for s0, n, blocks, offsets, mask in rows.long:
+        k_row, v_row = read(blocks, offsets)
         k_row, v_row = k_row[0].transpose(0, 1), v_row[0].transpose(0, 1)  # [Hkv, L, D]
         q_row = q[s0 : s0 + n].transpose(0, 1)  # [Hq, n, D]
-        if window is None:
+        if mask is None:
             o = attend_row_fused(q_row, k_row, v_row, causal=causal, scale=scale)
         else:
-            mask = _window_mask(n, first[r], kv, causal, window, q.dtype)
-            o = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q_row[None], k_row[None], v_row[None], 0.0, False, attn_mask=mask, scale=scale
-            )[0][0]
+            o = flash(q_row[None], k_row[None], v_row[None], 0.0, False, attn_mask=mask,
+                      scale=scale)[0][0]  # fmt: skip
         out[s0 : s0 + n] = o.transpose(0, 1)
 
-    for group in _groups(short, length):
-        n_q = [table.q_len[r] for r in group]
-        widest = max(length[r] for r in group)
-        j = torch.arange(widest)[None, :]
-        starts = torch.tensor([first[r] for r in group])
-        last = torch.tensor([kv_lens[r] - 1 for r in group])
-        # Row i's keys first[i] … kv[i] - 1, padded with its last key (masked below).
-        pos = torch.minimum(starts[:, None] + j, last[:, None])
-        k_g, v_g = gather(torch.tensor(group), pos)
-        t = max(n_q)
-        q_len = torch.tensor(n_q)
-        valid = torch.arange(t)[None, :] < q_len[:, None]  # [n, t]: slot i holds query i
-        slots = torch.tensor([table.q_start[r] for r in group])[:, None] + torch.where(
-            valid, torch.arange(t)[None, :], 0
-        )
-        q_g = q[slots.to(device)].transpose(1, 2)  # [n, Hq, t, D]
-        got = attend_short_rows(
-            q_g,
-            k_g.transpose(1, 2),
-            v_g.transpose(1, 2),
-            q_len,
-            -starts,  # gathered key i of row r is the row's key first[r] + i
-            torch.tensor([kv_lens[r] for r in group]),
-            causal=causal,
-            scale=scale,
-            window=window,
-        ).transpose(1, 2)  # [n, t, Hq, Dv]
-        if t == 1:
-            out[slots[:, 0].to(device)] = got[:, 0].to(out.dtype)
+    for blocks, offsets, q_slots, valid, mask in rows.groups:
+        k_g, v_g = read(blocks, offsets)
+        q_g = q[q_slots].transpose(1, 2)  # [n, Hq, t, D]
+        got = flash(
+            q_g, k_g.transpose(1, 2), v_g.transpose(1, 2), 0.0, False, attn_mask=mask, scale=scale
+        )[0].transpose(1, 2)  # [n, t, Hq, Dv]
+        if q_slots.shape[1] == 1:
+            out[q_slots[:, 0]] = got[:, 0].to(out.dtype)
         else:
-            out[slots[valid].to(device)] = got[valid.to(device)].to(out.dtype)
+            out[q_slots[valid]] = got[valid].to(out.dtype)
     return out
