@@ -66,7 +66,7 @@ $(VVENV)/.vllm: $(VVENV)/.torch requirements-vllm.txt pyproject.toml
 
 vllm-venv: $(VVENV)/.vllm
 
-# The vLLM tests: real engines on tiny random models (tests_vllm/README.md).
+# The vLLM tests: real engines on tiny random models (tests_vllm/conftest.py says how).
 test-vllm: $(VVENV)/.vllm
 	$(VPY) -m pytest tests_vllm
 

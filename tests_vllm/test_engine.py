@@ -25,8 +25,16 @@ TP_ENV = {
 
 def _kinds(steps: list[dict]) -> dict[str, int]:
     """Steps with decode rows, fresh prefills, continued prefills (keys before the queries: a
-    later chunk, or a prefill after a prefix-cache hit), and steps mixing decode with prefill."""
-    kinds = {"decode": 0, "prefill": 0, "continued prefill": 0, "mixed": 0}
+    later chunk, or a prefill after a prefix-cache hit), steps mixing decode with prefill, and
+    steps of decode rows only or prefill rows only (a one-token prompt is a prefill)."""
+    kinds = {
+        "decode": 0,
+        "prefill": 0,
+        "continued prefill": 0,
+        "mixed": 0,
+        "decode only": 0,
+        "prefill only": 0,
+    }
     for step in steps:
         rows = list(zip(step["q"], step["kv"], strict=True))
         decode = any(q == 1 and kv > 1 for q, kv in rows)
@@ -36,6 +44,8 @@ def _kinds(steps: list[dict]) -> dict[str, int]:
         kinds["prefill"] += fresh
         kinds["continued prefill"] += later
         kinds["mixed"] += decode and (fresh or later)
+        kinds["decode only"] += all(q == 1 and kv > 1 for q, kv in rows)
+        kinds["prefill only"] += not decode
     return kinds
 
 
@@ -80,7 +90,8 @@ def test_custom_gives_vllms_tokens_request_by_request(family, model_dir, run_eng
     # The workload did mix stages in one call, and hit the prefix cache.
     assert got["steps"] == ref["steps"]
     kinds = _kinds(got["steps"])
-    assert kinds["mixed"] > 0 and kinds["continued prefill"] > 0 and kinds["prefill"] > 0, kinds
+    for kind, count in kinds.items():
+        assert count > 0, (kind, kinds)
     assert got["prefix_cache_hits"] > 0
     if window is not None:
         assert max(kv for step in got["steps"] for kv in step["kv"]) > 4 * window

@@ -225,7 +225,10 @@ class XyserveAttentionImpl(AttentionImpl[XyserveAttentionMetadata]):
             )
             if present
         ) + tuple(
-            f"{name}={value!r}" for name, value in extra.items() if value not in (None, False)
+            # any other feature vLLM asks an implementation for (by keyword) is one it lacks
+            f"{name}={value!r}"
+            for name, value in extra.items()
+            if value is not None and value is not False
         )
 
     def forward(
