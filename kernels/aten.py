@@ -7,8 +7,9 @@ decides per call:
 - ``attention``: on the CPU, a call big enough to be worth planning whose mask is rows of
   padding runs each sequence at its own length (path ``rows``, ``aten_attention.run_dense``),
   so nothing is computed for padding; anything else is one SDPA call (path ``sdpa``).
-- ``attention_varlen``: the generic executor over the plan's tiles (path ``plan``,
-  ``aten_attention.run_plan``).
+- ``attention_varlen``: on the CPU, each row over only the cache blocks it can see, through
+  ATen's fused flash kernel (path ``rows``, ``aten_attention.run_paged``); elsewhere the generic
+  executor over the plan's tiles (path ``plan``, ``aten_attention.run_plan``).
 - ``attention_packed``: each packed sequence on views of its own tokens (path ``rows``,
   ``aten_attention.run_packed``).
 """
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from xy_inductor.kernels.aten_attention import run_dense, run_packed, run_plan
+from xy_inductor.kernels.aten_attention import run_dense, run_packed, run_paged, run_plan
 from xy_inductor.kernels.contract import Accept, OpKernel, Provider
 
 if TYPE_CHECKING:  # the runtime's call objects, for annotations only
@@ -100,10 +101,29 @@ def run_attention(call: DenseAttention, accept: Accept) -> torch.Tensor:
 
 
 def check_attention_varlen(call: VarlenAttention) -> Accept:
-    return Accept("plan", call.plan(**MENU))
+    plan = call.plan(**MENU)
+    if call.q.device.type == "cpu":
+        # The plan, and a place for what run_paged derives from the rows (their slots and
+        # masks): a serving step (runtime.serving.VarlenStep) hands this one decision to each of
+        # its layers, so that is derived once per step.
+        return Accept("rows", (plan, {}))
+    return Accept("plan", plan)
 
 
 def run_attention_varlen(call: VarlenAttention, accept: Accept) -> torch.Tensor:
+    if accept.path == "rows":
+        plan, cache = accept.decision
+        return run_paged(
+            plan,
+            call.q,
+            call.k_cache,
+            call.v_cache,
+            call.kv_lens,
+            block_table=call.block_table,
+            block_size=call.block_size,
+            scale=call.softmax_scale,
+            cache=cache,
+        )
     return run_plan(
         accept.decision,
         call.q,

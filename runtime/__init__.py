@@ -6,6 +6,6 @@ Installed as ``xy_inductor.runtime``. Importing it registers ``torch.ops.xyserve
 imports ``kernels/`` (the providers), never the front end or the lowering passes.
 """
 
-from xy_inductor.runtime import ops, providers, stats
+from xy_inductor.runtime import ops, providers, serving, stats
 
-__all__ = ["ops", "providers", "stats"]
+__all__ = ["ops", "providers", "serving", "stats"]

@@ -30,6 +30,7 @@ __all__ = [
     "OpKernel",
     "Provider",
     "active_providers",
+    "choose",
     "describe",
     "prepare",
     "run",
@@ -93,9 +94,9 @@ def use_providers(providers: Sequence[Provider]) -> Iterator[None]:
         _override.reset(token)
 
 
-def run(op: str, call: object) -> torch.Tensor:
-    """Run ``op`` on ``call`` (a ``runtime.calls`` object) with the first provider whose checker
-    accepts it, as that checker decided."""
+def choose(op: str, call: object) -> tuple[str, OpKernel, Accept]:
+    """The provider that runs ``op`` on ``call`` (a ``runtime.calls`` object): the first whose
+    checker accepts it, with that kernel and the checker's decision; declines are counted."""
     declined = []
     for provider in active_providers():
         kernel = provider.kernels.get(op)
@@ -103,8 +104,7 @@ def run(op: str, call: object) -> torch.Tensor:
             continue
         decision = kernel.check(call)
         if type(decision) is Accept:
-            _stats.record_call(op, provider.name, decision.path)
-            return kernel.run(call, decision)
+            return provider.name, kernel, decision
         if not isinstance(decision, str):
             raise TypeError(
                 f"xyserve.{op}: the {provider.name} provider's checker returned {decision!r}; "
@@ -117,6 +117,14 @@ def run(op: str, call: object) -> torch.Tensor:
         + (f" ({'; '.join(declined)})" if declined else " (no provider implements it)")
         + "; the ATen provider (xy_inductor.kernels.aten) should be last in the list"
     )
+
+
+def run(op: str, call: object) -> torch.Tensor:
+    """Run ``op`` on ``call`` (a ``runtime.calls`` object) with the first provider whose checker
+    accepts it, as that checker decided."""
+    name, kernel, decision = choose(op, call)
+    _stats.record_call(op, name, decision.path)
+    return kernel.run(call, decision)
 
 
 def prepare(op: str, what: object) -> int:

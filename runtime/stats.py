@@ -33,6 +33,8 @@ class _Counters:
     inductor_regions: int = 0
     inductor_regions_compiled: int = 0
     region_mismatches: int = 0
+    varlen_steps: int = 0
+    varlen_step_checks: int = 0
 
 
 _COUNTERS = _Counters()
@@ -84,6 +86,12 @@ class Stats:
     were: they ran the region as traced (slower, never wrong)."""
     providers: dict[str, str | None]
     """Every provider in priority order, with why this process cannot use it (None: it can)."""
+    varlen_steps: int
+    """Serving steps of ``attention_varlen`` (``runtime.serving.VarlenStep``): a token table
+    read on the host once and run by every attention layer of the step."""
+    varlen_step_checks: int
+    """Provider choices those steps made (checkers run, plan looked up): one per step and
+    layer signature; the other layers of the step run the same decision."""
 
     def __str__(self) -> str:
         usable = ", ".join(
@@ -115,6 +123,11 @@ class Stats:
             lines.append(
                 f"inductor regions  {self.inductor_regions} "
                 f"({self.inductor_regions_compiled} compiled, the rest reused)"
+            )
+        if self.varlen_steps:
+            lines.append(
+                f"serving steps     {self.varlen_steps} "
+                f"({self.varlen_step_checks} provider choices)"
             )
         if self.kernels_warmed:
             lines.append(f"kernels warmed    {self.kernels_warmed} before the first request")
@@ -158,6 +171,8 @@ def stats() -> Stats:
         inductor_regions_compiled=c.inductor_regions_compiled,
         region_mismatches=c.region_mismatches,
         providers=dict(providers.describe()),
+        varlen_steps=c.varlen_steps,
+        varlen_step_checks=c.varlen_step_checks,
     )
 
 
@@ -228,3 +243,11 @@ def record_regions(regions: int, compiled: int) -> None:
 
 def record_region_mismatch() -> None:
     _COUNTERS.region_mismatches += 1
+
+
+def record_varlen_step() -> None:
+    _COUNTERS.varlen_steps += 1
+
+
+def record_varlen_step_check() -> None:
+    _COUNTERS.varlen_step_checks += 1

@@ -56,10 +56,12 @@ def _imports(path: Path) -> list[str]:
 def _modules() -> list[tuple[str, Path]]:
     out = []
     for folder in FOLDERS:
-        for path in sorted((ROOT / folder).glob("*.py")):
+        for path in sorted((ROOT / folder).rglob("*.py")):  # subpackages too (xy_inductor.vllm)
             package = "xy_inductor" if folder == "xy_inductor" else f"xy_inductor.{folder}"
-            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
-            out.append((name, path))
+            parts = [package, *path.relative_to(ROOT / folder).with_suffix("").parts]
+            if parts[-1] == "__init__":
+                parts.pop()
+            out.append((".".join(parts), path))
     return out
 
 

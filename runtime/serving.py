@@ -1,0 +1,195 @@
+"""One serving step of ``attention_varlen``: the token table read once, run by every layer.
+
+A serving engine (vLLM's attention metadata builder, ``xy_inductor.vllm``) has each step's
+lengths on the host already. It builds one ``VarlenStep`` per step from them; every attention
+layer of the step then calls ``step.run(q, k_cache, v_cache, ...)``. That is FlashInfer's
+``plan()``/``run()`` split applied to the provider registry:
+
+- the step checks the token table once (lengths, block table) and never reads a length from
+  the device again;
+- the first layer's run asks the providers, in priority order, as ``xyserve.attention_varlen``
+  does: the accepting checker plans the token table for its tile menu (token table → task
+  table, cached per shape class) and returns its decision;
+- every later layer of the step whose tensors have the same signature (dtype, device, shapes,
+  strides, window) runs that decision directly: no device→host copy, no checker, no planning.
+
+A provider's decision for ``attention_varlen`` depends on the call's lengths and on its
+tensors' dtype, device, shapes, strides and alignment, never on their values, which is why a
+decision can be shared by layers with the same signature. A run that does not match the step
+(another token count, a block table too narrow for a row) raises, naming the argument.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+
+from xy_inductor.kernels.contract import Accept, OpKernel
+from xy_inductor.runtime import providers
+from xy_inductor.runtime import stats as _stats
+from xy_inductor.runtime.calls import VarlenAttention
+
+__all__ = ["VarlenStep"]
+
+_OP = "attention_varlen"
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (t.dtype, t.device, tuple(t.shape), t.stride(), t.data_ptr() % 16)
+
+
+class VarlenStep:
+    """The token table of one serving step, for every attention layer of the step.
+
+    ``q_lens[r]`` queries of row r are the last tokens of its ``kv_lens[r]`` keys; the packed
+    query tensor holds the rows in order. ``block_table[r, j]`` names the cache block of row
+    r's keys ``j * block_size …`` (``[rows, max_blocks]`` integer tensor on the cache's
+    device). ``causal``: a query sees the keys up to its own position (decoder attention).
+    """
+
+    __slots__ = ("_decisions", "block_table", "causal", "kv_lens", "max_kv_len", "q_lens", "tokens")
+
+    def __init__(
+        self,
+        q_lens: Sequence[int],
+        kv_lens: Sequence[int],
+        block_table: torch.Tensor,
+        *,
+        causal: bool = True,
+    ) -> None:
+        where = "VarlenStep"
+        self.q_lens = tuple(int(n) for n in q_lens)
+        self.kv_lens = tuple(int(n) for n in kv_lens)
+        if len(self.q_lens) != len(self.kv_lens):
+            raise ValueError(
+                f"{where}: q_lens has {len(self.q_lens)} rows but kv_lens has {len(self.kv_lens)}"
+            )
+        if block_table.dim() != 2 or block_table.dtype.is_floating_point:
+            raise ValueError(
+                f"{where}: block_table must be a 2-D integer tensor, got {block_table.dim()}-D "
+                f"{block_table.dtype}"
+            )
+        if block_table.shape[0] != len(self.q_lens):
+            raise ValueError(
+                f"{where}: block_table has {block_table.shape[0]} rows for "
+                f"{len(self.q_lens)} sequences"
+            )
+        for r, (n, m) in enumerate(zip(self.q_lens, self.kv_lens, strict=True)):
+            if n < 0 or m < 0 or (causal and n > m):
+                raise ValueError(
+                    f"{where}: row {r} has {n} queries and kv_len {m}; expected 0 <= queries"
+                    + (" <= kv_len (they are the row's last tokens)" if causal else " and kv_len")
+                )
+        self.block_table = block_table
+        self.causal = bool(causal)
+        self.tokens = sum(self.q_lens)
+        self.max_kv_len = max(self.kv_lens, default=0)
+        # Signature of a layer's tensors -> (provider name, kernel, its checker's decision).
+        self._decisions: dict[tuple, tuple[str, OpKernel, Accept]] = {}
+        _stats.record_varlen_step()
+
+    @classmethod
+    def from_cu_seqlens(
+        cls,
+        cu_seqlens_q: Sequence[int] | torch.Tensor,
+        kv_lens: Sequence[int] | torch.Tensor,
+        block_table: torch.Tensor,
+        *,
+        causal: bool = True,
+    ) -> VarlenStep:
+        """The step from packed query offsets (``rows + 1`` entries rising from 0) and KV
+        lengths, as host tensors or lists (a device tensor here costs one copy per step)."""
+        cu = cu_seqlens_q.tolist() if isinstance(cu_seqlens_q, torch.Tensor) else list(cu_seqlens_q)
+        kv = kv_lens.tolist() if isinstance(kv_lens, torch.Tensor) else list(kv_lens)
+        if not cu or cu[0] != 0 or any(b < a for a, b in itertools.pairwise(cu)):
+            raise ValueError(f"VarlenStep: cu_seqlens_q must rise from 0, got {cu}")
+        return cls([b - a for a, b in itertools.pairwise(cu)], kv, block_table, causal=causal)
+
+    @property
+    def rows(self) -> int:
+        return len(self.q_lens)
+
+    def run(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        *,
+        window: int | None = None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        """``xyserve.attention_varlen`` of this step's rows for one layer: q ``[tokens, Hq,
+        D]``, caches ``[blocks, block_size, Hkv, D]`` (any strides), ``window`` as in the op.
+        Returns ``[tokens, Hq, Dv]``."""
+        key = (_tensor_key(q), _tensor_key(k_cache), _tensor_key(v_cache), window)
+        key += (id(providers.active_providers()),)
+        call = VarlenAttention(
+            q, k_cache, v_cache, self.q_lens, self.kv_lens, self.block_table, self.causal,
+            window, scale,
+        )  # fmt: skip
+        decision = self._decisions.get(key)
+        if decision is None:
+            self._check(q, k_cache, v_cache, window)
+            decision = self._decisions[key] = providers.choose(_OP, call)
+            _stats.record_varlen_step_check()
+        name, kernel, accept = decision
+        _stats.record_call(_OP, name, accept.path)
+        return kernel.run(call, accept)
+
+    def _check(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, window: int | None
+    ) -> None:
+        """The checks of ``xyserve.attention_varlen``, once per layer signature."""
+        where = "VarlenStep.run"
+        if q.dim() != 3:
+            raise ValueError(f"{where}: q must be packed [tokens, Hq, D], got {q.dim()}-D")
+        if q.shape[0] != self.tokens:
+            raise ValueError(
+                f"{where}: q has {q.shape[0]} tokens but the step's rows hold {self.tokens}"
+            )
+        for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if t.dim() != 4:
+                raise ValueError(
+                    f"{where}: {name} must be paged [blocks, block_size, Hkv, D], got {t.dim()}-D"
+                )
+            if t.dtype != q.dtype or t.device != q.device:
+                raise ValueError(
+                    f"{where}: q and {name} differ: {q.dtype} on {q.device} vs {t.dtype} on "
+                    f"{t.device}"
+                )
+        if k_cache.shape[:3] != v_cache.shape[:3]:
+            raise ValueError(
+                f"{where}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} "
+                "must share [blocks, block_size, Hkv]"
+            )
+        if q.shape[1] % k_cache.shape[2]:
+            raise ValueError(
+                f"{where}: q heads ({q.shape[1]}) must be a multiple of kv heads "
+                f"({k_cache.shape[2]})"
+            )
+        if q.shape[2] != k_cache.shape[3]:
+            raise ValueError(
+                f"{where}: q head dim {q.shape[2]} differs from k_cache head dim {k_cache.shape[3]}"
+            )
+        if self.block_table.device != q.device:
+            raise ValueError(
+                f"{where}: block_table is on {self.block_table.device}, q on {q.device}"
+            )
+        if window is not None and (not isinstance(window, int) or window < 1):
+            raise ValueError(f"{where}: window must be a positive int or None, got {window!r}")
+        if window is not None and not self.causal:
+            for r, (n, m) in enumerate(zip(self.q_lens, self.kv_lens, strict=True)):
+                if n > m:
+                    raise ValueError(
+                        f"{where}: row {r} has {n} queries and kv_len {m}; with a window the "
+                        "queries are the row's last tokens"
+                    )
+        capacity = self.block_table.shape[1] * k_cache.shape[1]
+        if self.max_kv_len > capacity:
+            raise ValueError(
+                f"{where}: a row has kv_len {self.max_kv_len} but the block table holds "
+                f"{capacity} keys per row ({self.block_table.shape[1]} blocks of "
+                f"{k_cache.shape[1]})"
+            )

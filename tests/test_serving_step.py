@@ -1,0 +1,220 @@
+"""The serving path of attention_varlen: the CPU's paged rows executor and ``VarlenStep``.
+
+``run_paged`` (the ATen provider's CPU path) against float64 on random token tables over
+caches laid out as vLLM lays them (K and V halves of one ``[blocks, block_size, Hkv, 2D]``
+tensor, head-major blocks, layers interleaved); it reads only the blocks of the step's rows.
+``VarlenStep`` (one per serving step, run by every layer) chooses the provider once per layer
+signature and refuses runs that do not match it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_attention_plan import _layouts, reference
+
+import xy_inductor
+from xy_inductor.kernels.aten import MENU
+from xy_inductor.kernels.aten_attention import run_paged, run_plan
+from xy_inductor.runtime.attention_plan import plan_attention
+from xy_inductor.runtime.serving import VarlenStep
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def relayout(k: torch.Tensor, v: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same paged ``[blocks, block_size, Hkv, D]`` caches, stored another way."""
+    if layout == "separate":
+        return k, v
+    if layout == "halves":  # vLLM's per-layer view: one tensor, K then V in each slot
+        both = torch.cat([k, v], dim=-1)
+        return both[..., : k.shape[-1]], both[..., k.shape[-1] :]
+    if layout == "head-major":  # blocks stored [Hkv, block_size, D]
+        return (
+            k.transpose(1, 2).contiguous().transpose(1, 2),
+            v.transpose(1, 2).contiguous().transpose(1, 2),
+        )
+    if layout == "layers":  # blocks of three layers interleaved block by block: [B, L, ...]
+        stack = torch.stack([torch.randn_like(k), k, torch.randn_like(k)], dim=1)
+        vstack = torch.stack([torch.randn_like(v), v, torch.randn_like(v)], dim=1)
+        return stack[:, 1], vstack[:, 1]
+    raise ValueError(layout)
+
+
+def _case(data, rows, group, dtype, seed, block_size):
+    kv_lens = data.draw(st.lists(st.integers(1, 300), min_size=rows, max_size=rows))
+    q_lens = [
+        data.draw(st.sampled_from([1, kv, max(1, kv // 3), min(kv, 5), min(kv, 40)]))
+        for kv in kv_lens
+    ]  # decode, prefill, chunked/prefix-cached prefill, verify, a middle-sized chunk
+    hkv = 2 if group <= 2 else 1
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(q_lens), hkv * group, 64, generator=gen).to(dtype)
+    ks = [torch.randn(kv, hkv, 64, generator=gen).to(dtype) for kv in kv_lens]
+    vs = [torch.randn(kv, hkv, 64, generator=gen).to(dtype) for kv in kv_lens]
+    _, (k, v, table) = _layouts(ks, vs, kv_lens, block_size, hkv, 64, gen)
+    return q_lens, kv_lens, q, ks, vs, k.to(dtype), v.to(dtype), table.to(torch.int32)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    rows=st.integers(1, 5),
+    group=st.sampled_from([1, 2, 4]),
+    block_size=st.sampled_from([16, 32, 128]),
+    causal=st.booleans(),
+    window=st.one_of(st.none(), st.integers(1, 64)),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    layout=st.sampled_from(["separate", "halves", "head-major", "layers"]),
+    seed=st.integers(0, 2**16),
+)
+def test_paged_rows_match_float64(
+    data, rows, group, block_size, causal, window, dtype, layout, seed
+):
+    q_lens, kv_lens, q, ks, vs, k, v, table = _case(data, rows, group, dtype, seed, block_size)
+    k, v = relayout(k, v, layout)
+    plan = plan_attention(
+        q_lens, kv_lens, causal=causal, window=window, kv_heads=k.shape[2], menu=_menu()
+    )
+    out = torch.full((sum(q_lens), q.shape[1], 64), float("nan")).to(dtype)  # poison
+    got = run_paged(
+        plan, q, k, v, kv_lens, block_table=table, block_size=block_size, scale=0.125, out=out
+    )
+    assert not got.isnan().any(), "an output element was not written"
+    want = reference(q, ks, vs, q_lens, kv_lens, causal, window, 0.125)
+    err = ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+    assert err < TOLERANCE[dtype], f"relative error {err:.2e}"
+
+
+def _menu():
+    from xy_inductor.runtime.attention_plan import AttentionMenu
+
+    return AttentionMenu(**MENU)
+
+
+def _huge_cache(blocks: torch.Tensor, copies: int) -> torch.Tensor:
+    """``copies`` logical repetitions of ``blocks`` without memory: a view whose block stride is
+    0. Copying it whole would need ``copies`` times the memory and fail at once."""
+    one = blocks[:1]
+    return one.expand(copies, *one.shape[1:])
+
+
+@pytest.mark.parametrize("executor", ["rows", "plan"])
+def test_executors_read_only_the_blocks_of_the_step(executor):
+    # 2**32 blocks of 16 slots × 2 heads × 64 floats: 32 TiB if anything copied the cache.
+    gen = torch.Generator().manual_seed(3)
+    block = torch.randn(1, 16, 2, 64, generator=gen)
+    k, v = _huge_cache(block, 2**32), _huge_cache(-block, 2**32)
+    q_lens, kv_lens = [1, 20, 7], [40, 20, 30]
+    table = torch.randint(0, 2**32, (3, 3), generator=gen)
+    q = torch.randn(sum(q_lens), 4, 64, generator=gen)
+    ks = [block[0].repeat(3, 1, 1)[:kv] for kv in kv_lens]
+    vs = [-block[0].repeat(3, 1, 1)[:kv] for kv in kv_lens]
+    plan = plan_attention(q_lens, kv_lens, causal=True, kv_heads=2, menu=_menu())
+    run = run_paged if executor == "rows" else run_plan
+    got = run(plan, q, k, v, kv_lens, block_table=table, block_size=16, scale=0.125)
+    want = reference(q, ks, vs, q_lens, kv_lens, True, None, 0.125)
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
+
+
+# -- VarlenStep ----------------------------------------------------------------------------------
+
+
+def _step_inputs(dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q_lens, kv_lens = [37, 1, 20, 5, 0], [37, 90, 75, 61, 12]
+    q = torch.randn(sum(q_lens), 8, 64, generator=gen).to(dtype)
+    ks = [torch.randn(kv, 2, 64, generator=gen).to(dtype) for kv in kv_lens]
+    vs = [torch.randn(kv, 2, 64, generator=gen).to(dtype) for kv in kv_lens]
+    _, (k, v, table) = _layouts(ks, vs, kv_lens, 16, 2, 64, gen)
+    k, v = relayout(k.to(dtype), v.to(dtype), "halves")
+    return q_lens, kv_lens, q, ks, vs, k, v, table.to(torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("window", [None, 16])
+def test_a_step_runs_every_layer_with_one_provider_choice(dtype, window):
+    q_lens, kv_lens, q, ks, vs, k, v, table = _step_inputs(dtype)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    step = VarlenStep.from_cu_seqlens(cu, torch.tensor(kv_lens, dtype=torch.int32), table)
+    want = reference(q, ks, vs, q_lens, kv_lens, True, window, 0.125)
+    layers = 3
+    for _ in range(layers):  # each layer its own cache tensors, same signature
+        got = step.run(q, k.clone(), v.clone(), window=window, scale=0.125)
+        err = ((got.double() - want).norm() / want.norm()).item()
+        assert err < TOLERANCE[dtype]
+    stats = xy_inductor.stats()
+    assert stats.varlen_steps == 1
+    assert stats.varlen_step_checks == 1  # the first layer chose; the others reused it
+    assert stats.paths == {"attention_varlen": {"aten/rows": layers}}
+    # The same as the op, which reads the lengths from its tensors on every call.
+    op = torch.ops.xyserve.attention_varlen(q, k, v, cu, torch.tensor(kv_lens), table, True, window)
+    torch.testing.assert_close(got, op, rtol=0, atol=0)
+
+
+def test_layers_with_another_signature_get_their_own_choice():
+    q_lens, kv_lens, q, _, _, k, v, table = _step_inputs()
+    step = VarlenStep(q_lens, kv_lens, table)
+    step.run(q, k, v)
+    step.run(q, k, v, window=8)  # a sliding-window layer of the same step
+    step.run(q[:, :4], k, v)  # fewer query heads
+    step.run(q, k, v)
+    assert xy_inductor.stats().varlen_step_checks == 3
+    assert xy_inductor.stats().paths["attention_varlen"] == {"aten/rows": 4}
+
+
+def test_a_step_keeps_the_lengths_it_was_built_with():
+    # The lengths are read once, when the step is built: what happens to the tensors after
+    # (vLLM reuses its buffers for the next step) does not change the step.
+    q_lens, kv_lens, q, ks, vs, k, v, table = _step_inputs()
+    seq_lens = torch.tensor(kv_lens)
+    step = VarlenStep([*q_lens], seq_lens, table)
+    seq_lens.fill_(1)
+    got = step.run(q, k, v, scale=0.125)
+    want = reference(q, ks, vs, q_lens, kv_lens, True, None, 0.125)
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda t: VarlenStep([1, 2], [3], t), "q_lens has 2 rows but kv_lens has 1"),
+        (lambda t: VarlenStep([1, 9], [4, 4], t[:2]), "row 1 has 9 queries and kv_len 4"),
+        (lambda t: VarlenStep([1], [4], t), "block_table has 5 rows for 1 sequences"),
+        (lambda t: VarlenStep([1], [4], t[0]), "block_table must be a 2-D integer tensor"),
+        (lambda t: VarlenStep.from_cu_seqlens([0, 3, 2], [3, 3], t[:2]), "must rise from 0"),
+    ],
+)
+def test_bad_steps_are_clear_errors(build, message):
+    table = _step_inputs()[-1]
+    with pytest.raises(ValueError, match=message):
+        build(table)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda q, k, v: (q[1:], k, v), "q has 62 tokens but the step's rows hold 63"),
+        (lambda q, k, v: (q[:, :3], k, v), "q heads \\(3\\) must be a multiple of kv heads"),
+        (lambda q, k, v: (q, k[..., :32], v), "q head dim 64 differs from k_cache head dim 32"),
+        (lambda q, k, v: (q.double(), k, v), "q and k_cache differ"),
+        (lambda q, k, v: (q, k[:, :8], v[:, :8]), "the block table holds 48 keys per row"),
+    ],
+)
+def test_runs_that_do_not_match_the_step_are_clear_errors(change, message):
+    q_lens, kv_lens, q, _, _, k, v, table = _step_inputs()
+    step = VarlenStep(q_lens, kv_lens, table)
+    with pytest.raises(ValueError, match=message):
+        step.run(*change(q, k, v))
+
+
+def test_block_table_width_is_checked_against_the_longest_row():
+    q_lens, kv_lens, q, _, _, k, v, table = _step_inputs()
+    assert table.shape[1] == math.ceil(max(kv_lens) / 16)
+    step = VarlenStep(q_lens, kv_lens, table[:, :-1])
+    with pytest.raises(ValueError, match="kv_len 90 but the block table holds 80 keys"):
+        step.run(q, k, v)
