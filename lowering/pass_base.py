@@ -232,11 +232,15 @@ class LoweringPass(ABC):
         anchor.replace_all_uses_with(new)
         graph.erase_node(anchor)
         erased = {anchor}
-        for dead in absorbed:
-            if dead not in erased and not dead.users:
-                graph.erase_node(dead)
-                erased.add(dead)
-        return erased
+        pending = list(dict.fromkeys(d for d in absorbed if d is not anchor))
+        while True:  # users before what they use, whatever order absorbed() gave
+            dead = [d for d in pending if not d.users]
+            if not dead:
+                return erased
+            for d in dead:
+                graph.erase_node(d)
+                erased.add(d)
+            pending = [d for d in pending if d not in erased]
 
     def options(self) -> dict[str, object]:
         """Settings that change what the pass does; part of ``uuid()``."""
