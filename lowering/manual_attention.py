@@ -53,6 +53,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from xy_inductor.lowering.pass_base import LoweringPass, fake_value
 from xy_inductor.lowering.patterns import (
+    is_op,
     is_weight,
     make_node,
     mask_broadcast_problem,
@@ -165,7 +166,6 @@ class _Match:
     after: tuple[Call, ...]  # casts, dropout and copies from softmax to probs @ v, in order
     out: torch.fx.Node  # probs @ v
     mask_wrappers: tuple[torch.fx.Node, ...]  # expand/expand_as around mask operands
-    dims: int  # of q, k, v: 2, 3 or 4
 
     @property
     def removed(self) -> list[torch.fx.Node]:
@@ -180,10 +180,26 @@ class _Match:
         ]
 
 
-def _peel(node: object, *, transpose: bool) -> tuple[object, list, list, bool] | str:
+@dataclass(frozen=True)
+class _Frame:
+    """How the op sees the match: q/k/v as ``[B, H, L, D]``."""
+
+    q: torch.fx.Node
+    k: torch.fx.Node | None  # None: transpose the match's kᵀ
+    v: torch.fx.Node
+    heads: object | None
+    """H, when the frame is 4-D: scores viewed as ``[B·H, Lq, Lk]`` in the chain, and their
+    masks, are split back by it. None for 2-D/3-D q/k/v run with leading 1s (``pad``)."""
+    pad: int
+    factors: tuple[tuple[object, object], ...]  # scalings found under a split of q
+    walked: tuple[torch.fx.Node, ...]  # views the split looked through
+    view_out: torch.fx.Node | None  # probs @ v viewed back as [B, H, Lq, Dv]: replaced instead
+
+
+def _peel(node: object, *, transpose: bool) -> tuple[object, list, list, bool]:
     """Walk from a product operand back through scalar scalings and copies (and, for the key
     side, one transpose of the last two dims): (the tensor found, the scale factors, the
-    nodes walked, whether a transpose was found), or why the walk cannot be trusted."""
+    nodes walked, whether a transpose was found)."""
     factors: list[tuple[object, object]] = []
     walked: list[torch.fx.Node] = []
     transposed = False
@@ -237,10 +253,8 @@ def _swaps_last_two(call: Call) -> bool:
         return False
     if call.op == "transpose":
         dims = (call["dim0"], call["dim1"])
-        return all(isinstance(d, int) for d in dims) and sorted(d % n for d in dims) == [
-            n - 2,
-            n - 1,
-        ]
+        swapped = sorted(d % n for d in dims) if all(isinstance(d, int) for d in dims) else []
+        return swapped == [n - 2, n - 1]
     dims = call["dims"]
     want = [*range(n - 2), n - 1, n - 2]
     return all(isinstance(d, int) for d in dims) and [d % n for d in dims] == want
@@ -324,8 +338,6 @@ def _match(softmax_node: torch.fx.Node) -> _Match | str:
             wrapper = _mask_wrapper(step)
             if wrapper is not None:
                 wrappers.append(wrapper)
-    v_value = _tensor(v)
-    dims = v_value.dim() if v_value is not None else 0
     return _Match(
         q=q,
         k=kt if transposed else None,
@@ -339,8 +351,72 @@ def _match(softmax_node: torch.fx.Node) -> _Match | str:
         after=tuple(after),
         out=out,
         mask_wrappers=tuple(wrappers),
-        dims=dims,
     )
+
+
+def _split(node: object) -> tuple[torch.fx.Node, list[torch.fx.Node]] | None:
+    """``x`` and the nodes walked, if ``node`` is a 4-D ``x`` [B, H, L, D] viewed (reshape,
+    view, flatten; copies allowed) as [B·H, L, D]; else None."""
+    walked = []
+    while is_op(node, "copy") and not _is_inplace(node):
+        walked.append(node)
+        node = bind(node)["input"]
+    call = bind(node) if is_op(node, "reshape") else None
+    flatten = (
+        isinstance(node, torch.fx.Node) and node.op == "call_method" and node.target == "flatten"
+    )
+    if call is not None and call.error is None:
+        source = call["input"]
+    elif flatten:
+        source = node.args[0]
+    else:
+        return None
+    x, y = _tensor(source), _tensor(node)
+    if x is None or y is None or x.dim() != 4 or y.dim() != 3:
+        return None
+    if not all(
+        _known(a == b)
+        for a, b in (
+            (x.shape[0] * x.shape[1], y.shape[0]),
+            (x.shape[2], y.shape[1]),
+            (x.shape[3], y.shape[2]),
+        )
+    ):
+        return None
+    return source, [*walked, node]
+
+
+def _frame(m: _Match) -> _Frame:
+    """q/k/v as the op will read them (``_Frame``)."""
+    q = _tensor(m.q)
+    if q is not None and q.dim() == 4:
+        return _Frame(m.q, m.k, m.v, q.shape[1], 0, (), (), None)
+    if q is not None and q.dim() == 3 and m.k is not None:
+        # [B·H, L, D] views of [B, H, L, D] tensors (BART, OPT): split them back, so that masks
+        # given per [B, H] need no copy.
+        parts = [_split(t) for t in (m.q, m.k, m.v)]
+        if all(p is not None for p in parts):
+            (q4, q_walked), (k4, k_walked), (v4, v_walked) = parts
+            q4, factors, peeled, _ = _peel(q4, transpose=False)
+            shapes = [_tensor(t).shape for t in (q4, k4, v4)]
+            if all(_known(s[0] == shapes[0][0]) and _known(s[1] == shapes[0][1]) for s in shapes):
+                heads = shapes[0][1]
+                view_out = _viewed_back(m.out, shapes[0][0], heads)
+                walked = (*q_walked, *peeled, *k_walked, *v_walked)
+                return _Frame(q4, k4, v4, heads, 0, tuple(factors), walked, view_out)
+    return _Frame(m.q, m.k, m.v, None, 4 - (q.dim() if q is not None else 4), (), (), None)
+
+
+def _viewed_back(out: torch.fx.Node, batch: object, heads: object) -> torch.fx.Node | None:
+    """The one use of ``out`` [B·H, Lq, Dv] if it views it as [B, H, Lq, Dv]."""
+    user = next(iter(out.users)) if len(out.users) == 1 else None
+    if not is_op(user, "reshape") or bind(user).error is not None:
+        return None
+    a, b = _tensor(out), _tensor(user)
+    if a is None or b is None or b.dim() != 4:
+        return None
+    same = (b.shape[0], b.shape[1], b.shape[2], b.shape[3]), (batch, heads, a.shape[1], a.shape[2])
+    return user if all(_known(x == y) for x, y in zip(*same, strict=True)) else None
 
 
 def _operands(step: _Step) -> tuple[object, object]:
@@ -383,6 +459,10 @@ def _known(cond: object) -> bool:
     return statically_known_true(cond) if not isinstance(cond, bool) else cond
 
 
+def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dim() == b.dim() and all(_known(x == y) for x, y in zip(a.shape, b.shape, strict=True))
+
+
 class ManualAttention(LoweringPass):
     name = "manual_attention"
     kind = "attention"
@@ -390,7 +470,7 @@ class ManualAttention(LoweringPass):
 
     def __init__(self, config: object = None) -> None:
         super().__init__(config)
-        self._last: tuple[torch.fx.Node, _Match | str] | None = None
+        self._last: tuple[torch.fx.Node, _Match | str, _Frame | None] | None = None
 
     def lowered_op(self) -> object:
         return torch.ops.xyserve.attention.default
@@ -401,32 +481,35 @@ class ManualAttention(LoweringPass):
     def is_lowered(self, node: torch.fx.Node) -> bool:
         return False  # lowered attention is counted once, by the SDPA pass
 
-    def _matched(self, node: torch.fx.Node) -> _Match | str:
+    def _matched(self, node: torch.fx.Node) -> tuple[_Match | str, _Frame | None]:
         # why_not, anchor, absorbed and replacement of one site all read one match.
         if self._last is None or self._last[0] is not node:
-            self._last = (node, _match(node))
-        return self._last[1]
+            m = _match(node)
+            self._last = (node, m, None if isinstance(m, str) else _frame(m))
+        return self._last[1], self._last[2]
 
     def anchor(self, node: torch.fx.Node) -> torch.fx.Node:
-        return self._matched(node).out
+        m, frame = self._matched(node)
+        return frame.view_out or m.out
 
     def why_not(self, node: torch.fx.Node) -> str | None:
         self._last = None  # a new site, or the graph changed since
-        m = self._matched(node)
+        m, frame = self._matched(node)
         if isinstance(m, str):
             return m
         for step in m.steps:
-            if step.call.op not in _SCORE_STEPS:
+            if step.call.op not in (*_SCORE_STEPS, "reshape"):
                 return (
                     f"'{step.node.name}' ({describe(step.node)}) between q @ kᵀ and softmax "
                     "is not expressible by xyserve.attention (logit soft-capping?)"
                 )
-        removed = m.removed
-        for inner in removed[1:]:  # the output itself is replaced, so its users are fine
+        removed = [*([frame.view_out] if frame.view_out else []), *m.removed]
+        for inner in removed[1:]:  # the replaced node's own users are the replacement's
             others = [u for u in inner.users if u not in removed]
             if others:
                 return _use_reason(inner, others[0], m)
-        q, k, v = _tensor(m.q), _tensor(m.k if m.k is not None else m.kt), _tensor(m.v)
+        q, v = _tensor(frame.q), _tensor(frame.v)
+        k = _tensor(frame.k if frame.k is not None else m.kt)
         if q is None or k is None or v is None:
             return "q/k/v carry no traced tensor value"
         if not (q.dim() == k.dim() == v.dim()) or q.dim() not in (2, 3, 4):
@@ -435,19 +518,18 @@ class ManualAttention(LoweringPass):
             return f"q/k/v dtypes {q.dtype}, {k.dtype}, {v.dtype}: need one floating dtype"
         if not (q.device == k.device == v.device):
             return f"q/k/v devices differ: {q.device}, {k.device}, {v.device}"
-        problem = self._shape_problem(m, q, k, v)
+        problem = _shape_problem(q, k, v, transposed=frame.k is not None)
         if problem is not None:
             return problem
         for step in m.steps:
-            problem = _step_problem(step, q, m)
+            problem = _step_problem(step, q, frame)
             if problem is not None:
                 return problem
         problem = _cast_problem(m.softmax["dtype"], q.dtype, f"softmax '{m.softmax.node.name}'")
         if problem is not None:
             return problem
-        dim = m.softmax["dim"]
-        n = probs_dims = _tensor(m.softmax.node).dim()
-        if not isinstance(dim, int) or dim % probs_dims != n - 1:
+        dim, n = m.softmax["dim"], _tensor(m.softmax.node).dim()
+        if not isinstance(dim, int) or dim % n != n - 1:
             return f"softmax over dim {dim}, not the last"
         for call in m.after:
             problem = _after_problem(call, q.dtype)
@@ -455,72 +537,60 @@ class ManualAttention(LoweringPass):
                 return problem
         return None
 
-    def _shape_problem(
-        self, m: _Match, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> str | None:
-        if m.k is None:
-            k_len, head = k.shape[-1], k.shape[-2]
-        else:
-            k_len, head = k.shape[-2], k.shape[-1]
-        if not _known(q.shape[-1] == head):
-            return f"q's head dim {q.shape[-1]} is not provably k's {head}"
-        if not _known(k_len == v.shape[-2]):
-            return f"k has {k_len} keys, v {v.shape[-2]}: not provably equal"
-        # Leading dims: batch (and heads, for 4-D) must agree, except that K/V may have one
-        # head shared by every query head (the op's grouped-query form).
-        lead = q.dim() - 2
-        for i in range(lead):
-            a, b, c = q.shape[i], k.shape[i], v.shape[i]
-            shared = i == lead - 1 and isinstance(b, int) and b == 1 and _known(c == 1)
-            if not (_known(a == b) and _known(b == c)) and not shared:
-                return f"q/k/v sizes of dim {i} are {a}, {b}, {c}: not provably equal"
-        scores, probs = _tensor(m.scores), _tensor(m.softmax.node)
-        if scores is None or probs is None or scores.dim() != probs.dim():
-            return "the scores change rank between q @ kᵀ and softmax"
-        if not all(_known(a == b) for a, b in zip(scores.shape, probs.shape, strict=True)):
-            return (
-                f"the scores {tuple(scores.shape)} are broadcast to {tuple(probs.shape)} before "
-                "softmax (a mask with more dims than the scores)"
-            )
-        return None
-
     def replacement(self, node: torch.fx.Node) -> torch.fx.Node:
-        m = self._matched(node)
+        m, frame = self._matched(node)
         graph = node.graph
-        k = m.k
+        k = frame.k
         if k is None:  # kᵀ given as such: the op reads k, a view
             k = make_node(graph, "call_method", "transpose", (m.kt, -2, -1))
-        q, v = m.q, m.v
+        q, v = frame.q, frame.v
         k_rep, v_rep = unrepeat_kv(k), unrepeat_kv(v)
         if k_rep is not None and v_rep is not None and k_rep[1] == v_rep[1]:
             k, v = k_rep[0], v_rep[0]
-        scale, mask = _replay(graph, m)
-        pad = 4 - m.dims  # [B·H, L, D] runs as [1, B·H, L, D]: heads are independent
-        if pad:
-            index = (*(None,) * pad, Ellipsis)
+        scale, mask = _replay(graph, m, frame)
+        if frame.pad:  # [B·H, L, D] that is no view of [B, H, L, D]: run as [1, B·H, L, D]
+            index = (*(None,) * frame.pad, Ellipsis)
             q, k, v = (
                 make_node(graph, "call_function", operator.getitem, (t, index)) for t in (q, k, v)
             )
         out = make_node(graph, "call_function", self.lowered_op(), (q, k, v, mask, False, scale))
-        if pad:
-            out = make_node(
-                graph, "call_function", operator.getitem, (out, (*(0,) * pad, Ellipsis))
-            )
-        if needs_original_strides(m.out):
+        anchor = frame.view_out or m.out
+        if frame.pad:
+            index = (*(0,) * frame.pad, Ellipsis)
+            out = make_node(graph, "call_function", operator.getitem, (out, index))
+        elif _tensor(anchor).dim() == 3:  # split frame, used as [B·H, Lq, Dv]
+            out = make_node(graph, "call_method", "flatten", (out, 0, 1))
+        if needs_original_strides(anchor):
             out = make_node(graph, "call_method", "contiguous", (out,))
         return out
 
     def absorbed(self, node: torch.fx.Node) -> list[torch.fx.Node]:
-        m = self._matched(node)
-        dead = [*m.removed[1:], *m.peeled]
-        if m.k is not None:
-            rep = unrepeat_kv(m.k)
+        m, frame = self._matched(node)
+        dead = [*m.removed, *m.peeled, *frame.walked]
+        for t in (frame.k, frame.v):
+            rep = unrepeat_kv(t) if t is not None else None
             if rep is not None:
                 dead += rep[2]
-        rep = unrepeat_kv(m.v)
-        if rep is not None:
-            dead += rep[2]
         return dead
+
+
+def _shape_problem(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, transposed: bool
+) -> str | None:
+    k_len, head = (k.shape[-2], k.shape[-1]) if transposed else (k.shape[-1], k.shape[-2])
+    if not _known(q.shape[-1] == head):
+        return f"q's head dim {q.shape[-1]} is not provably k's {head}"
+    if not _known(k_len == v.shape[-2]):
+        return f"k has {k_len} keys, v {v.shape[-2]}: not provably equal"
+    # Leading dims: batch (and heads, for 4-D) must agree, except that K/V may have one head
+    # shared by every query head (the op's grouped-query form).
+    lead = q.dim() - 2
+    for i in range(lead):
+        a, b, c = q.shape[i], k.shape[i], v.shape[i]
+        shared = i == lead - 1 and isinstance(b, int) and b == 1 and _known(c == 1)
+        if not (_known(a == b) and _known(b == c)) and not shared:
+            return f"q/k/v sizes of dim {i} are {a}, {b}, {c}: not provably equal"
+    return None
 
 
 def _use_reason(inner: torch.fx.Node, user: torch.fx.Node, m: _Match) -> str:
@@ -554,16 +624,27 @@ def _after_problem(call: Call, q_dtype: torch.dtype) -> str | None:
     return call.refuse("input", "memory_format")
 
 
-def _step_problem(step: _Step, q: torch.Tensor, m: _Match) -> str | None:
+def _step_problem(step: _Step, q: torch.Tensor, frame: _Frame) -> str | None:
     call = step.call
     node = step.node
     if call.error is not None:
         return call.error
+    before, after = _tensor(step.chain), _tensor(node)
+    if before is None or after is None:
+        return f"'{node.name}' carries no traced tensor value"
+    if call.op == "reshape":
+        return _view_problem(node, before, after, frame)
+    if not _same_shape(before, after):
+        return (
+            f"'{node.name}' broadcasts the scores {tuple(before.shape)} to {tuple(after.shape)} "
+            "(a mask with more dims than the scores)"
+        )
+    if before.dim() == 4 and frame.heads is None:
+        return f"'{node.name}' works on the scores viewed as 4-D, q/k/v are {q.dim()}-D"
     if call.op == "cast":
-        value = _tensor(node)
-        if value is None or value.device != q.device:
+        if after.device != q.device:
             return f"'{node.name}' moves the scores to another device"
-        return _cast_problem(value.dtype, q.dtype, f"'{node.name}'")
+        return _cast_problem(after.dtype, q.dtype, f"'{node.name}'")
     if call.op == "copy":
         return None
     if call.op in ("mul", "div", "add"):
@@ -577,7 +658,6 @@ def _step_problem(step: _Step, q: torch.Tensor, m: _Match) -> str | None:
     if _is_inplace(node) and step.chain is not call.get("input"):
         return f"'{node.name}' modifies a mask in place"
     _, other = _operands(step)
-    target = (*(1,) * (4 - q.dim()), *_tensor(m.softmax.node).shape)
     if call.op in ("mul", "div"):
         if call.op == "div" and call["input"] is not step.chain:
             return f"'{node.name}' divides by the scores"
@@ -585,7 +665,7 @@ def _step_problem(step: _Step, q: torch.Tensor, m: _Match) -> str | None:
             return f"scores scaled by a tensor ('{node.name}'); xyserve.attention takes a scalar"
         return None
     if call.op == "add":
-        mask = _tensor(_unwrapped(other, m))
+        mask = _tensor(other)
         if mask is None:
             return None if scalar(other) is not None else f"'{node.name}' adds {other!r}"
         if mask.device != q.device:
@@ -596,7 +676,7 @@ def _step_problem(step: _Step, q: torch.Tensor, m: _Match) -> str | None:
                 f"the mask added by '{node.name}' is {mask.dtype}, q is {q.dtype}: the op takes "
                 "the mask in q's dtype, and this one does not convert exactly"
             )
-        return mask_broadcast_problem(mask, target)
+        return mask_broadcast_problem(mask, tuple(before.shape))
     # where / masked_fill
     fill = scalar(other)
     if not isinstance(fill, (int, float)) or fill > -1e30:
@@ -609,13 +689,64 @@ def _step_problem(step: _Step, q: torch.Tensor, m: _Match) -> str | None:
         return f"'{node.name}' has a condition that is not a bool tensor"
     if cond_value.device != q.device:
         return f"mask on {cond_value.device}, queries on {q.device}"
-    return mask_broadcast_problem(cond_value, target)
+    return mask_broadcast_problem(cond_value, tuple(before.shape))
 
 
-def _replay(graph: torch.fx.Graph, m: _Match) -> tuple[object, object]:
+def _view_problem(
+    node: torch.fx.Node, before: torch.Tensor, after: torch.Tensor, frame: _Frame
+) -> str | None:
+    """A view of the scores may only move between [B·H, Lq, Lk] and the frame's [B, H, Lq, Lk]
+    (BART adds its mask per [B, H] that way)."""
+    if frame.heads is None or sorted((before.dim(), after.dim())) != [3, 4]:
+        return f"'{node.name}' reshapes the scores {tuple(before.shape)} to {tuple(after.shape)}"
+    three, four = (before, after) if before.dim() == 3 else (after, before)
+    ok = (
+        _known(four.shape[1] == frame.heads)
+        and _known(four.shape[0] * four.shape[1] == three.shape[0])
+        and _known(four.shape[2] == three.shape[1])
+        and _known(four.shape[3] == three.shape[2])
+    )
+    if not ok:
+        return f"'{node.name}' reshapes the scores {tuple(before.shape)} to {tuple(after.shape)}"
+    return None
+
+
+class _Replay:
+    """Operands of the score chain, moved into the op's frame (module docstring)."""
+
+    def __init__(self, graph: torch.fx.Graph, frame: _Frame) -> None:
+        self.graph, self.frame = graph, frame
+        self._heads: object = None
+
+    def operand(self, value: object, step: _Step) -> object:
+        """``value`` as it broadcasts against the op's [B, H, Lq, Lk] scores: a [B·H, ...]
+        operand of scores viewed as 3-D is split into [B, H, ...]."""
+        tensor = _tensor(value)
+        chain = _tensor(step.chain)
+        if tensor is None or self.frame.heads is None or chain.dim() != 3 or tensor.dim() != 3:
+            return value
+        if isinstance(tensor.shape[0], int) and tensor.shape[0] == 1:
+            return value
+        return make_node(
+            self.graph, "call_method", "unflatten", (value, 0, (-1, self._heads_value()))
+        )
+
+    def _heads_value(self) -> object:
+        heads = self.frame.heads
+        if isinstance(heads, int):
+            return heads
+        if self._heads is None:  # a symbolic head count: read it from q at run time
+            self._heads = make_node(
+                self.graph, "call_function", torch.ops.aten.sym_size.int, (self.frame.q, 1)
+            )
+        return self._heads
+
+
+def _replay(graph: torch.fx.Graph, m: _Match, frame: _Frame) -> tuple[object, object]:
     """The op's (scale, mask): the score chain replayed on zero scores (module docstring)."""
+    moved = _Replay(graph, frame)
     scale: object = 1.0
-    for op, factor in m.factors:
+    for op, factor in (*m.factors, *frame.factors):
         scale = _combine(graph, op, scale, factor)
     zero = True  # the replayed value is still exactly 0
     value: object = 0.0
@@ -624,7 +755,7 @@ def _replay(graph: torch.fx.Graph, m: _Match) -> tuple[object, object]:
     keep: object = None  # AND of the conditions, for the bool-mask case
     for step in m.steps:
         call = step.call
-        if call.op in ("cast", "copy"):
+        if call.op in ("cast", "copy", "reshape"):
             continue
         _, other = _operands(step)
         if call.op in ("mul", "div"):
@@ -639,6 +770,7 @@ def _replay(graph: torch.fx.Graph, m: _Match) -> tuple[object, object]:
             other = _unwrapped(other, m)
             if _tensor(other) is None:
                 continue  # a constant shift: softmax does not see it
+            other = moved.operand(other, step)
             value = other if zero else make_node(graph, "call_function", torch.add, (value, other))
             zero, only_minus_inf_fills = False, False
             continue
@@ -650,6 +782,7 @@ def _replay(graph: torch.fx.Graph, m: _Match) -> tuple[object, object]:
             cond = call["condition"]
         else:
             cond = make_node(graph, "call_function", torch.logical_not, (call["condition"],))
+        cond = moved.operand(cond, step)
         only_minus_inf_fills &= fill == -math.inf
         keep = (
             cond
@@ -662,7 +795,7 @@ def _replay(graph: torch.fx.Graph, m: _Match) -> tuple[object, object]:
         return scale, None
     if only_minus_inf_fills and not scaled_after_fill:
         return scale, keep
-    q_dtype = _tensor(m.q).dtype
+    q_dtype = _tensor(frame.q).dtype
     if _tensor(value).dtype != q_dtype:
         value = make_node(graph, "call_method", "to", (value, q_dtype))
     return scale, value
