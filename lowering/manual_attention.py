@@ -269,7 +269,10 @@ def _path_to_scores(node: object, depth: int) -> list[_Step] | None:
         return None
     if node.op not in ("call_function", "call_method"):
         return None
-    for arg in node.all_input_nodes:
+    args = node.all_input_nodes
+    if op_name(node) in ("expand_as", "view_as"):  # the other operand gives only a shape
+        args = [a for a in args if a is bind(node).get("input")]
+    for arg in args:
         if _tensor(arg) is not None:
             path = _path_to_scores(arg, depth - 1)
             if path is not None:
@@ -794,11 +797,21 @@ def _replay(graph: torch.fx.Graph, m: _Match, frame: _Frame) -> tuple[object, ob
     if zero:
         return scale, None
     if only_minus_inf_fills and not scaled_after_fill:
-        return scale, keep
+        return scale, _at_least_2d(graph, keep)
     q_dtype = _tensor(frame.q).dtype
     if _tensor(value).dtype != q_dtype:
         value = make_node(graph, "call_method", "to", (value, q_dtype))
-    return scale, value
+    return scale, _at_least_2d(graph, value)
+
+
+def _at_least_2d(graph: torch.fx.Graph, mask: torch.fx.Node) -> torch.fx.Node:
+    """A mask over keys only ([Lk]) as [1, Lk]: SDPA, which providers run, wants 2 dims."""
+    missing = 2 - _tensor(mask).dim()
+    if missing <= 0:
+        return mask
+    return make_node(
+        graph, "call_function", operator.getitem, (mask, (*(None,) * missing, Ellipsis))
+    )
 
 
 def _combine(graph: torch.fx.Graph, op: object, scale: object, factor: object) -> object:

@@ -158,6 +158,17 @@ _FUNCTIONS: dict[object, tuple[str, Signature]] = {
     ),
 }
 
+# .to(...) and .type(...): what they produce is read from the traced value, so every argument
+# is inert here; a pattern checks the dtype and device of the result instead.
+_CAST_KEYWORDS = ("dtype", "device", "non_blocking", "copy", "memory_format")
+_CAST = Signature(
+    ("input",),
+    _CAST_KEYWORDS,
+    dict.fromkeys(_CAST_KEYWORDS),
+    varargs="rest",
+    inert=frozenset(_CAST_KEYWORDS),
+)
+
 # call_method names -> (canonical op, signature); ``input`` is the tensor the method is on.
 _METHODS: dict[str, tuple[str, Signature]] = {
     "matmul": ("matmul", _sig("input", "other")),
@@ -190,8 +201,8 @@ _METHODS: dict[str, tuple[str, Signature]] = {
     "addmm": ("addmm", _sig("input", "mat1", "mat2", kw=("beta", "alpha"), beta=1, alpha=1)),
     "t": ("t", _sig("input")),
     # Casts: the dtype they produce is read from the traced value (cast_dtype).
-    "to": ("cast", Signature(("input",), varargs="rest")),
-    "type": ("cast", Signature(("input",), varargs="rest")),
+    "to": ("cast", _CAST),
+    "type": ("cast", _CAST),
     "type_as": ("cast", _sig("input", "other")),
     "float": ("cast", _COPY_CLONE),
     "half": ("cast", _COPY_CLONE),
