@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: demo test test-all lint format bench clean
+.PHONY: demo test test-all lint format bench fuzz clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,13 @@ format: $(VENV)/.test
 
 bench: $(VENV)/.hf
 	$(PY) benchmarks/hf_generate.py
+
+# Differential fuzzer of the lowering: N random programs compiled with xyserve vs eager
+# (xy_inductor/fuzz.py). Prints cases, lowered, left alone by reason, and wrong (must be 0).
+N ?= 1000
+SEED ?= 0
+fuzz: $(VENV)/.test
+	$(PY) -m xy_inductor.fuzz --cases $(N) --seed $(SEED)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

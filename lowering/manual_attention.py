@@ -684,6 +684,10 @@ def _step_problem(step: _Step, q: torch.Tensor, frame: _Frame) -> str | None:
     fill = scalar(other)
     if not isinstance(fill, (int, float)) or fill > -1e30:
         return f"'{node.name}' fills masked scores with {other!r}, not a large negative"
+    if math.isfinite(fill) and torch.finfo(q.dtype).min > -1e30:
+        # It would reach the op's mask as -inf: 0 on rows masked everywhere, where eager's
+        # finite fill gives uniform weights.
+        return f"'{node.name}' fills with {fill:g}, which {q.dtype} cannot hold"
     cond = call["mask"] if call.op == "masked_fill" else call["condition"]
     if cond is step.chain:
         return f"'{node.name}' uses the scores as its condition"
@@ -779,6 +783,10 @@ def _replay(graph: torch.fx.Graph, m: _Match, frame: _Frame) -> tuple[object, ob
             continue
         # where / masked_fill: the condition under which the score is kept
         fill = scalar(other)
+        if math.isfinite(fill):
+            # finfo(float32).min does not fit bfloat16 (it would round to -inf); any fill this
+            # large acts the same, so the mask uses the largest negative q's dtype holds.
+            fill = max(fill, torch.finfo(_tensor(frame.q).dtype).min)
         if call.op == "masked_fill":
             cond = make_node(graph, "call_function", torch.logical_not, (call["mask"],))
         elif call["input"] is step.chain:

@@ -13,8 +13,11 @@ so every case is a fresh Dynamo trace. The compiled function runs through the xy
 graph is lowered on the side to learn what was lowered and why the rest was not.
 
 A case is *wrong* when its compiled output differs from eager's by more than the dtype's
-tolerance (norm-relative: float32 1e-5, bfloat16/float16 1e-2), has NaN or inf where eager has
-none, or fails where eager runs. One difference is known and counted apart: where eager's
+tolerance (norm-relative: float32 1e-5, bfloat16/float16 1e-2) and is not within that
+tolerance of the same program run in float64 either (half-precision eager can itself be further
+than 1e-2 from the exact answer: scores rounded to float16 before a softmax; those cases are
+counted as "closer to float64 than eager"), or has NaN or inf where eager has none, or fails
+where eager runs. One difference is known and counted apart: where eager's
 plain softmax gives NaN on a row whose every key is masked with -inf, the op gives 0
 (``lowering/manual_attention.py``). Wrong must be 0; each wrong case ever found is kept as a
 fixed-seed regression test in ``tests/test_fuzz.py``.
@@ -69,7 +72,7 @@ class Case:
 class CaseResult:
     case: Case
     sites: tuple[tuple[str, bool, str | None, bool], ...]  # (kind, lowered, reason, failed)
-    status: str  # ok | wrong | crashed | known | invalid
+    status: str  # ok | closer | known | wrong | crashed | invalid
     detail: str = ""
     error: float = 0.0
 
@@ -653,7 +656,26 @@ def run_case(case: Case) -> CaseResult:
     finally:
         torch._dynamo.reset()
     status, detail, err = _compare(case, got, expected)
+    if status == "wrong" and math.isfinite(err):
+        # Eager in half precision may itself be far from the exact answer: compare with the
+        # same program in float64 before calling the compiled result wrong.
+        wide = copy.deepcopy(fn).double() if isinstance(fn, nn.Module) else fn
+        with torch.no_grad():
+            exact = _flat(wide(*[_widen(t) for t in case.inputs.values()]))
+        exact = [
+            t.to(e.dtype) if t.is_floating_point() else t
+            for t, e in zip(exact, expected, strict=True)
+        ]
+        status64, _, err64 = _compare(case, got, exact)
+        if status64 in ("ok", "known"):
+            return CaseResult(
+                case, _sites(reports), "closer", f"{detail}; float64: {err64:.1e}", err
+            )
     return CaseResult(case, _sites(reports), status, detail, err)
+
+
+def _widen(t: object) -> object:
+    return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
 
 def _sites(reports: list) -> tuple[tuple[str, bool, str | None, bool], ...]:
@@ -710,9 +732,10 @@ class FuzzSummary:
         lines = [
             f"xyserve fuzz: seed {self.seed}, {self.cases} cases ({kinds}) in {self.seconds:.0f} s",
             f"  sites: {sites}; {self.failed_sites} failed while lowering (contained)",
-            f"  cases: {self.status['ok']} ok, {self.status['known']} known difference "
-            "(eager NaN on rows masked everywhere with -inf, op 0), "
-            f"{self.status['invalid']} invalid programs",
+            f"  cases: {self.status['ok']} ok, {self.status['closer']} ok only against float64 "
+            "(eager in half precision further from it than the tolerance), "
+            f"{self.status['known']} known difference (eager NaN on rows masked everywhere with "
+            f"-inf, op 0), {self.status['invalid']} invalid programs",
             f"  WRONG: {self.status['wrong']} wrong answers, {self.status['crashed']} crashed "
             "compiles",
             f"  left alone, by reason ({sum(self.left_alone.values())} sites):",
@@ -775,7 +798,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for site in result.sites:
             print(f"  site: {site}")
         print(f"  -> {result.status} {result.detail} (error {result.error:.2e})")
-        return 0 if result.status in ("ok", "known") else 1
+        return 0 if result.status in ("ok", "known", "closer") else 1
     summary = run_fuzz(args.cases, args.seed, start=args.start, progress=True)
     print(summary)
     return 0 if summary.wrong == 0 else 1
