@@ -8,8 +8,11 @@
 - ``torch.matmul(x, w)`` / ``x @ w`` with ``w`` a 2-D ``[K, N]`` weight parameter.
 
 A weight is a module parameter (or a constant attribute of the graph module): a matmul of two
-activations, such as attention's ``q @ kᵀ``, is not a linear site. Left alone, with the reason:
-weights that are not 2-D, mixed dtypes or devices, integer inputs.
+activations, such as attention's ``q @ kᵀ``, is not a linear site. Every call is read through
+its bound arguments (``signatures.py``), positional or keyword. Left alone, with the reason:
+an argument the pattern does not understand (``torch.add(x @ w.t(), b, alpha=0.5)``,
+``torch.addmm(..., beta=...)``), weights that are not 2-D, mixed dtypes or devices, integer
+inputs.
 """
 
 from __future__ import annotations

@@ -338,9 +338,7 @@ def _match(softmax_node: torch.fx.Node) -> _Match | str:
     wrappers = []
     for step in steps:
         if step.call.op == "add":
-            wrapper = _mask_wrapper(step)
-            if wrapper is not None:
-                wrappers.append(wrapper)
+            wrappers += _mask_wrapper(step)
     return _Match(
         q=q,
         k=kt if transposed else None,
@@ -431,17 +429,24 @@ def _operands(step: _Step) -> tuple[object, object]:
     return (a, b) if a is step.chain else (b, a)
 
 
-def _mask_wrapper(step: _Step) -> torch.fx.Node | None:
+def _mask_wrapper(step: _Step) -> list[torch.fx.Node]:
     """The ``expand``/``expand_as``/``broadcast_to`` around an additive mask, which the op's own
-    broadcasting makes unnecessary (it may read the scores, but only their shape)."""
+    broadcasting makes unnecessary (it may read the scores, but only their shape: also through
+    ``scores.size()``, which ``mask.expand(scores.shape)`` becomes under dynamic shapes)."""
     if step.call.error is not None:
-        return None
+        return []
     _, other = _operands(step)
-    if op_name(other) in ("expand", "expand_as") and len(other.users) == 1:
-        call = bind(other)
-        if call.error is None and _tensor(call["input"]) is not None:
-            return other
-    return None
+    if op_name(other) not in ("expand", "expand_as") or len(other.users) != 1:
+        return []
+    call = bind(other)
+    if call.error is not None or _tensor(call["input"]) is None:
+        return []
+    sizes = [
+        a
+        for a in other.all_input_nodes
+        if a.op == "call_method" and a.target == "size" and len(a.users) == 1
+    ]
+    return [other, *sizes]
 
 
 def _unwrapped(node: object, match: _Match) -> object:

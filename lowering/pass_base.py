@@ -15,6 +15,7 @@ is never left half rewritten.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import inspect
 import logging
 import re
@@ -32,6 +33,9 @@ from xy_inductor.config import XyConfig
 __all__ = ["LoweringPass", "Site", "fake_value", "infer_meta", "site_name"]
 
 log = logging.getLogger("xy_inductor")
+
+# Helper modules whose code decides what every pass matches: part of each pass's uuid().
+_SHARED = ("patterns", "signatures")
 
 
 @dataclass(frozen=True)
@@ -247,10 +251,13 @@ class LoweringPass(ABC):
         return {}
 
     def uuid(self) -> str:
-        """Changes when the pass's code (its modules, base class included) or its options
-        change, for compile caches that key on the passes that ran."""
+        """Changes when the pass's code (its modules, base class included, and the shared
+        ``patterns``/``signatures`` helpers every pass reads through) or its options change,
+        for compile caches that key on the passes that ran."""
         classes = [c for c in type(self).__mro__ if issubclass(c, LoweringPass)]
-        parts = dict.fromkeys(inspect.getsource(inspect.getmodule(c)) for c in classes)
+        modules = [inspect.getmodule(c) for c in classes]
+        modules += [importlib.import_module(f"xy_inductor.lowering.{m}") for m in _SHARED]
+        parts = dict.fromkeys(inspect.getsource(m) for m in modules)
         parts[type(self).__qualname__] = None
         parts[repr(sorted(self.options().items()))] = None
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()

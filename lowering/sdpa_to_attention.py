@@ -5,8 +5,12 @@ heads), ``is_causal``, an explicit ``scale`` (also one known only at run time), 
 with fewer KV heads. Seen in Hugging Face's ``sdpa`` attention (Llama, Qwen2, Mistral, Phi-3,
 Gemma, GPT-2) and in models that call SDPA directly. K and V repeated to the query's head count
 first (``repeat_kv``, which Hugging Face's SDPA path does whenever it has a mask) are read
-un-repeated: the op is grouped-query native. Left alone, with the reason: dropout, flags only
-known at run time, tensors that are not ``[B, H, L, D]``, mixed dtypes or devices.
+un-repeated: the op is grouped-query native. ``enable_gqa``/``is_causal`` computed from
+symbolic sizes (``q.shape[1] != k.shape[1]`` under ``dynamic=True``) are decided while tracing
+(``trace_flags.py``), so such calls are sites too. Left alone, with the reason: dropout, flags
+only known at run time, a keyword it does not know, tensors that are not ``[B, H, L, D]``,
+mixed dtypes or devices. A use of the output that needs eager's memory layout (``.view``) gets
+a contiguous copy.
 """
 
 from __future__ import annotations

@@ -161,23 +161,35 @@ def _mask_shape(
     return b.pick((lq, lk), (lk,))
 
 
-def _attention_case(b: _Builder, g: torch.Generator, kind: str) -> tuple[list[str], dict]:
-    """Lines of an attention program over inputs q, k, v (and m, keep); returns (argument
-    names, inputs)."""
+def _attention_case(b: _Builder, g: torch.Generator, kind: str) -> tuple[list[str], dict, dict]:
+    """An attention program: over inputs q, k, v (and m or keep); or, for ``block``, a module
+    over x with q/k/v projections before it and an output projection after (sibling linears
+    and attention in one graph, as a decoder layer has them). Returns (argument names, inputs,
+    parameters)."""
     dtype = b.dtype
     batch = b.pick(1, 1, 2, 3)
     hq = b.pick(1, 2, 4, 8)
     group = b.pick(*[x for x in (1, 2, 4, 8) if hq % x == 0])
     hkv = hq // group
     lq = b.pick(1, 2, 3, 5, 7, 8, 13)
-    lk = b.pick(lq, lq, lq + 1, lq + 4, 1) if kind != "sdpa" else b.pick(lq, lq + 3, 1)
+    lk = b.pick(lq, lq, lq + 1, lq + 4, 1) if kind == "attention" else b.pick(lq, lq + 3, 1)
     d = b.pick(1, 4, 7, 8, 16)
     dv = b.pick(d, d, d, 5)
     layout = b.pick("4d", "4d", "4d", "merged", "bart", "3d") if kind == "attention" else "4d"
     if layout != "4d":
         hkv, group = hq, 1  # bmm needs equal batch
     inputs: dict[str, object] = {}
-    if layout == "3d":
+    params: dict[str, torch.Tensor] = {}
+    if kind == "block":  # one sequence length: self-attention
+        lk, dv = lq, d
+        hidden = hq * d
+        inputs["x"] = _tensor(g, (batch, lq, hidden), dtype)
+        for name, rows in (("wq", hq * d), ("wk", hkv * d), ("wv", hkv * d), ("wo", hidden)):
+            params[name] = _tensor(g, (rows, hidden), dtype, hidden**-0.5)
+        if b.chance(0.3):  # Qwen2 has biases on q/k/v
+            for name, rows in (("bq", hq * d), ("bk", hkv * d), ("bv", hkv * d)):
+                params[name] = _tensor(g, (rows,), dtype, 0.1)
+    elif layout == "3d":
         inputs["q"] = _tensor(g, (batch * hq, lq, d), dtype)
         inputs["k"] = _tensor(g, (batch * hkv, lk, d), dtype)
         inputs["v"] = _tensor(g, (batch * hkv, lk, dv), dtype)
@@ -188,8 +200,9 @@ def _attention_case(b: _Builder, g: torch.Generator, kind: str) -> tuple[list[st
     full_rows = b.chance(0.15)
     rank = 4 if layout in ("4d", "bart") else 3
     mask_kind = b.pick(None, "add", "add", "bool", "bool")
+    sdpa = kind == "sdpa" or (kind == "block" and b.chance(0.3))
     if mask_kind == "add":
-        shape = _mask_shape(b, batch, hq, lq, lk, rank, kind == "sdpa")
+        shape = _mask_shape(b, batch, hq, lq, lk, rank, sdpa)
         mag = b.pick(0.5, 2.0, 8.0)  # ALiBi-like biases reach a few units
         mask = torch.randn(shape, generator=g) * mag
         masked = _keep_mask(b, g, lq, lk, shape, full_rows)
@@ -199,12 +212,39 @@ def _attention_case(b: _Builder, g: torch.Generator, kind: str) -> tuple[list[st
         # half-precision q: rounding it would change the scores).
         inputs["m"] = mask.to(dtype if b.chance(0.85) else torch.float32)
     elif mask_kind == "bool":
-        shape = _mask_shape(b, batch, hq, lq, lk, rank, kind == "sdpa")
+        shape = _mask_shape(b, batch, hq, lq, lk, rank, sdpa)
         inputs["keep"] = _keep_mask(b, g, lq, lk, shape, full_rows)
-    if kind == "sdpa":
-        return _sdpa_body(b, inputs, hq, hkv, group, lq, lk), inputs
-    ctx = dict(batch=batch, hq=hq, hkv=hkv, group=group, lq=lq, lk=lk, d=d, layout=layout)
-    return _manual_body(b, inputs, ctx), inputs
+    if kind == "block":
+        _projections(b, params, hq, hkv, d)
+    if sdpa:
+        _sdpa_body(b, inputs, hq, hkv, group, lq, lk, block=kind == "block")
+    else:
+        ctx = dict(batch=batch, hq=hq, hkv=hkv, group=group, lq=lq, lk=lk, d=d, layout=layout)
+        _manual_body(b, inputs, ctx, block=kind == "block")
+    if kind == "block":
+        b.emit(
+            b.pick(
+                "o = o.transpose(1, 2).reshape(B, L, -1)",
+                "o = o.transpose(1, 2).contiguous().view(B, L, -1)",
+            )
+        )
+        b.emit(b.pick("return F.linear(o, self.wo)", "return o @ self.wo.t()"))
+    return list(inputs), inputs, params
+
+
+def _projections(b: _Builder, params: dict, hq: int, hkv: int, d: int) -> None:
+    """q/k/v from x as a decoder layer computes them (Llama, Qwen2 with biases)."""
+    b.emit("B, L, _ = x.shape")
+    for name, heads in (("q", hq), ("k", hkv), ("v", hkv)):
+        bias = f", self.b{name}" if f"b{name}" in params else ""
+        linear = b.pick(
+            f"F.linear(x, self.w{name}{bias})",
+            f"x @ self.w{name}.t()" + (f" + self.b{name}" if bias else ""),
+        )
+        split = b.pick(
+            f"view(B, L, {heads}, {d})", f"view(B, L, -1, {d})", f"reshape(B, L, {heads}, -1)"
+        )
+        b.emit(f"{name} = ({linear}).{split}.transpose(1, 2)")
 
 
 def _scale_literal(b: _Builder, d: int) -> str:
@@ -229,7 +269,7 @@ def _repeat(b: _Builder, group: int, hkv: int) -> tuple[str, str]:
     return "k", "v"  # one KV head: matmul broadcasts it
 
 
-def _manual_body(b: _Builder, inputs: dict, c: dict) -> list[str]:
+def _manual_body(b: _Builder, inputs: dict, c: dict, block: bool = False) -> None:
     """softmax(q @ kᵀ · scale + mask) @ v, in one of many spellings."""
     layout, group = c["layout"], c["group"]
     k, v = _repeat(b, group, c["hkv"])
@@ -416,6 +456,9 @@ def _manual_body(b: _Builder, inputs: dict, c: dict) -> list[str]:
     v_arg = v
     if b.chance(0.15):
         v_arg = f"{v}.contiguous()"
+    if block:
+        b.emit(f"o = {b.pick(f'p @ {v_arg}', f'torch.matmul(p, {v_arg})')}")
+        return
     if layout in ("merged", "bart"):
         b.emit(f"o = {b.pick(f'torch.bmm(p, {v_arg})', f'p @ {v_arg}')}")
         b.emit(
@@ -439,12 +482,11 @@ def _manual_body(b: _Builder, inputs: dict, c: dict) -> list[str]:
             )
     returned = b.pick("o", "o", "o", "o", "o", "o", "o", "(o, p)", "(o, s)")  # (o, p): refused
     b.emit(f"return {returned}")
-    return list(inputs)
 
 
 def _sdpa_body(
-    b: _Builder, inputs: dict, hq: int, hkv: int, group: int, lq: int, lk: int
-) -> list[str]:
+    b: _Builder, inputs: dict, hq: int, hkv: int, group: int, lq: int, lk: int, block: bool
+) -> None:
     """F.scaled_dot_product_attention in its argument forms."""
     k, v = "k", "v"
     gqa = "False"
@@ -479,14 +521,14 @@ def _sdpa_body(
             kwargs.append("dropout_p=0.0")
     call += "".join(f", {a}" for a in kwargs) + ")"
     b.emit(f"o = {call}")
-    b.emit(
-        b.pick(
-            "return o",
-            "return o.transpose(1, 2).reshape(o.shape[0], o.shape[2], -1)",
-            "return o.view(o.shape[0], -1, o.shape[-1])",
+    if not block:
+        b.emit(
+            b.pick(
+                "return o",
+                "return o.transpose(1, 2).reshape(o.shape[0], o.shape[2], -1)",
+                "return o.view(o.shape[0], -1, o.shape[-1])",
+            )
         )
-    )
-    return list(inputs)
 
 
 def _linear_case(b: _Builder, g: torch.Generator) -> tuple[list[str], dict, dict]:
@@ -537,15 +579,13 @@ def make_case(seed: int, index: int) -> Case:
     g = torch.Generator().manual_seed(rng.getrandbits(62))
     dtype = rng.choice(_DTYPES)
     dynamic = rng.random() < 0.25
-    kind = rng.choice(("attention", "attention", "attention", "sdpa", "linear"))
+    kind = rng.choice(("attention", "attention", "attention", "sdpa", "linear", "block"))
     b = _Builder(rng, dtype, dynamic)
-    params: dict[str, torch.Tensor] = {}
     if kind == "linear":
         names, inputs, params = _linear_case(b, g)
-        header = f"def forward(self, {', '.join(names)}):"
     else:
-        names, inputs = _attention_case(b, g, kind)
-        header = f"def forward({', '.join(names)}):"
+        names, inputs, params = _attention_case(b, g, kind)
+    header = f"def forward({'self, ' if params else ''}{', '.join(names)}):"
     source = "\n".join([header, *b.lines]) + "\n"
     return Case(
         seed,
@@ -556,7 +596,7 @@ def make_case(seed: int, index: int) -> Case:
         dynamic,
         inputs,
         params,
-        fuse_siblings=kind == "linear" and rng.random() < 0.3,
+        fuse_siblings=kind in ("linear", "block") and rng.random() < 0.3,
     )
 
 
