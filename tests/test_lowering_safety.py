@@ -336,6 +336,7 @@ def softmax_without_dim(q, k, v):
     ],
     ids=["einsum", "scores-returned", "in-place-fill", "narrowing-cast", "wide-mask", "no-dim"],
 )
+@pytest.mark.filterwarnings("ignore:Implicit dimension choice for softmax")
 def test_attention_sites_left_alone_are_counted_with_a_true_reason(fn, extra, dtype, reason):
     q, k, v = qkv(dtype=dtype)
     gm, inputs = capture(fn, q, k, v, *extra, dynamic=False)
