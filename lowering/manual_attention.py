@@ -94,6 +94,11 @@ def _is_inplace(node: torch.fx.Node) -> bool:
     return node.target in (operator.iadd, operator.imul, operator.itruediv)
 
 
+def _is_xyserve(node: torch.fx.Node) -> bool:
+    target = node.target if node.op == "call_function" else None
+    return isinstance(target, torch._ops.OpOverload) and target.namespace == "xyserve"
+
+
 def _product_of_activations(node: object) -> bool:
     if op_name(node) not in (*_PRODUCTS, *_OTHER_PRODUCTS):
         return False
@@ -115,7 +120,9 @@ def _comes_from_product(softmax: torch.fx.Node) -> bool:
             seen.add(arg)
             if _product_of_activations(arg):
                 return True
-            if op_name(arg) in (*_PRODUCTS, *_OTHER_PRODUCTS, "linear", "addmm"):
+            if op_name(arg) in (*_PRODUCTS, *_OTHER_PRODUCTS, "linear", "addmm", "sdpa"):
+                continue
+            if _is_xyserve(arg):  # a lowered linear layer or attention: a product already
                 continue
             if depth + 1 < _SEARCH and arg.op in ("call_function", "call_method"):
                 todo.append((arg, depth + 1))
