@@ -81,22 +81,25 @@ def unrepeat_kv(node: object) -> tuple[torch.fx.Node, int, list[torch.fx.Node]] 
         is_4d = isinstance(source, torch.Tensor) and source.dim() == 4
         ok = isinstance(repeats, int) and is_4d and dim in (1, -3)
         return (x, repeats, [node]) if ok else None
-    if not is_op(node, "reshape") or not is_op(node.args[0], "expand"):
+    reshape = bind(node) if is_op(node, "reshape") else None
+    if reshape is None or reshape.error is not None or not is_op(reshape["input"], "expand"):
         return None
-    expand = node.args[0]
-    inserted = expand.args[0]
-    if is_op(inserted, "getitem"):
-        index = inserted.args[1]
+    expand = reshape["input"]
+    expand_call = bind(expand)
+    if expand_call.error is not None:
+        return None
+    inserted = expand_call["input"]
+    inserted_call = bind(inserted)
+    if inserted_call is None or inserted_call.error is not None:
+        return None
+    if inserted_call.op == "getitem":
+        index = inserted_call["index"]
         full = slice(None)
         if not (isinstance(index, tuple) and index == (full, full, None, full, full)):
             return None
-    elif is_op(inserted, "unsqueeze"):
-        call = bind(inserted)
-        if call.error is not None or call["dim"] != 2:
-            return None
-    else:
+    elif inserted_call.op != "unsqueeze" or inserted_call["dim"] != 2:
         return None
-    x = inserted.args[0]
+    x = inserted_call["input"]
     src, expanded, out = fake_value(x), fake_value(expand), fake_value(node)
     if not all(isinstance(t, torch.Tensor) for t in (src, expanded, out)):
         return None
