@@ -2,7 +2,8 @@
 with xyserve and compared with eager.
 
     python -m xy_inductor.fuzz --cases 10000 --seed 0      # make fuzz N=10000 SEED=0
-    python -m xy_inductor.fuzz --seed 0 --case 1234 --show  # one case: its program and result
+    python -m xy_inductor.fuzz --seed 0 --case 1234         # one case: its program and result
+    python -m xy_inductor.fuzz --load tests/fuzz_cases/1-593.pt  # a saved case
 
 Each case is a small Python function drawn from a grammar of the spellings real models and
 PyTorch's own rewrites use (``CASE GRAMMAR`` below), in random orders and with random sizes
@@ -13,11 +14,11 @@ so every case is a fresh Dynamo trace. The compiled function runs through the xy
 graph is lowered on the side to learn what was lowered and why the rest was not.
 
 A case is *wrong* when its compiled output differs from eager's by more than the dtype's
-tolerance (norm-relative: float32 1e-5, bfloat16/float16 1e-2) and is not within that
-tolerance of the same program run in float64 either (half-precision eager can itself be further
-than 1e-2 from the exact answer: scores rounded to float16 before a softmax; those cases are
-counted as "closer to float64 than eager"), or has NaN or inf where eager has none, or fails
-where eager runs. One difference is known and counted apart: where eager's
+tolerance (norm-relative: float32 1e-5, bfloat16/float16 1e-2) and is also further from the
+same program run in float64 than eager is, by more than that tolerance (half-precision eager can
+itself be further than 1e-2 from the exact answer, e.g. scores rounded to float16 before a
+softmax; such cases are counted apart), or has NaN or inf where eager has none, or fails where
+eager runs. One difference is known and counted apart: where eager's
 plain softmax gives NaN on a row whose every key is masked with -inf, the op gives 0
 (``lowering/manual_attention.py``). Wrong must be 0; each wrong case ever found is kept as a
 fixed-seed regression test in ``tests/test_fuzz.py``.
@@ -34,6 +35,7 @@ import copy
 import dataclasses
 import logging
 import math
+import os
 import random
 import re
 import sys
@@ -47,7 +49,16 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Case", "CaseResult", "FuzzSummary", "make_case", "run_case", "run_fuzz"]
+__all__ = [
+    "Case",
+    "CaseResult",
+    "FuzzSummary",
+    "load_case",
+    "make_case",
+    "run_case",
+    "run_fuzz",
+    "save_case",
+]
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 _DTYPES = (torch.float32, torch.float32, torch.bfloat16, torch.float16)
@@ -413,10 +424,12 @@ def _manual_body(b: _Builder, inputs: dict, c: dict, block: bool = False) -> Non
             b.emit("s = s.half()")
         elif step == "tensor_scale":  # refused: a tensor scale
             b.emit("s = s * torch.ones(1, dtype=s.dtype)")
+        # (Their conditions depend on positions, not on the scores' values: a condition on
+        # values flips where lowered linears round differently, which is not a lowering bug.)
         elif step == "fill_small":  # refused: -1e4 is no "large negative" in float32
-            b.emit("s = s.masked_fill(s > 1.0, -1e4)")
+            b.emit("s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), -1e4)")
         elif step == "inplace":  # refused: an in-place fill whose result is not used
-            b.emit("s.masked_fill_(s > 1.0, float('-inf'))")
+            b.emit("s.masked_fill_(torch.ones_like(s, dtype=torch.bool).triu(1), float('-inf'))")
     # softmax, possibly in float32
     dim = b.pick("-1", str(nd - 1))
     if refused is None and b.chance(0.05):
@@ -600,6 +613,17 @@ def make_case(seed: int, index: int) -> Case:
     )
 
 
+def save_case(case: Case, path: str) -> None:
+    """Write ``case`` (program and tensors) to ``path``: a regression test that no later change
+    of the grammar can turn into another program."""
+    torch.save(dataclasses.asdict(case), path)
+
+
+def load_case(path: str) -> Case:
+    """A case written by ``save_case``."""
+    return Case(**torch.load(path, weights_only=True))
+
+
 # -- running a case ----------------------------------------------------------------------------
 
 
@@ -707,9 +731,15 @@ def run_case(case: Case) -> CaseResult:
             for t, e in zip(exact, expected, strict=True)
         ]
         status64, _, err64 = _compare(case, got, exact)
-        if status64 in ("ok", "known"):
+        _, _, eager64 = _compare(case, expected, exact)
+        # As close to the exact answer as eager is, give or take the tolerance.
+        if status64 in ("ok", "known") or err64 <= eager64 + TOLERANCE[case.dtype]:
             return CaseResult(
-                case, _sites(reports), "closer", f"{detail}; float64: {err64:.1e}", err
+                case,
+                _sites(reports),
+                "closer",
+                f"{detail}; from float64: {err64:.1e}, eager's {eager64:.1e}",
+                err,
             )
     return CaseResult(case, _sites(reports), status, detail, err)
 
@@ -772,8 +802,8 @@ class FuzzSummary:
         lines = [
             f"xyserve fuzz: seed {self.seed}, {self.cases} cases ({kinds}) in {self.seconds:.0f} s",
             f"  sites: {sites}; {self.failed_sites} failed while lowering (contained)",
-            f"  cases: {self.status['ok']} ok, {self.status['closer']} ok only against float64 "
-            "(eager in half precision further from it than the tolerance), "
+            f"  cases: {self.status['ok']} ok, {self.status['closer']} ok against float64 only "
+            "(half-precision eager itself that far from it), "
             f"{self.status['known']} known difference (eager NaN on rows masked everywhere with "
             f"-inf, op 0), {self.status['invalid']} invalid programs",
             f"  WRONG: {self.status['wrong']} wrong answers, {self.status['crashed']} crashed "
@@ -823,10 +853,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the run (default 0)")
     parser.add_argument("--start", type=int, default=0, help="first case index (default 0)")
     parser.add_argument("--case", type=int, default=None, help="run only this case index")
-    parser.add_argument("--show", action="store_true", help="print each case's program")
+    parser.add_argument("--load", metavar="FILE", default=None, help="run only this saved case")
+    parser.add_argument(
+        "--save-failures",
+        metavar="DIR",
+        default=None,
+        help="write each wrong or crashed case to DIR/<seed>-<case>.pt (for tests/fuzz_cases)",
+    )
     args = parser.parse_args(argv)
-    if args.case is not None:
-        case = make_case(args.seed, args.case)
+    if args.case is not None or args.load is not None:
+        case = load_case(args.load) if args.load else make_case(args.seed, args.case)
         result = run_case(case)
         print(
             f"case --seed {case.seed} --case {case.index}: {case.kind}, {case.dtype}, "
@@ -841,6 +877,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if result.status in ("ok", "known", "closer") else 1
     summary = run_fuzz(args.cases, args.seed, start=args.start, progress=True)
     print(summary)
+    if args.save_failures:
+        os.makedirs(args.save_failures, exist_ok=True)
+        for result in summary.bad:
+            if result.status in ("wrong", "crashed"):
+                c = result.case
+                save_case(c, os.path.join(args.save_failures, f"{c.seed}-{c.index}.pt"))
     return 0 if summary.wrong == 0 else 1
 
 
