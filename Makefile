@@ -12,7 +12,7 @@ VVENV := .venv-vllm
 VPY := $(VVENV)/bin/python
 VPIP := $(VPY) -m pip --disable-pip-version-check
 
-.PHONY: demo test test-all test-vllm vllm-venv lint format bench clean
+.PHONY: demo test test-all test-vllm vllm-venv lint format bench fuzz clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,13 @@ format: $(VENV)/.test
 
 bench: $(VENV)/.hf
 	$(PY) benchmarks/hf_generate.py
+
+# Differential fuzzer of the lowering: N random programs compiled with xyserve vs eager
+# (xy_inductor/fuzz.py). Prints cases, lowered, left alone by reason, and wrong (must be 0).
+N ?= 1000
+SEED ?= 0
+fuzz: $(VENV)/.test
+	$(PY) -m xy_inductor.fuzz --cases $(N) --seed $(SEED)
 
 clean:
 	rm -rf $(VENV) $(VVENV) *.egg-info .pytest_cache .ruff_cache

@@ -14,6 +14,11 @@ from xy_inductor.lowering.manual_attention import ManualAttention
 from xy_inductor.lowering.pass_base import LoweringPass, Site
 from xy_inductor.lowering.pipeline import PASSES, GraphReport, lower_graph, pipeline_uuid
 from xy_inductor.lowering.sdpa_to_attention import SdpaToAttention
+from xy_inductor.lowering.trace_flags import install as _install_trace_flags
+
+# Registration only: lets Dynamo keep SDPA calls with symbolic bool flags in graphs traced for
+# xyserve (trace_flags.py), instead of breaking the graph around them.
+_install_trace_flags()
 
 __all__ = [
     "PASSES",

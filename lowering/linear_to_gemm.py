@@ -8,8 +8,11 @@
 - ``torch.matmul(x, w)`` / ``x @ w`` with ``w`` a 2-D ``[K, N]`` weight parameter.
 
 A weight is a module parameter (or a constant attribute of the graph module): a matmul of two
-activations, such as attention's ``q @ kᵀ``, is not a linear site. Left alone, with the reason:
-weights that are not 2-D, mixed dtypes or devices, integer inputs.
+activations, such as attention's ``q @ kᵀ``, is not a linear site. Every call is read through
+its bound arguments (``signatures.py``), positional or keyword. Left alone, with the reason:
+an argument the pattern does not understand (``torch.add(x @ w.t(), b, alpha=0.5)``,
+``torch.addmm(..., beta=...)``), weights that are not 2-D, mixed dtypes or devices, integer
+inputs.
 """
 
 from __future__ import annotations
@@ -19,14 +22,13 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from xy_inductor.lowering.pass_base import LoweringPass, bind, fake_value
+from xy_inductor.lowering.pass_base import LoweringPass, fake_value
 from xy_inductor.lowering.patterns import is_op, is_weight, make_node, only_user
+from xy_inductor.lowering.signatures import bind
 
 __all__ = ["LinearToGemm"]
 
 LINEAR = torch._C._nn.linear
-_PARAMS = ("input", "weight", "bias")
-_DEFAULTS = {"bias": None}
 
 
 @dataclass(frozen=True)
@@ -39,19 +41,33 @@ class _Linear:
     bias: object
     transposed: bool
     absorbed: tuple[torch.fx.Node, ...] = ()
+    refused: str | None = None
+    """An argument of the call the pattern does not understand (``alpha=0.5``): the site is
+    recognised, and left alone with this reason."""
 
 
 def _weight_of_transpose(node: object) -> torch.fx.Node | None:
-    """``w`` if ``node`` is a 2-D weight ``w`` transposed (``.t()``, ``.T``, ``.transpose``)."""
+    """``w`` if ``node`` is a 2-D weight ``w`` transposed (``.t()``, ``.T``, ``.mT``,
+    ``.transpose(0, 1)``, ``.permute(1, 0)``)."""
     if not isinstance(node, torch.fx.Node):
         return None
-    swaps_2d = is_op(node, "transpose") and sorted(d % 2 for d in node.args[1:3]) == [0, 1]
-    attribute = (
-        node.op == "call_function" and node.target is getattr and node.args[1:] in (("T",), ("mT",))
-    )
-    if not (is_op(node, "t") or swaps_2d or attribute):
-        return None
-    source = node.args[0]
+    if node.op == "call_function" and node.target is getattr:
+        if node.args[1:] not in (("T",), ("mT",)):
+            return None
+        source = node.args[0]
+    else:
+        call = bind(node) if is_op(node, "t", "transpose", "permute") else None
+        if call is None or call.refuse("input", "dim0", "dim1", "dims") is not None:
+            return None
+        if call.op == "transpose":
+            dims = (call["dim0"], call["dim1"])
+            if not all(isinstance(d, int) for d in dims) or sorted(d % 2 for d in dims) != [0, 1]:
+                return None
+        elif call.op == "permute":
+            dims = call["dims"]
+            if not all(isinstance(d, int) for d in dims) or [d % 2 for d in dims] != [1, 0]:
+                return None
+        source = call["input"]
     value = fake_value(source)
     return (
         source
@@ -62,43 +78,53 @@ def _weight_of_transpose(node: object) -> torch.fx.Node | None:
 
 def _matmul_linear(node: torch.fx.Node) -> _Linear | None:
     """``x @ w.t()`` or ``x @ W`` with a weight, as a linear site."""
-    if not is_op(node, "matmul") or len(node.args) != 2:
+    call = bind(node) if is_op(node, "matmul") else None
+    if call is None or call.error is not None:
         return None
-    x, rhs = node.args
+    x, rhs = call["input"], call["other"]
+    refused = call.refuse("input", "other")
     w = _weight_of_transpose(rhs)
     if w is not None:
-        return _Linear(x, w, None, False, (rhs,))
+        return _Linear(x, w, None, False, (rhs,), refused)
     value = fake_value(rhs)
     if is_weight(rhs) and isinstance(value, torch.Tensor) and value.dim() == 2:
-        return _Linear(x, rhs, None, True)
+        return _Linear(x, rhs, None, True, (), refused)
+    return None
+
+
+def _bias_add(node: torch.fx.Node) -> _Linear | None:
+    """``x @ w.t() + b`` (or ``b + x @ w.t()``): one site, the bias folded into the gemm."""
+    call = bind(node) if is_op(node, "add") else None
+    if call is None or call.error is not None:
+        return None
+    for mm, bias in ((call["input"], call["other"]), (call["other"], call["input"])):
+        inner = _matmul_linear(mm) if isinstance(mm, torch.fx.Node) else None
+        if inner is not None and only_user(mm) is node and _is_bias(bias, inner):
+            refused = inner.refused or call.refuse("input", "other")
+            absorbed = (mm, *inner.absorbed)
+            return _Linear(inner.x, inner.weight, bias, inner.transposed, absorbed, refused)
     return None
 
 
 def _linear(node: torch.fx.Node) -> _Linear | None:
     """The linear layer ``node`` computes, if it is one (see the module docstring)."""
     if node.op == "call_function" and node.target is LINEAR:
-        a = bind(node, _PARAMS, _DEFAULTS)
-        return _Linear(a["input"], a["weight"], a["bias"], False)
-    if (
-        is_op(node, "addmm")
-        and node.op == "call_function"
-        and len(node.args) == 3
-        and not node.kwargs
-    ):
-        bias, x, w = node.args
+        a = bind(node)
+        refused = a.refuse("input", "weight", "bias")
+        return _Linear(a.get("input"), a.get("weight"), a.get("bias"), False, (), refused)
+    if is_op(node, "addmm"):
+        a = bind(node)
+        if a.error is not None:
+            return None
+        bias, x, w = a["input"], a["mat1"], a["mat2"]
         value = fake_value(w)
         if is_weight(w) and isinstance(value, torch.Tensor) and value.dim() == 2:
-            return _Linear(x, w, bias, True)
+            return _Linear(x, w, bias, True, (), a.refuse("input", "mat1", "mat2"))
         return None
-    if is_op(node, "add") and node.op == "call_function" and len(node.args) == 2:
-        # x @ w.t() + b (or b + x @ w.t()): one site, the bias folded into the gemm.
-        for mm, bias in (node.args, node.args[::-1]):
-            inner = _matmul_linear(mm) if isinstance(mm, torch.fx.Node) else None
-            if inner is not None and only_user(mm) is node and _is_bias(bias, inner):
-                return _Linear(inner.x, inner.weight, bias, inner.transposed, (mm, *inner.absorbed))
-        return None
+    if is_op(node, "add"):
+        return _bias_add(node)
     linear = _matmul_linear(node)
-    if linear is not None and _folds_into_add(node, linear):
+    if linear is not None and _folds_into_add(node):
         return None  # its add is the site
     return linear
 
@@ -111,15 +137,9 @@ def _is_bias(bias: object, linear: _Linear) -> bool:
     return b.shape[0] == n if isinstance(b.shape[0], int) else False
 
 
-def _folds_into_add(node: torch.fx.Node, linear: _Linear) -> bool:
+def _folds_into_add(node: torch.fx.Node) -> bool:
     user = only_user(node)
-    return (
-        user is not None
-        and is_op(user, "add")
-        and user.op == "call_function"
-        and len(user.args) == 2
-        and _is_bias(user.args[1] if user.args[0] is node else user.args[0], linear)
-    )
+    return user is not None and _bias_add(user) is not None
 
 
 class LinearToGemm(LoweringPass):
@@ -137,6 +157,8 @@ class LinearToGemm(LoweringPass):
 
     def why_not(self, node: torch.fx.Node) -> str | None:
         linear = _linear(node)
+        if linear.refused is not None:
+            return linear.refused
         x, w, b = (fake_value(t) for t in (linear.x, linear.weight, linear.bias))
         if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
             return "input/weight carry no traced tensor value"

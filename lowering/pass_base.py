@@ -3,12 +3,21 @@
 A pass looks at the nodes it knows how to recognise (its *sites*), rewrites each one it can
 into an xyserve op, and records why it left the others alone. Nothing it does not rewrite is
 touched, so an unsupported site always runs exactly as traced.
+
+Each site is contained: an exception while matching or rewriting it (a bug of ours, or a graph
+we did not foresee) leaves that site exactly as traced, recorded with the exception's text and
+logged, and the pass goes on with the next site. A rewrite first builds its replacement in
+front of the site, checks that it computes a value of the same shape and dtype, and only then
+swaps it in; if anything fails before the swap, the nodes it added are erased again, so a graph
+is never left half rewritten.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import inspect
+import logging
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -17,10 +26,16 @@ from typing import ClassVar
 import torch
 import torch.fx
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from xy_inductor.config import XyConfig
 
-__all__ = ["LoweringPass", "Site", "bind", "fake_value", "infer_meta", "site_name"]
+__all__ = ["LoweringPass", "Site", "fake_value", "infer_meta", "site_name"]
+
+log = logging.getLogger("xy_inductor")
+
+# Helper modules whose code decides what every pass matches: part of each pass's uuid().
+_SHARED = ("patterns", "signatures")
 
 
 @dataclass(frozen=True)
@@ -37,6 +52,8 @@ class Site:
     """Why it was left as it was (None when lowered)."""
     pass_name: str
     """The pass that recognised the site."""
+    failed: bool = False
+    """Matching or rewriting it raised: it runs as traced, ``reason`` holds the exception."""
 
 
 _SUBSCRIPT = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")
@@ -63,14 +80,6 @@ def site_name(node: torch.fx.Node) -> str:
         file, line = frames[-1]
         return f"{file.rsplit('/', 1)[-1]}:{line}"
     return node.name
-
-
-def bind(node: torch.fx.Node, params: tuple[str, ...], defaults: dict[str, object]) -> dict:
-    """The call's arguments by name, defaults filled in (Dynamo keeps them as written)."""
-    bound = dict(defaults)
-    bound.update(zip(params, node.args, strict=False))
-    bound.update(node.kwargs)
-    return bound
 
 
 def fake_value(arg: object) -> object:
@@ -139,9 +148,15 @@ class LoweringPass(ABC):
         """None when the site can be lowered, else the reason it cannot."""
 
     @abstractmethod
-    def replacement(self, node: torch.fx.Node) -> tuple[object, tuple, dict]:
-        """The call that replaces the site: (target, args, kwargs). Runs with the graph's
-        insertion point just before the site, so helper nodes it makes go there."""
+    def replacement(self, node: torch.fx.Node) -> tuple[object, tuple, dict] | torch.fx.Node:
+        """What replaces the site: a call (target, args, kwargs), or a node the method made
+        itself. Runs with the graph's insertion point just before ``anchor(node)``, so helper
+        nodes it makes (``patterns.make_node``) go there."""
+
+    def anchor(self, node: torch.fx.Node) -> torch.fx.Node:
+        """The node whose value the replacement takes over (the site itself, unless the site
+        is counted at one node and computed up to another, as hand-written attention is)."""
+        return node
 
     def absorbed(self, node: torch.fx.Node) -> list[torch.fx.Node]:
         """Nodes the rewrite may leave unused (e.g. a repeat of KV heads), outermost first;
@@ -152,47 +167,121 @@ class LoweringPass(ABC):
         """Lower the sites of ``gm`` in place; with ``skip_reason``, only list them."""
         self.matched = 0
         sites = []
+        erased: set[torch.fx.Node] = set()
         for node in list(gm.graph.nodes):
-            if not self.is_site(node):
+            if node in erased:
+                continue  # absorbed by an earlier site's rewrite
+            try:
+                if not self.is_site(node):
+                    continue
+                lowered = self.is_lowered(node)
+            except Exception as e:  # contained: this node stays as traced (module docstring)
+                sites.append(self._failed(node, "matching", e))
                 continue
-            name = site_name(node)
-            if self.is_lowered(node):
+            name = _safe_site_name(node)
+            if lowered:
                 sites.append(Site(self.kind, name, True, None, self.name))
                 continue
-            reason = skip_reason or self.why_not(node)
-            if reason is None:
-                self._rewrite(gm.graph, node)
-                self.matched += 1
+            stage = "matching"
+            try:
+                reason = skip_reason or self.why_not(node)
+                if reason is None:
+                    stage = "rewriting"
+                    erased |= self._rewrite(gm.graph, node)
+                    self.matched += 1
+            except Exception as e:
+                sites.append(self._failed(node, stage, e))
+                continue
             sites.append(Site(self.kind, name, reason is None, reason, self.name))
         if self.matched:
             gm.graph.lint()
             gm.recompile()
         return sites
 
-    def _rewrite(self, graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    def _failed(self, node: torch.fx.Node, stage: str, error: Exception) -> Site:
+        name = _safe_site_name(node)
+        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        reason = (
+            f"xyserve error while {stage} this site, left as traced: {type(error).__name__}: {text}"
+        ).rstrip(": ")
+        log.warning("xyserve %s: %s at %s (%s): %s", self.name, self.kind, name, node.name, reason)
+        log.debug("xyserve %s: traceback of the failure above", self.name, exc_info=error)
+        return Site(self.kind, name, False, reason, self.name, failed=True)
+
+    def _rewrite(self, graph: torch.fx.Graph, node: torch.fx.Node) -> set[torch.fx.Node]:
+        """Replace the site; returns the nodes erased. All-or-nothing (module docstring)."""
+        anchor = self.anchor(node)
         absorbed = self.absorbed(node)
-        with graph.inserting_before(node):
-            target, args, kwargs = self.replacement(node)
-            new = graph.call_function(target, args, kwargs)
-        new.meta = dict(node.meta)
-        value = infer_meta("call_function", target, args, kwargs)
-        if value is not None:
-            new.meta["example_value"] = value
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        for dead in absorbed:
-            if not dead.users:
-                graph.erase_node(dead)
+        before = anchor.prev  # everything inserted from here on lies between it and anchor
+        try:
+            with graph.inserting_before(anchor):
+                made = self.replacement(node)
+                if isinstance(made, torch.fx.Node):
+                    new = made
+                else:
+                    target, args, kwargs = made
+                    new = graph.call_function(target, args, kwargs)
+                    value = infer_meta("call_function", target, args, kwargs)
+                    if value is not None:
+                        new.meta["example_value"] = value
+            _check_same_value(anchor, new)
+            value = new.meta.get("example_value")
+            new.meta = dict(anchor.meta)  # source location and module path, for explain
+            if value is not None:
+                new.meta["example_value"] = value
+        except BaseException:
+            while anchor.prev is not before:  # newest first: each is used only by newer ones
+                graph.erase_node(anchor.prev)
+            raise
+        anchor.replace_all_uses_with(new)
+        graph.erase_node(anchor)
+        erased = {anchor}
+        pending = list(dict.fromkeys(d for d in absorbed if d is not anchor))
+        while True:  # users before what they use, whatever order absorbed() gave
+            dead = [d for d in pending if not d.users]
+            if not dead:
+                return erased
+            for d in dead:
+                graph.erase_node(d)
+                erased.add(d)
+            pending = [d for d in pending if d not in erased]
 
     def options(self) -> dict[str, object]:
         """Settings that change what the pass does; part of ``uuid()``."""
         return {}
 
     def uuid(self) -> str:
-        """Changes when the pass's code (its modules, base class included) or its options
-        change, for compile caches that key on the passes that ran."""
+        """Changes when the pass's code (its modules, base class included, and the shared
+        ``patterns``/``signatures`` helpers every pass reads through) or its options change,
+        for compile caches that key on the passes that ran."""
         classes = [c for c in type(self).__mro__ if issubclass(c, LoweringPass)]
-        parts = dict.fromkeys(inspect.getsource(inspect.getmodule(c)) for c in classes)
+        modules = [inspect.getmodule(c) for c in classes]
+        modules += [importlib.import_module(f"xy_inductor.lowering.{m}") for m in _SHARED]
+        parts = dict.fromkeys(inspect.getsource(m) for m in modules)
         parts[type(self).__qualname__] = None
         parts[repr(sorted(self.options().items()))] = None
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def _safe_site_name(node: torch.fx.Node) -> str:
+    try:
+        return site_name(node)
+    except Exception:  # a name is not worth failing a site for
+        return node.name
+
+
+def _check_same_value(old: torch.fx.Node, new: torch.fx.Node) -> None:
+    """Raise unless ``new`` provably has ``old``'s shape and dtype (when both are traced): a
+    replacement that changes either is a bug, and must not reach the graph."""
+    a, b = fake_value(old), fake_value(new)
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return
+    if a.dtype != b.dtype:
+        raise AssertionError(f"the replacement is {b.dtype}, the site {a.dtype}")
+    same = a.dim() == b.dim() and all(
+        statically_known_true(x == y) for x, y in zip(a.shape, b.shape, strict=True)
+    )
+    if not same:
+        raise AssertionError(
+            f"the replacement has shape {tuple(b.shape)}, the site {tuple(a.shape)}"
+        )

@@ -2,65 +2,35 @@
 which constant is this, where do repeated KV heads come from, is this tensor a weight.
 
 Dynamo keeps calls as written, so one operation has several spellings: ``torch.matmul(a, b)``,
-``a @ b`` (``operator.matmul``) and ``a.matmul(b)`` are all "matmul" here.
+``a @ b`` (``operator.matmul``) and ``a.matmul(b)`` are all "matmul" here (``signatures.py``
+lists them, with the arguments of each).
 """
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Callable
-
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from xy_inductor.lowering.pass_base import fake_value, infer_meta
+from xy_inductor.lowering.signatures import bind, op_name
 
 __all__ = [
     "is_op",
     "is_weight",
     "make_node",
+    "mask_broadcast_problem",
+    "needs_original_strides",
     "only_user",
     "scalar",
     "unrepeat_kv",
 ]
 
-# op name -> (functions, tensor method names) that spell it in a Dynamo graph
-_SPELLINGS: dict[str, tuple[tuple[Callable, ...], tuple[str, ...]]] = {
-    "matmul": ((torch.matmul, operator.matmul), ("matmul",)),
-    "softmax": ((F.softmax, torch.softmax), ("softmax",)),
-    "transpose": ((torch.transpose,), ("transpose",)),
-    "permute": ((torch.permute,), ("permute",)),
-    "mul": ((operator.mul, torch.mul), ("mul",)),
-    "div": ((operator.truediv, torch.div), ("div",)),
-    "add": ((operator.add, torch.add), ("add",)),
-    "where": ((torch.where,), ()),
-    "masked_fill": ((torch.masked_fill,), ("masked_fill",)),
-    "dropout": ((F.dropout, torch.dropout), ()),
-    "cast": ((), ("to", "type", "float", "half", "bfloat16", "double")),
-    "expand": ((), ("expand",)),
-    "reshape": ((torch.reshape,), ("reshape", "view")),
-    "unsqueeze": ((torch.unsqueeze,), ("unsqueeze",)),
-    "getitem": ((operator.getitem,), ()),
-    "repeat_interleave": ((torch.repeat_interleave,), ("repeat_interleave",)),
-    "addmm": ((torch.addmm,), ("addmm",)),
-    "t": ((torch.t,), ("t",)),
-    "full": ((torch.full,), ()),
-}
-
 
 def is_op(node: object, *names: str) -> bool:
-    """Whether ``node`` calls one of the named ops, in any of its spellings."""
-    if not isinstance(node, torch.fx.Node):
-        return False
-    for name in names:
-        functions, methods = _SPELLINGS[name]
-        if node.op == "call_function" and node.target in functions:
-            return True
-        if node.op == "call_method" and node.target in methods:
-            return True
-    return False
+    """Whether ``node`` calls one of the named ops (canonical names of ``signatures.py``), in
+    any of its spellings."""
+    return op_name(node) in names
 
 
 def only_user(node: torch.fx.Node) -> torch.fx.Node | None:
@@ -80,8 +50,11 @@ def scalar(arg: object) -> object | None:
         value, bool
     ):
         return arg
-    if is_op(arg, "full") and len(arg.args) >= 2 and list(arg.args[0]) == []:
-        return scalar(arg.args[1])
+    call = bind(arg) if is_op(arg, "full") else None
+    if call is not None and call.error is None:
+        size = call["size"]
+        if isinstance(size, (list, tuple)) and len(size) == 0:
+            return scalar(call["fill_value"])
     return None
 
 
@@ -100,28 +73,33 @@ def unrepeat_kv(node: object) -> tuple[torch.fx.Node, int, list[torch.fx.Node]] 
     if not isinstance(node, torch.fx.Node):
         return None
     if is_op(node, "repeat_interleave"):
-        x = node.args[0]
-        repeats = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
-        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        call = bind(node)
+        if call.refuse("input", "repeats", "dim") is not None:
+            return None
+        x, repeats, dim = call["input"], call["repeats"], call["dim"]
         source = fake_value(x)
         is_4d = isinstance(source, torch.Tensor) and source.dim() == 4
         ok = isinstance(repeats, int) and is_4d and dim in (1, -3)
         return (x, repeats, [node]) if ok else None
-    if not is_op(node, "reshape") or not is_op(node.args[0], "expand"):
+    reshape = bind(node) if is_op(node, "reshape") else None
+    if reshape is None or reshape.error is not None or not is_op(reshape["input"], "expand"):
         return None
-    expand = node.args[0]
-    inserted = expand.args[0]
-    if is_op(inserted, "getitem"):
-        index = inserted.args[1]
+    expand = reshape["input"]
+    expand_call = bind(expand)
+    if expand_call.error is not None:
+        return None
+    inserted = expand_call["input"]
+    inserted_call = bind(inserted)
+    if inserted_call is None or inserted_call.error is not None:
+        return None
+    if inserted_call.op == "getitem":
+        index = inserted_call["index"]
         full = slice(None)
         if not (isinstance(index, tuple) and index == (full, full, None, full, full)):
             return None
-    elif is_op(inserted, "unsqueeze"):
-        if inserted.args[1:] != (2,) and inserted.kwargs.get("dim") != 2:
-            return None
-    else:
+    elif inserted_call.op != "unsqueeze" or inserted_call["dim"] != 2:
         return None
-    x = inserted.args[0]
+    x = inserted_call["input"]
     src, expanded, out = fake_value(x), fake_value(expand), fake_value(node)
     if not all(isinstance(t, torch.Tensor) for t in (src, expanded, out)):
         return None
@@ -168,3 +146,40 @@ def make_node(
     if value is not None:
         node.meta["example_value"] = value
     return node
+
+
+# Ops whose result is a view of their input that keeps its memory layout questions open: a
+# ``view`` reached through them needs the strides eager computed.
+_VIEW_LIKE = ("getitem", "unsqueeze", "expand", "transpose", "permute", "t")
+
+
+def needs_original_strides(node: torch.fx.Node, depth: int = 4) -> bool:
+    """Whether some use of ``node``'s value only works with the memory layout eager gave it:
+    ``.view``/``.view_as``/``as_strided``, directly or through other views. xyserve.attention
+    returns ``[B, H, L, D]`` laid out as ``[B, L, H, D]``; such a use needs a copy first."""
+    for user in node.users:
+        if user.op == "call_method" and user.target in ("view", "view_as", "as_strided"):
+            return True
+        if user.op == "call_function" and user.target is torch.as_strided:
+            return True
+        if depth > 0 and is_op(user, *_VIEW_LIKE) and needs_original_strides(user, depth - 1):
+            return True
+    return False
+
+
+def mask_broadcast_problem(mask: torch.Tensor, target: tuple) -> str | None:
+    """None if ``mask`` broadcasts to ``target`` ([B, H, Lq, Lk]) the way xyserve.attention
+    checks it: each size a literal 1 or provably the target's (a size that is only 1 at run
+    time would need a guard); else why not."""
+    if mask.dim() > len(target):
+        return f"the mask is {mask.dim()}-D; at most {len(target)} dims broadcast to {target}"
+    for i in range(1, mask.dim() + 1):
+        m, t = mask.shape[-i], target[-i]
+        if isinstance(m, int) and m == 1:
+            continue
+        if not statically_known_true(m == t):
+            return (
+                f"the mask's shape {tuple(mask.shape)} does not provably broadcast to "
+                f"{tuple(target)} (dim -{i})"
+            )
+    return None

@@ -6,7 +6,9 @@ both (horizontal fusion of the q/k/v projections) see the final attention ops.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import logging
 from collections import Counter
 from dataclasses import dataclass
 
@@ -20,6 +22,8 @@ from xy_inductor.lowering.pass_base import LoweringPass, Site
 from xy_inductor.lowering.sdpa_to_attention import SdpaToAttention
 
 __all__ = ["PASSES", "GraphReport", "lower_graph", "pipeline_uuid"]
+
+log = logging.getLogger("xy_inductor")
 
 # (XyConfig flag that enables the pass, pass class), in the order they run. The SDPA pass
 # comes first: it counts every xyserve.attention node as a lowered site, so attention that the
@@ -49,11 +53,42 @@ class GraphReport:
     def by_kind(self, *, lowered: bool) -> Counter:
         return Counter(s.kind for s in self.sites if s.lowered == lowered)
 
+    def failed_by_kind(self) -> Counter:
+        """Sites left as traced because matching or rewriting them raised, per kind."""
+        return Counter(s.kind for s in self.sites if s.failed)
+
 
 def lower_graph(
     gm: torch.fx.GraphModule, config: XyConfig, *, skip_reason: str | None = None
 ) -> GraphReport:
-    """Run the enabled passes on ``gm`` in place. With ``skip_reason``, only list the sites."""
+    """Run the enabled passes on ``gm`` in place. With ``skip_reason``, only list the sites.
+
+    Each pass contains failures per site (``pass_base``). Should a pass still raise (its final
+    graph check, say), the graph is restored to what Dynamo traced and runs as traced, its
+    sites listed with the exception as the reason: lowering never fails a compile.
+    """
+    if skip_reason is not None:
+        return _run_passes(gm, config, skip_reason)
+    original = copy.deepcopy(gm.graph)
+    try:
+        return _run_passes(gm, config, None)
+    except Exception as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        reason = (
+            f"xyserve error while lowering this graph, run as traced: {type(e).__name__}: {text}"
+        ).rstrip(": ")
+        log.warning("xyserve: %s", reason)
+        log.debug("xyserve: traceback of the failure above", exc_info=e)
+        gm.graph = original
+        gm.recompile()
+        listed = _run_passes(gm, config, reason)
+        failed = tuple(
+            Site(s.kind, s.name, False, reason, s.pass_name, failed=True) for s in listed.sites
+        )
+        return GraphReport(failed, listed.matches, reason)
+
+
+def _run_passes(gm: torch.fx.GraphModule, config: XyConfig, skip_reason: str | None) -> GraphReport:
     sites: list[Site] = []
     matches: dict[str, int] = {}
     for flag, pass_cls in PASSES:

@@ -5,8 +5,12 @@ heads), ``is_causal``, an explicit ``scale`` (also one known only at run time), 
 with fewer KV heads. Seen in Hugging Face's ``sdpa`` attention (Llama, Qwen2, Mistral, Phi-3,
 Gemma, GPT-2) and in models that call SDPA directly. K and V repeated to the query's head count
 first (``repeat_kv``, which Hugging Face's SDPA path does whenever it has a mask) are read
-un-repeated: the op is grouped-query native. Left alone, with the reason: dropout, flags only
-known at run time, tensors that are not ``[B, H, L, D]``, mixed dtypes or devices.
+un-repeated: the op is grouped-query native. ``enable_gqa``/``is_causal`` computed from
+symbolic sizes (``q.shape[1] != k.shape[1]`` under ``dynamic=True``) are decided while tracing
+(``trace_flags.py``), so such calls are sites too. Left alone, with the reason: dropout, flags
+only known at run time, a keyword it does not know, tensors that are not ``[B, H, L, D]``,
+mixed dtypes or devices. A use of the output that needs eager's memory layout (``.view``) gets
+a contiguous copy.
 """
 
 from __future__ import annotations
@@ -15,20 +19,19 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from xy_inductor.lowering.pass_base import LoweringPass, bind, fake_value
-from xy_inductor.lowering.patterns import unrepeat_kv
+from xy_inductor.lowering.pass_base import LoweringPass, fake_value
+from xy_inductor.lowering.patterns import (
+    make_node,
+    mask_broadcast_problem,
+    needs_original_strides,
+    unrepeat_kv,
+)
+from xy_inductor.lowering.signatures import bind
 
 __all__ = ["SdpaToAttention"]
 
 SDPA = torch._C._nn.scaled_dot_product_attention
-_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-_DEFAULTS = {
-    "attn_mask": None,
-    "dropout_p": 0.0,
-    "is_causal": False,
-    "scale": None,
-    "enable_gqa": False,
-}
+_READS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
 class SdpaToAttention(LoweringPass):
@@ -47,7 +50,10 @@ class SdpaToAttention(LoweringPass):
         return node.op == "call_function" and node.target in done
 
     def why_not(self, node: torch.fx.Node) -> str | None:
-        a = bind(node, _PARAMS, _DEFAULTS)
+        a = bind(node)
+        refused = a.refuse(*_READS)
+        if refused is not None:
+            return refused
         q, k, v = (fake_value(a[n]) for n in ("query", "key", "value"))
         if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
             return "query/key/value carry no traced tensor value"
@@ -94,25 +100,31 @@ class SdpaToAttention(LoweringPass):
                 return f"attn_mask is {mask.dim()}-D; at most 4 dims broadcast to [B, H, Lq, Lk]"
             if mask.device != q.device:
                 return f"attn_mask is on {mask.device}, query on {q.device}"
+            problem = mask_broadcast_problem(mask, (q.shape[0], hq, q.shape[2], k.shape[2]))
+            if problem is not None:
+                return problem
         return None
 
     def _unrepeated(self, node: torch.fx.Node) -> tuple[object, object, list[torch.fx.Node]]:
         """K and V as the op should read them: the un-repeated tensors when both are repeats
         of the same count, else as they are."""
-        a = bind(node, _PARAMS, _DEFAULTS)
+        a = bind(node)
         k, v = unrepeat_kv(a["key"]), unrepeat_kv(a["value"])
         if k is None or v is None or k[1] != v[1]:
             return a["key"], a["value"], []
         return k[0], v[0], k[2] + v[2]
 
-    def replacement(self, node: torch.fx.Node) -> tuple[object, tuple, dict]:
-        a = bind(node, _PARAMS, _DEFAULTS)
+    def replacement(self, node: torch.fx.Node) -> torch.fx.Node:
+        a = bind(node)
         scale = a["scale"]
         if isinstance(scale, int):
             scale = float(scale)  # the op's schema says float
         key, value, _ = self._unrepeated(node)
         args = (a["query"], key, value, a["attn_mask"], bool(a["is_causal"]), scale)
-        return self.lowered_op(), args, {}
+        out = make_node(node.graph, "call_function", self.lowered_op(), args)
+        if needs_original_strides(node):
+            out = make_node(node.graph, "call_method", "contiguous", (out,))
+        return out
 
     def absorbed(self, node: torch.fx.Node) -> list[torch.fx.Node]:
         return self._unrepeated(node)[2]

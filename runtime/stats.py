@@ -22,6 +22,7 @@ class _Counters:
     inductor_failures: int = 0
     sites_lowered: Counter = field(default_factory=Counter)  # kind -> n
     sites_unlowered: Counter = field(default_factory=Counter)  # kind -> n
+    sites_failed: Counter = field(default_factory=Counter)  # kind -> n
     calls: Counter = field(default_factory=Counter)  # (op, provider, path) -> n
     declined: Counter = field(default_factory=Counter)  # (op, provider, reason) -> n
     fused_calls: int = 0
@@ -58,6 +59,9 @@ class Stats:
     """Sites rewritten into xyserve ops, per kind (``attention``, ``linear``)."""
     sites_unlowered: dict[str, int]
     """Sites left as they were, per kind; ``xy_inductor.explain`` says why."""
+    sites_failed: dict[str, int]
+    """Of those, sites left as they were because lowering them raised (an xyserve bug or a
+    graph it did not foresee; logged, and ``xy_inductor.explain`` shows the exception)."""
     calls: dict[str, dict[str, int]]
     """Run-time calls per op, then per provider that ran them."""
     paths: dict[str, dict[str, int]]
@@ -108,6 +112,9 @@ class Stats:
         for kind in sorted(set(self.sites_lowered) | set(self.sites_unlowered)):
             lo, un = self.sites_lowered.get(kind, 0), self.sites_unlowered.get(kind, 0)
             lines.append(f"{kind + ' sites':<17} {lo} lowered, {un} left as they were")
+        if self.sites_failed:
+            failed = ", ".join(f"{k}: {n}" for k, n in sorted(self.sites_failed.items()))
+            lines.append(f"sites failed      {failed} (lowering raised; run as traced)")
         for op, per_path in sorted(self.paths.items()):
             calls = ", ".join(f"{p}: {n}" for p, n in sorted(per_path.items()))
             lines.append(f"xyserve.{op:<16} {calls}")
@@ -159,6 +166,7 @@ def stats() -> Stats:
         inductor_failures=c.inductor_failures,
         sites_lowered=dict(c.sites_lowered),
         sites_unlowered=dict(c.sites_unlowered),
+        sites_failed=dict(c.sites_failed),
         calls=calls,
         paths=paths,
         declined=declined,
@@ -190,6 +198,7 @@ def record_compile(
     unlowered: Counter,
     inductor_failed: bool,
     warmed: int = 0,
+    failed: Counter | None = None,
 ) -> None:
     c = _COUNTERS
     c.kernels_warmed += warmed
@@ -202,6 +211,7 @@ def record_compile(
         c.graphs_lowered += 1
     c.sites_lowered.update(lowered)
     c.sites_unlowered.update(unlowered)
+    c.sites_failed.update(failed or {})
 
 
 def record_call(op: str, provider: str, path: str) -> None:

@@ -175,7 +175,7 @@ def tensor_scale(q, k, v, s):
 @pytest.mark.parametrize(
     ("fn", "extra", "reason"),
     [
-        (returns_probabilities, (), "also used elsewhere"),
+        (returns_probabilities, (), "probabilities are also used by"),
         (soft_capped, (), "logit soft-capping"),
         (softmax_over_queries, (), "not the last"),
         (training_dropout, (), "dropout in training mode"),

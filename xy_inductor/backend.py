@@ -224,6 +224,7 @@ def compile_graph(
         unlowered=report.by_kind(lowered=False),
         inductor_failed=inductor_failed,
         warmed=warmed,
+        failed=report.failed_by_kind(),
     )
     log.debug("xyserve compiled a graph in %.3f s: %s", seconds, report.matches)
     return compiled

@@ -20,6 +20,7 @@ import torch.fx
 from xy_inductor.backend import fallback_reason
 from xy_inductor.config import XyConfig
 from xy_inductor.lowering import GraphReport, Site, lower_graph
+from xy_inductor.lowering.trace_flags import install as install_trace_flags
 from xy_inductor.shape_guards import ShapeCheck, check_shapes
 
 __all__ = ["ExplainReport", "explain"]
@@ -43,6 +44,9 @@ class ExplainReport:
     """The dynamic sizes of every lowered call: GEMM M, attention Lq/Lk, with their ranges."""
     uncovered: list[str] = dataclasses.field(default_factory=list)
     """GEMMs whose M can exceed ``max_tokens`` (those calls run on the ATen fallback)."""
+    failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    """(site, reason) for the sites of ``unlowered`` left as traced because lowering them
+    raised: an xyserve bug or a graph it did not foresee; the reason holds the exception."""
 
     @classmethod
     def from_graphs(
@@ -69,6 +73,7 @@ class ExplainReport:
                 for c in checks
                 if c.covered is False
             ],
+            failed=[(s.name, s.reason or "") for s in sites if s.failed],
         )
 
     def __str__(self) -> str:
@@ -78,6 +83,11 @@ class ExplainReport:
             f"  {'attention':<10} {self.attention_total:>6} {self.attention_lowered:>8}",
             f"  {'linear':<10} {self.linear_total:>6} {self.linear_lowered:>8}",
         ]
+        if self.failed:
+            lines.append(
+                f"  {len(self.failed)} site{'s' * (len(self.failed) != 1)} failed to lower "
+                "(xyserve error, logged); they run as traced"
+            )
         for reason in self.fallbacks:
             lines.append(f"  graph run as traced: {reason}")
         if self.sites:
@@ -121,6 +131,7 @@ def explain(model_or_fn: Callable, *args: object, **kwargs: object) -> ExplainRe
         )
     accelerator = getattr(model_or_fn, "_xyserve_accelerator", None)
     config = accelerator.config if accelerator is not None else XyConfig()
+    install_trace_flags()  # idempotent; traces SDPA calls with symbolic flags into the graph
     graphs: list[GraphReport] = []
     checks: list[ShapeCheck] = []
 
