@@ -21,6 +21,7 @@ from xy_inductor.backend import fallback_reason
 from xy_inductor.config import XyConfig
 from xy_inductor.lowering import GraphReport, Site, lower_graph
 from xy_inductor.lowering.trace_flags import install as install_trace_flags
+from xy_inductor.runtime import providers
 from xy_inductor.shape_guards import ShapeCheck, check_shapes
 
 __all__ = ["ExplainReport", "explain"]
@@ -47,6 +48,9 @@ class ExplainReport:
     failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     """(site, reason) for the sites of ``unlowered`` left as traced because lowering them
     raised: an xyserve bug or a graph it did not foresee; the reason holds the exception."""
+    providers: tuple[tuple[str, str | None], ...] = ()
+    """Every kernel provider in priority order with why this process cannot use it (None when
+    it can): which one will run a lowered call depends on this machine, not on the graph."""
 
     @classmethod
     def from_graphs(
@@ -74,6 +78,7 @@ class ExplainReport:
                 if c.covered is False
             ],
             failed=[(s.name, s.reason or "") for s in sites if s.failed],
+            providers=tuple(providers.describe()),
         )
 
     def __str__(self) -> str:
@@ -116,6 +121,12 @@ class ExplainReport:
                 status = {True: "covered by the tile plans", False: "NOT covered", None: ""}
                 line = f"    {n:>3}x {op:<10} {size:<2} = {expr:<12} {span:<14} {status[covered]}"
                 lines.append(line.rstrip())
+        if self.providers:
+            lines.append("  providers (priority order; the first that accepts a call runs it)")
+            for name, why in self.providers:
+                lines.append(
+                    f"    {name:<8} {'available' if why is None else 'unavailable: ' + why}"
+                )
         return "\n".join(lines)
 
 
