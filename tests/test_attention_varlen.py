@@ -51,6 +51,11 @@ def test_mixed_batch_on_the_triton_kernel():
     assert xy_inductor.stats().paths["attention_varlen"] == {"triton/plan": 1}
 
 
+def test_opcheck():
+    args, _ = _inputs()
+    torch.library.opcheck(varlen, (*args, True, 16, 0.1))
+
+
 def test_traces_with_symbolic_token_counts():
     args, _ = _inputs()
     compiled = torch.compile(

@@ -202,6 +202,14 @@ def test_attention_fully_masked_rows_match_sdpa():
     torch.testing.assert_close(out, ref, equal_nan=True)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemm_fused_opcheck(bias):
+    x = torch.randn(5, 32)
+    ws = [torch.randn(16, 32), torch.randn(8, 32)]
+    bs = [torch.randn(16), torch.randn(8)] if bias else []
+    torch.library.opcheck(torch.ops.xyserve.gemm_fused.default, (x, ws, bs))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", [None, "bool4d", "float"])
 def test_attention_opcheck(dtype, kind):
