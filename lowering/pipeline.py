@@ -10,7 +10,7 @@ import copy
 import hashlib
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.fx
 
@@ -18,6 +18,7 @@ from xy_inductor.config import XyConfig
 from xy_inductor.lowering.fuse_siblings import FuseSiblingGemms
 from xy_inductor.lowering.linear_to_gemm import LinearToGemm
 from xy_inductor.lowering.manual_attention import ManualAttention
+from xy_inductor.lowering.opaque_ops import opaque_ops
 from xy_inductor.lowering.pass_base import LoweringPass, Site
 from xy_inductor.lowering.sdpa_to_attention import SdpaToAttention
 
@@ -46,6 +47,9 @@ class GraphReport:
     """Sites each pass rewrote in this run, by pass name."""
     fallback: str | None = None
     """Set when the whole graph was left as traced: why."""
+    opaque: Counter = field(default_factory=Counter)
+    """Calls of other libraries' ops (``namespace.op``: vLLM's ``_C.onednn_mm``...), which no
+    pass can read and every pass leaves alone (``opaque_ops.py``)."""
 
     def count(self, kind: str, *, lowered: bool | None = None) -> int:
         return sum(s.kind == kind and (lowered is None or s.lowered == lowered) for s in self.sites)
@@ -85,10 +89,11 @@ def lower_graph(
         failed = tuple(
             Site(s.kind, s.name, False, reason, s.pass_name, failed=True) for s in listed.sites
         )
-        return GraphReport(failed, listed.matches, reason)
+        return GraphReport(failed, listed.matches, reason, listed.opaque)
 
 
 def _run_passes(gm: torch.fx.GraphModule, config: XyConfig, skip_reason: str | None) -> GraphReport:
+    opaque = opaque_ops(gm)
     sites: list[Site] = []
     matches: dict[str, int] = {}
     for flag, pass_cls in PASSES:
@@ -98,7 +103,7 @@ def _run_passes(gm: torch.fx.GraphModule, config: XyConfig, skip_reason: str | N
         )
         sites += lowering_pass(gm, skip_reason=reason)
         matches[lowering_pass.name] = lowering_pass.matched
-    return GraphReport(tuple(sites), matches, skip_reason)
+    return GraphReport(tuple(sites), matches, skip_reason, opaque)
 
 
 def pipeline_uuid(config: XyConfig) -> str:

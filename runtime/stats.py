@@ -36,6 +36,9 @@ class _Counters:
     region_mismatches: int = 0
     varlen_steps: int = 0
     varlen_step_checks: int = 0
+    opaque_ops: Counter = field(default_factory=Counter)  # "namespace.op" -> calls in graphs
+    graphs_loaded: int = 0
+    artifacts_refused: Counter = field(default_factory=Counter)  # reason -> n
 
 
 _COUNTERS = _Counters()
@@ -96,6 +99,15 @@ class Stats:
     varlen_step_checks: int
     """Provider choices those steps made (checkers run, plan looked up): one per step and
     layer signature; the other layers of the step run the same decision."""
+    opaque_ops: dict[str, int]
+    """Calls of other libraries' ops in the lowered graphs, by ``namespace.op`` (vLLM's
+    ``_C.onednn_mm``, ``vllm.unified_attention_with_output``...): left alone, never lowered."""
+    graphs_loaded: int
+    """Lowered graphs loaded from a compile cache (vLLM's, or ``torch.compiler``'s
+    ``load_compiled_function``) instead of lowered again."""
+    artifacts_refused: dict[str, int]
+    """Saved graphs not loaded, by reason (written by another xyserve, torch, pass list or
+    options): the caller compiles them again."""
 
     def __str__(self) -> str:
         usable = ", ".join(
@@ -136,6 +148,13 @@ class Stats:
                 f"serving steps     {self.varlen_steps} "
                 f"({self.varlen_step_checks} provider choices)"
             )
+        if self.graphs_loaded or self.artifacts_refused:
+            refused = sum(self.artifacts_refused.values())
+            lines.append(
+                f"compile cache     {self.graphs_loaded} graphs loaded, {refused} refused (stale)"
+            )
+        for op, n in sorted(self.opaque_ops.items()):
+            lines.append(f"other library op  {op}: {n} calls, left alone")
         if self.kernels_warmed:
             lines.append(f"kernels warmed    {self.kernels_warmed} before the first request")
         for op, per_reason in sorted(self.declined.items()):
@@ -181,6 +200,9 @@ def stats() -> Stats:
         providers=dict(providers.describe()),
         varlen_steps=c.varlen_steps,
         varlen_step_checks=c.varlen_step_checks,
+        opaque_ops=dict(c.opaque_ops),
+        graphs_loaded=c.graphs_loaded,
+        artifacts_refused=dict(c.artifacts_refused),
     )
 
 
@@ -199,8 +221,10 @@ def record_compile(
     inductor_failed: bool,
     warmed: int = 0,
     failed: Counter | None = None,
+    opaque: Counter | None = None,
 ) -> None:
     c = _COUNTERS
+    c.opaque_ops.update(opaque or {})
     c.kernels_warmed += warmed
     c.backend_compiles += 1
     c.inductor_failures += inductor_failed
@@ -212,6 +236,14 @@ def record_compile(
     c.sites_lowered.update(lowered)
     c.sites_unlowered.update(unlowered)
     c.sites_failed.update(failed or {})
+
+
+def record_graph_loaded() -> None:
+    _COUNTERS.graphs_loaded += 1
+
+
+def record_artifact_refused(reason: str) -> None:
+    _COUNTERS.artifacts_refused[reason] += 1
 
 
 def record_call(op: str, provider: str, path: str) -> None:

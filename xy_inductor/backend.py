@@ -14,14 +14,16 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.fx
 from torch._dynamo.exc import RestartAnalysis, SkipFrame
+from torch._subclasses.fake_tensor import FakeTensor
 
-from xy_inductor.config import BACKEND_OPTIONS, XyConfig
+from xy_inductor.compiled_graph import XyserveGraph, call_directly
+from xy_inductor.config import BACKEND_OPTIONS, XyConfig, options_from_env
 from xy_inductor.lowering import lay_out_weights, lower_graph, sibling_parameters
 from xy_inductor.regions import compile_regions
 from xy_inductor.runtime import providers
 from xy_inductor.runtime import stats as _stats
 from xy_inductor.runtime.calls import GemmWeight
-from xy_inductor.runtime.ops import DIRECT_CALLS, stacked_rows
+from xy_inductor.runtime.ops import stacked_rows
 from xy_inductor.shape_guards import ShapeCheck, check_shapes
 
 __all__ = ["compile_graph", "fallback_reason", "make_backend", "xyserve_backend"]
@@ -38,12 +40,18 @@ def xyserve_backend(
     options: Mapping[str, object] | None = None,
     mode: str | None = None,
 ) -> CompiledFn:
-    """The ``xyserve`` backend: lower attention and linear sites, run or compile the rest."""
+    """The ``xyserve`` backend: lower attention and linear sites, run or compile the rest.
+
+    Without ``options`` it reads them from ``XYSERVE_OPTIONS`` (a JSON object), the way
+    callers that only name the backend (vLLM's ``compilation_config``) configure it.
+    """
     if mode not in (None, "default"):
         raise ValueError(
             f"xyserve does not take torch.compile(mode={mode!r}); "
             f"pass options={{...}} instead (valid: {', '.join(BACKEND_OPTIONS)})"
         )
+    if not options:
+        options = options_from_env()
     return compile_graph(gm, example_inputs, XyConfig.from_options(options, backend_only=True))
 
 
@@ -67,18 +75,6 @@ def fallback_reason(example_inputs: Sequence[object]) -> str | None:
             "torch.inference_mode()"
         )
     return None
-
-
-def _call_directly(gm: torch.fx.GraphModule) -> None:
-    """Make the graph call the xyserve implementations without the dispatcher's custom-op
-    layers. Only for graphs that run as traced: Inductor needs the ops themselves."""
-    changed = False
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in DIRECT_CALLS:
-            node.target = DIRECT_CALLS[node.target]
-            changed = True
-    if changed:
-        gm.recompile()
 
 
 def _inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[object]) -> CompiledFn | None:
@@ -153,7 +149,8 @@ def _gemm_weights(
         else:
             weights, has_bias = list(node.args[1]), bool(node.args[2])
         tensors = [_real_tensor(w, gm, inputs) for w in weights]
-        if all(t is not None for t in tensors):
+        # Fake weights (vLLM's piecewise mode compiles on fake inputs): nothing to warm.
+        if all(t is not None and not isinstance(t, FakeTensor) for t in tensors):
             found.append((tensors, has_bias, rows[node.name]))
     return found
 
@@ -189,8 +186,8 @@ def _warm_up(gemms: list, config: XyConfig) -> int:
 
 def compile_graph(
     gm: torch.fx.GraphModule, example_inputs: Sequence[object], config: XyConfig
-) -> CompiledFn:
-    """Lower ``gm`` in place and return what runs it."""
+) -> XyserveGraph:
+    """Lower ``gm`` in place and return what runs it (saveable by compile caches)."""
     start = time.perf_counter()
     reason = fallback_reason(example_inputs)
     report = lower_graph(gm, config, skip_reason=reason)
@@ -210,7 +207,7 @@ def compile_graph(
         inductor_failed = compiled is None
     if compiled is None:
         if reason is None:
-            _call_directly(gm)
+            call_directly(gm)
         compiled = gm.forward
     if siblings:
         moved = lay_out_weights(siblings)
@@ -225,6 +222,13 @@ def compile_graph(
         inductor_failed=inductor_failed,
         warmed=warmed,
         failed=report.failed_by_kind(),
+        opaque=report.opaque,
     )
     log.debug("xyserve compiled a graph in %.3f s: %s", seconds, report.matches)
-    return compiled
+    not_saved = None
+    if config.inductor and compiled is not gm.forward:
+        not_saved = (
+            "compiled with inductor=True; Inductor's code is not part of an xyserve artifact, "
+            "so the graph is lowered and compiled again"
+        )
+    return XyserveGraph(compiled, graph=gm, config=config, not_saved=not_saved)

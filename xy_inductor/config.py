@@ -9,10 +9,17 @@ type is a ``ValueError`` naming it, at compile time.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["BACKEND_OPTIONS", "XyConfig"]
+__all__ = ["BACKEND_OPTIONS", "OPTIONS_ENV", "XyConfig", "options_from_env"]
+
+OPTIONS_ENV = "XYSERVE_OPTIONS"
+"""Environment variable holding backend options as a JSON object, for callers that name the
+backend but cannot pass it options (vLLM's ``compilation_config``): e.g.
+``XYSERVE_OPTIONS='{"inductor": true}'``. Options passed in code take precedence."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,26 @@ class XyConfig:
                 )
             raise ValueError(f"unknown xyserve option {key!r}; valid options: {', '.join(names)}")
         return cls(**options)
+
+
+def options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, object]:
+    """The backend options in ``XYSERVE_OPTIONS`` (empty when unset); a clear ``ValueError``
+    when it is not a JSON object."""
+    text = (os.environ if environ is None else environ).get(OPTIONS_ENV, "").strip()
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{OPTIONS_ENV} must be a JSON object of xyserve backend options, e.g. "
+            f"'{{\"inductor\": true}}'; got {text!r} ({e})"
+        ) from None
+    if not isinstance(options, dict):
+        raise ValueError(
+            f"{OPTIONS_ENV} must be a JSON object of xyserve backend options, got {text!r}"
+        )
+    return options
 
 
 _FRONT_END_OPTIONS = ("dynamic", "fullgraph")

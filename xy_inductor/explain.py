@@ -20,6 +20,7 @@ import torch.fx
 from xy_inductor.backend import fallback_reason
 from xy_inductor.config import XyConfig
 from xy_inductor.lowering import GraphReport, Site, lower_graph
+from xy_inductor.lowering.opaque_ops import KNOWN_OPAQUE
 from xy_inductor.lowering.trace_flags import install as install_trace_flags
 from xy_inductor.runtime import providers
 from xy_inductor.shape_guards import ShapeCheck, check_shapes
@@ -51,6 +52,9 @@ class ExplainReport:
     providers: tuple[tuple[str, str | None], ...] = ()
     """Every kernel provider in priority order with why this process cannot use it (None when
     it can): which one will run a lowered call depends on this machine, not on the graph."""
+    opaque_ops: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Calls of other libraries' ops, by ``namespace.op`` (vLLM's ``_C.onednn_mm`` linear
+    layers, its attention and KV-cache ops...): no pass can lower them; left alone."""
 
     @classmethod
     def from_graphs(
@@ -79,6 +83,7 @@ class ExplainReport:
             ],
             failed=[(s.name, s.reason or "") for s in sites if s.failed],
             providers=tuple(providers.describe()),
+            opaque_ops=dict(sum((g.opaque for g in graphs), Counter())),
         )
 
     def __str__(self) -> str:
@@ -111,6 +116,12 @@ class ExplainReport:
                 else:
                     status = f"left as is: {reason}"
                 lines.append(f"  {name:<{width}}  {kind:<9} {n:>5}  {status}")
+        if self.opaque_ops:
+            lines.append("  ops of other libraries (opaque to xyserve, left alone)")
+            width = max(len(op) for op in self.opaque_ops)
+            for op, n in sorted(self.opaque_ops.items()):
+                what = KNOWN_OPAQUE.get(op, "")
+                lines.append(f"    {n:>3}x {op:<{width}}  {what}".rstrip())
         if self.shape_checks:
             lines.append("  dynamic sizes (checked once at compile; never a guard)")
             folded = Counter(

@@ -13,13 +13,34 @@ attention layer writes its K/V through ``slot_mapping`` and runs the step's plan
 provider registry (ATen on the CPU, Triton on CUDA). Installed but not selected, it changes
 nothing.
 
-Importing this package imports nothing from vLLM: ``plugin`` and ``attention`` do, when vLLM
-loads them.
+As vLLM's compiler (``compilation_config``), see the README's "vLLM compilation":
+
+    LLM(model, compilation_config={"mode": 2, "backend": "xyserve"})   # options: XYSERVE_OPTIONS
+
+and, for piecewise mode 3, ``XyserveCompiler`` (``compiler.py``), the ``CompilerInterface`` a
+platform's ``get_compile_backend()`` names as ``"xy_inductor.vllm.XyserveCompiler"``.
+
+Importing this package imports nothing from vLLM: ``plugin``, ``attention`` and ``compiler`` do,
+when vLLM loads them.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 BACKEND_CLASS = "xy_inductor.vllm.attention.XyserveAttentionBackend"
 """The qualified name vLLM resolves ``CUSTOM`` to once the plugin has registered it."""
 
-__all__ = ["BACKEND_CLASS"]
+COMPILER_CLASS = "xy_inductor.vllm.XyserveCompiler"
+"""What a platform's ``get_compile_backend()`` returns to make xyserve mode 3's compiler."""
+
+__all__ = ["BACKEND_CLASS", "COMPILER_CLASS", "XyserveCompiler"]
+
+
+def __getattr__(name: str) -> Any:
+    # XyserveCompiler subclasses vLLM's CompilerInterface: imported (with vLLM) on first use.
+    if name == "XyserveCompiler":
+        from xy_inductor.vllm.compiler import XyserveCompiler
+
+        return XyserveCompiler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,185 @@
+"""What the backend returns can be saved and loaded by compile caches (torch's AOT compile, which
+vLLM's cache uses); options reach the backend through XYSERVE_OPTIONS; other libraries' ops are
+counted by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xy_inductor
+from xy_inductor.compiled_graph import StaleArtifactError, XyserveGraph
+from xy_inductor.config import OPTIONS_ENV, XyConfig
+
+
+class Block(torch.nn.Module):
+    """Two linear layers around causal attention: one attention and two linear sites."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(64, 64)
+        self.out = torch.nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.qkv(x).view(1, -1, 4, 16).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        return self.out(a.transpose(1, 2).reshape(1, -1, 64))
+
+
+def _aot_compile(model: torch.nn.Module, x: torch.Tensor):
+    """torch's AOT compile with the xyserve backend, as vLLM's compile cache runs it."""
+    with torch._dynamo.config.patch(enable_aot_compile=True):
+        compiled = torch.compile(
+            type(model).forward, backend="xyserve", fullgraph=True, dynamic=True
+        )
+        return compiled.aot_compile(((model, x), {}))
+
+
+def _load(path):
+    with open(path, "rb") as f:
+        return torch.compiler.load_compiled_function(f, f_globals=Block.forward.__globals__)
+
+
+@pytest.fixture
+def saved(tmp_path, monkeypatch):
+    """A Block, and the path of its graph compiled by xyserve and saved by torch."""
+    monkeypatch.delenv(OPTIONS_ENV, raising=False)
+    torch.manual_seed(0)
+    model = Block().eval()
+    with torch.no_grad():
+        fn = _aot_compile(model, torch.randn(1, 10, 64))
+    assert isinstance(fn._artifacts.compiled_fn, XyserveGraph)
+    path = tmp_path / "graph.bin"
+    fn.save_compiled_function(str(path))
+    assert xy_inductor.stats().sites_lowered == {"attention": 1, "linear": 2}
+    return model, path
+
+
+def test_saved_graph_loads_without_lowering_and_matches_eager(saved):
+    model, path = saved
+    xy_inductor.reset_stats()
+    loaded = _load(path)
+    x = torch.randn(1, 23, 64)  # another length: one graph for all
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(model, x), model(x), rtol=1e-5, atol=1e-5)
+    s = xy_inductor.stats()
+    assert s.backend_compiles == 0  # nothing lowered again
+    assert s.graphs_loaded == 1
+    assert s.calls == {"attention": {"aten": 1}, "gemm": {"aten": 2}}
+
+
+def test_options_changed_since_saving_refuse_the_artifact(saved, monkeypatch):
+    _, path = saved
+    xy_inductor.reset_stats()
+    monkeypatch.setenv(OPTIONS_ENV, json.dumps({"lower_linear": False}))
+    with pytest.raises(StaleArtifactError, match="compiled with options .*lower_linear"):
+        _load(path)
+    assert xy_inductor.stats().artifacts_refused == {"options": 1}
+    assert xy_inductor.stats().graphs_loaded == 0
+
+
+def test_another_xyserve_version_refuses_the_artifact(saved, monkeypatch):
+    _, path = saved
+    monkeypatch.setattr(xy_inductor, "__version__", "0.0.0-other")
+    with pytest.raises(StaleArtifactError, match="xyserve is '0.1.0', this process has '0.0.0"):
+        _load(path)
+    assert xy_inductor.stats().artifacts_refused == {"xyserve": 1}
+
+
+def test_another_pass_list_refuses_the_artifact(saved, monkeypatch):
+    from xy_inductor.lowering import LinearToGemm
+
+    _, path = saved
+    monkeypatch.setattr(LinearToGemm, "uuid", lambda self: "changed")
+    with pytest.raises(StaleArtifactError, match="passes"):
+        _load(path)
+
+
+def test_a_loaded_graph_saves_again(saved, tmp_path):
+    model, path = saved
+    loaded = _load(path)
+    again = tmp_path / "again.bin"
+    loaded.save_compiled_function(str(again))
+    x = torch.randn(1, 5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(_load(again)(model, x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_inductor_graphs_say_why_they_are_not_saved():
+    graph = XyserveGraph(lambda: None, graph=None, config=XyConfig(), not_saved="because")
+    with pytest.raises(RuntimeError, match="not saved: because"):
+        XyserveGraph.serialize_compile_artifacts(graph)
+
+
+def test_backend_reads_options_from_the_environment(monkeypatch):
+    monkeypatch.setenv(OPTIONS_ENV, json.dumps({"lower_linear": False}))
+    model = Block().eval()
+    x = torch.randn(1, 9, 64)
+    with torch.no_grad():
+        out = torch.compile(model, backend="xyserve", dynamic=True)(x)
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    s = xy_inductor.stats()
+    assert s.sites_lowered == {"attention": 1}
+    assert s.sites_unlowered == {"linear": 2}
+
+
+def test_options_passed_in_code_win_over_the_environment(monkeypatch):
+    monkeypatch.setenv(OPTIONS_ENV, json.dumps({"lower_linear": False}))
+    model = Block().eval()
+    with torch.no_grad():
+        torch.compile(model, backend="xyserve", options={"lower_attention": False})(
+            torch.randn(1, 9, 64)
+        )
+    assert xy_inductor.stats().sites_lowered == {"linear": 2}
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("inductor=1", "must be a JSON object"), ('{"no_such": 1}', "unknown xyserve option")],
+)
+def test_bad_environment_options_fail_the_compile_clearly(monkeypatch, value, expected):
+    monkeypatch.setenv(OPTIONS_ENV, value)
+    with pytest.raises(Exception, match=expected), torch.no_grad():
+        torch.compile(Block().eval(), backend="xyserve")(torch.randn(1, 9, 64))
+
+
+# A stand-in for an op of another library (vLLM's _C.onednn_mm holds its weight in a handle).
+_LIB = torch.library.Library("xytest_opaque", "DEF")
+_LIB.define("packed_mm(Tensor x, int handle) -> Tensor")
+
+
+@torch.library.impl(_LIB, "packed_mm", "CompositeExplicitAutograd")
+def _packed_mm(x: torch.Tensor, handle: int) -> torch.Tensor:
+    return x * 2
+
+
+@torch.library.register_fake("xytest_opaque::packed_mm", lib=_LIB)
+def _packed_mm_fake(x: torch.Tensor, handle: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _with_opaque_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(torch.ops.xytest_opaque.packed_mm(x, 7), w)
+
+
+def test_other_libraries_ops_are_counted_by_name_in_explain_and_stats():
+    x, w = torch.randn(5, 16), torch.randn(8, 16)
+    report = xy_inductor.explain(_with_opaque_op, x, w)
+    assert report.opaque_ops == {"xytest_opaque.packed_mm": 1}
+    assert report.linear_lowered == 1
+    assert "xytest_opaque.packed_mm" in str(report)
+    with torch.no_grad():
+        out = torch.compile(_with_opaque_op, backend="xyserve")(x, w)
+    torch.testing.assert_close(out, _with_opaque_op(x, w))
+    assert xy_inductor.stats().opaque_ops == {"xytest_opaque.packed_mm": 1}
+    assert "xytest_opaque.packed_mm: 1 calls, left alone" in str(xy_inductor.stats())
+
+
+def test_vllm_ops_are_named_with_what_they_are():
+    from xy_inductor.lowering.opaque_ops import KNOWN_OPAQUE
+
+    assert "oneDNN handle" in KNOWN_OPAQUE["_C.onednn_mm"]
+    assert "attention backend" in KNOWN_OPAQUE["vllm.unified_attention_with_output"]
