@@ -238,8 +238,9 @@ def record_compile(
     c.sites_failed.update(failed or {})
 
 
-def record_graph_loaded() -> None:
+def record_graph_loaded(opaque: Counter | None = None) -> None:
     _COUNTERS.graphs_loaded += 1
+    _COUNTERS.opaque_ops.update(opaque or {})
 
 
 def record_artifact_refused(reason: str) -> None:

@@ -65,12 +65,18 @@ def model_dir(tmp_path_factory) -> Callable[[str], str]:
 
 @pytest.fixture(scope="session")
 def run_engines(tmp_path_factory) -> Callable[..., list[dict[str, Any]]]:
-    """``run_engines(model_dir, *engine_runs, env=None)``: the runs' reports, in order, from one
-    child process (memoised per session on the arguments)."""
+    """``run_engines(model_dir, *engine_runs, env=None, patches=())``: the runs' reports, in
+    order, from one child process (memoised per session on the arguments); ``patches`` names
+    ``engine_child.PATCHES`` to apply in the child first."""
     reports: dict[str, list[dict[str, Any]]] = {}
 
-    def run(model: str, *runs: dict[str, Any], env: dict[str, str] | None = None):
-        spec = {"model": model, "runs": list(runs)}
+    def run(
+        model: str,
+        *runs: dict[str, Any],
+        env: dict[str, str] | None = None,
+        patches: tuple[str, ...] = (),
+    ):
+        spec = {"model": model, "runs": list(runs), "patches": list(patches)}
         key = json.dumps([spec, env], sort_keys=True)
         if key in reports:
             return reports[key]

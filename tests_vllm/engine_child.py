@@ -7,11 +7,13 @@ The tests run engines in child processes (``conftest.run_engines``): in-process,
 runs several engines of one model in turn (importing vLLM costs ~12 s a process), each torn
 down before the next, with xyserve's counters reset in between.
 
-SPEC: ``{"model": dir, "runs": [run, ...]}``; a run has ``backend`` (``"CUSTOM"``, or null for
-vLLM's default), ``prompts`` (texts, or lists of token ids), ``max_tokens``, ``dtype`` and
-``engine`` (more ``LLM`` arguments), and may name another ``model``. RESULT: ``{"runs":
-[report, ...]}``, a report holding the tokens and text of each request, the attention
-implementation class and window of every layer in every worker, each worker's
+SPEC: ``{"model": dir, "runs": [run, ...], "patches": [name, ...]}``; a run has ``backend``
+(``"CUSTOM"``, or null for vLLM's default), ``prompts`` (texts, or lists of token ids),
+``max_tokens``, ``dtype`` and ``engine`` (more ``LLM`` arguments), and may name another
+``model``. ``patches`` name changes to vLLM made in this process before any engine starts
+(``PATCHES``: how the compile tests reach paths the CPU platform does not take by itself).
+RESULT: ``{"runs": [report, ...]}``, a report holding the tokens and text of each request, the
+attention implementation class and window of every layer in every worker, each worker's
 ``xy_inductor.stats()``, the rows of every step the attention metadata builders saw (engine
 core in this process), vLLM's prefix-cache hits; or ``error`` with the exception's text when
 that engine failed.
@@ -52,6 +54,65 @@ def _worker_report(worker: Any) -> dict:
     }
 
 
+def _linear_as_f_linear() -> None:
+    """vLLM's linear layers call ``F.linear`` on their weight, as on CUDA, instead of the CPU
+    platform's oneDNN handle (``dispatch_cpu_unquantized_gemm``), which hides the weight."""
+    import torch.nn.functional as F
+    from vllm.model_executor.layers import utils
+
+    def dispatch(layer: Any, remove_weight: bool) -> None:
+        layer.cpu_linear = F.linear
+
+    utils.dispatch_cpu_unquantized_gemm = dispatch
+
+
+def _piecewise_xyserve() -> None:
+    """The CPU platform names xyserve's ``CompilerInterface`` in ``get_compile_backend()`` and
+    keeps piecewise mode 3 (it turns mode 3 into mode 2 with Inductor by itself), as a
+    platform plugin for a device xyserve serves would."""
+    from vllm.config import CompilationMode
+    from vllm.platforms.cpu import CpuPlatform
+
+    from xy_inductor.vllm import COMPILER_CLASS
+
+    update = CpuPlatform.check_and_update_config.__func__
+
+    def check_and_update_config(cls: Any, vllm_config: Any) -> None:
+        piecewise = vllm_config.compilation_config.mode == CompilationMode.VLLM_COMPILE
+        update(cls, vllm_config)
+        if piecewise:
+            vllm_config.compilation_config.mode = CompilationMode.VLLM_COMPILE
+            vllm_config.compilation_config.backend = COMPILER_CLASS
+            # vLLM's fusion passes exist only on CUDA/XPU (their classes are not even imported
+            # on the CPU), and they are Inductor passes that XyserveCompiler does not run.
+            # What post_init_cudagraph_sizes() computes with no CUDA graphs, which vLLM runs
+            # only on platforms with graph capture; piecewise mode needs it.
+            if vllm_config.compilation_config.compile_sizes is None:
+                vllm_config.compilation_config.compile_sizes = []
+            passes = vllm_config.compilation_config.pass_config
+            for name, value in vars(passes).items():
+                if name.startswith(("fuse_", "enable_")) and value is True:
+                    setattr(passes, name, False)
+
+    CpuPlatform.get_compile_backend = classmethod(lambda cls: COMPILER_CLASS)
+    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
+
+
+def _fail_on_recompile() -> None:
+    """A second graph for a model xyserve compiled is an error (vLLM drops Dynamo's guards:
+    one graph must serve every batch)."""
+    import torch
+
+    torch._dynamo.config.error_on_recompile = True
+
+
+PATCHES = {
+    "linear_as_f_linear": _linear_as_f_linear,
+    "piecewise_xyserve": _piecewise_xyserve,
+    "fail_on_recompile": _fail_on_recompile,
+}
+
+
 STEPS: list[dict] = []
 """Rows of every step the attention metadata builders saw since the current engine started."""
 
@@ -79,6 +140,7 @@ def _record_steps() -> None:
 
 
 def run(model: str, spec: dict) -> dict:
+    import dataclasses
     import gc
 
     from vllm import LLM, SamplingParams
@@ -116,7 +178,10 @@ def run(model: str, spec: dict) -> dict:
         done = time.monotonic()
         workers = llm.collective_rpc(_worker_report)
         hits = sum(int(m.value) for m in llm.get_metrics() if m.name == "vllm:prefix_cache_hits")
+        from vllm.compilation.counter import compilation_counter
+
         return {
+            "compilation_counter": dataclasses.asdict(compilation_counter),
             "tokens": [list(o.outputs[0].token_ids) for o in outputs],
             "texts": [o.outputs[0].text for o in outputs],
             "workers": workers,
@@ -137,6 +202,8 @@ def main() -> None:
     started = time.monotonic()
     import vllm  # noqa: F401  (timed on its own: most of a child's start)
 
+    for name in spec.get("patches", []):
+        PATCHES[name]()
     _record_steps()
     reports = {"import_seconds": time.monotonic() - started, "runs": []}
     for one in spec["runs"]:

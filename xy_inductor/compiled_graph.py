@@ -32,6 +32,7 @@ import torch.fx
 
 from xy_inductor.config import BACKEND_OPTIONS, XyConfig, options_from_env
 from xy_inductor.lowering import pipeline_uuid
+from xy_inductor.lowering.opaque_ops import opaque_ops
 from xy_inductor.runtime import stats as _stats
 from xy_inductor.runtime.ops import DIRECT_CALLS
 
@@ -175,7 +176,7 @@ class XyserveGraph(SerializableCallable):
         gm.recompile()
         runnable = _saveable_copy(gm)  # its own nodes: call_directly rewrites them
         call_directly(runnable)
-        _stats.record_graph_loaded()
+        _stats.record_graph_loaded(opaque_ops(gm))
         log.info("xyserve: loaded a lowered graph from a compile cache")
         return cls(runnable.forward, graph=gm, config=config, loaded=True)
 

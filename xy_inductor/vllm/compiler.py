@@ -4,7 +4,12 @@ Mode 3 splits vLLM's graph at its attention ops and hands every piece to a ``Com
 (``vllm/compilation/compiler_interface.py``): Inductor's, eager's, or for any other backend the
 class named by the platform's ``get_compile_backend()``. It does not take a backend name such as
 ``"xyserve"``: a platform plugin returns ``"xy_inductor.vllm.XyserveCompiler"`` from
-``get_compile_backend()`` and the user leaves ``compilation_config["backend"]`` empty. (Mode 2,
+``get_compile_backend()`` and the user leaves ``compilation_config["backend"]`` empty. vLLM's
+Inductor passes (its fusion ``pass_config``) do not run: they are Inductor post-grad passes.
+
+With vLLM's compile cache on, it needs ``VLLM_USE_MEGA_AOT_ARTIFACT=0``: the mega artifact
+(default on torch >= 2.12) stores only Inductor-compiled pieces; the compiler refuses to start
+under it rather than fail at the next start. (Mode 2,
 ``{"mode": 2, "backend": "xyserve"}``, needs none of this: vLLM calls the ``xyserve`` backend
 through ``torch.compile``.)
 
@@ -42,6 +47,17 @@ class XyserveCompiler(CompilerInterface):
     name = "xyserve"
 
     def __init__(self) -> None:
+        import vllm.envs as envs
+
+        if envs.VLLM_USE_MEGA_AOT_ARTIFACT and not envs.VLLM_DISABLE_COMPILE_CACHE:
+            # vLLM's mega AOT artifact (the default on torch >= 2.12) keeps only pieces that
+            # Inductor compiled (caching.StandaloneCompiledArtifacts): a warm start would run
+            # None in place of every xyserve piece. Refused here, at engine start.
+            raise RuntimeError(
+                "xyserve's piecewise compiler needs VLLM_USE_MEGA_AOT_ARTIFACT=0: vLLM's mega "
+                "AOT artifact stores only Inductor-compiled pieces, so a second start would "
+                "fail to load xyserve's (or set VLLM_DISABLE_COMPILE_CACHE=1)"
+            )
         self.cache_dir: str | None = None
         self.disable_cache = True
 
