@@ -15,7 +15,7 @@ Targets: at most 2 us over the kernel from a graph run as traced, 3 us from Indu
 Part 2 (--decode), one decode step of the tiny Llama (B=1, KV 64), each variant in this process
 against eager: Inductor dynamic=True, xyserve, and xyserve with inductor=True.
 
-    .venv/bin/python benchmarks/op_overhead.py [--decode]
+    .venv/bin/python benchmarks/op_overhead.py [--decode [--profile]]
 """
 
 from __future__ import annotations
@@ -121,7 +121,23 @@ def decode_ms(model, steps: int = 30) -> float:
     return statistics.median(times) * 1e3
 
 
-def part2(rounds: int = 5) -> None:
+def profile_decode(variants: dict, names: tuple[str, ...], steps: int = 20, rows: int = 14) -> None:
+    """torch.profiler's top ops by self CPU time over ``steps`` decode steps of each variant:
+    where a variant's step time goes (the profiler itself inflates per-op costs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for name in names:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            decode_ms(variants[name], steps)
+        print(f"\n{name}: {steps} decode steps under torch.profiler")
+        print(
+            prof.key_averages().table(
+                sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=50
+            )
+        )
+
+
+def part2(rounds: int = 5, profile: bool = False) -> None:
     from xy_inductor import workload as wl
 
     torch._dynamo.config.recompile_limit = 64  # several models of one class in one process
@@ -146,16 +162,23 @@ def part2(rounds: int = 5) -> None:
     for name, ts in times.items():
         ms = statistics.median(ts)
         print(f"{name:<32} {ms:>6.2f} {eager / ms:>8.2f}")
+    if profile:
+        profile_decode(variants, ("inductor dynamic=True", "xyserve inductor=True"))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--decode", action="store_true", help="also time decode steps (compiles)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="with --decode: top ops of Inductor's and xyserve+Inductor's decode steps",
+    )
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     part1()
     if args.decode:
-        part2()
+        part2(profile=args.profile)
 
 
 if __name__ == "__main__":
