@@ -265,8 +265,42 @@ def attention_impl(
     dtype. ``is_causal`` masks as ``F.scaled_dot_product_attention`` does (aligned top-left).
     ``scale`` defaults to ``D ** -0.5``. Returns ``[B, Hq, Lq, Dv]`` stored as ``[B, Lq, Hq, Dv]``.
     """
-    check_attention_args(q, k, v, attn_mask, is_causal)
+    if not _attention_args_ok(q, k, v, attn_mask, is_causal):
+        check_attention_args(q, k, v, attn_mask, is_causal)  # raises, naming the argument
     return _traced_attention(q, k, v, attn_mask, is_causal, scale)
+
+
+def _attention_args_ok(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+) -> bool:
+    """``check_attention_args`` as one expression on real tensors, for the serving path (see
+    ``_gemm_args_ok``); ``check_attention_args`` gives the message when this is False."""
+    if not (
+        q.dim() == 4
+        and k.dim() == 4
+        and v.dim() == 4
+        and q.dtype == k.dtype == v.dtype
+        and q.device == k.device == v.device
+        and q.shape[0] == k.shape[0] == v.shape[0]
+        and k.shape[1] == v.shape[1]
+        and k.shape[2] == v.shape[2]
+        and q.shape[1] % k.shape[1] == 0
+        and q.shape[3] == k.shape[3]
+    ):
+        return False
+    if attn_mask is None:
+        return True
+    if is_causal or attn_mask.dim() > 4:
+        return False
+    if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+        return False
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    shape = attn_mask.shape
+    return all(shape[-i] == 1 or shape[-i] == target[-i] for i in range(1, len(shape) + 1))
 
 
 def _traced_attention(

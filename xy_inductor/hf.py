@@ -344,6 +344,9 @@ class _Accelerator:
             return None
         batch, length = tokens.shape
         device = tokens.device
+        self._initialise(cache, batch, device)
+        if cache.get_seq_length() != 0:
+            return None  # not a prefill: checked first, decode steps pay only for this
         if mask is None:
             mask = torch.ones((batch, length), dtype=torch.bool, device=device)
         elif isinstance(mask, torch.Tensor) and mask.dim() == 4:
@@ -359,9 +362,6 @@ class _Accelerator:
             return None  # not left-padded (holes, right padding)
         if int(lens.min()) < keep:
             return None  # logits of padding slots asked for
-        self._initialise(cache, batch, device)
-        if cache.get_seq_length() != 0:
-            return None  # not a prefill
         packed = _PackedCall.build(self, kw, tokens, mask, lens, cache, keep)
         saved = self.model.config._attn_implementation
         try:

@@ -201,6 +201,8 @@ def compile_regions(
     many were compiled; None when ``gm`` has no repeated blocks. The regions are traced with
     the example inputs made fake in the backend's fake mode (Dynamo's tracing context), which
     gives them their symbolic sizes back."""
+    from torch._inductor import config as inductor_config
+
     parts = _partitions(gm)
     if parts is None:
         return None
@@ -232,7 +234,12 @@ def compile_regions(
             out = submod(*args, **kwargs)  # before compiling: Inductor rewrites the module
             donor = compiled.get(key)
             if donor is None:
-                region = compiled[key] = _Region(compile_fn(submod, list(args)), checked)
+                # Inductor's size asserts re-check every input of every region call (about 25 a
+                # decode layer); a region's inputs follow from the graph's, which Dynamo's guards
+                # hold, and reusing regions check theirs (_Region). vLLM turns them off too.
+                with inductor_config.patch(size_asserts=False):
+                    fn = compile_fn(submod, list(args))
+                region = compiled[key] = _Region(fn, checked)
             else:
                 region = _Region(donor.fn, checked, donor, submod)
             split.set_submodule(target, region)
