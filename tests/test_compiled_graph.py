@@ -9,8 +9,10 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import capture
 
 import xy_inductor
+from xy_inductor import backend
 from xy_inductor.compiled_graph import StaleArtifactError, XyserveGraph
 from xy_inductor.config import OPTIONS_ENV, XyConfig
 
@@ -108,6 +110,19 @@ def test_a_loaded_graph_saves_again(saved, tmp_path):
     x = torch.randn(1, 5, 64)
     with torch.no_grad():
         torch.testing.assert_close(_load(again)(model, x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_inductor_true_graphs_run_as_traced_are_saved(monkeypatch):
+    """With inductor=True, a graph Inductor did not compile (here: Inductor failed) runs lowered
+    as traced, and is saved like any other (a bound ``gm.forward`` is a new object on every
+    access, so the backend must not compare against it)."""
+    monkeypatch.setattr(backend, "_inductor", lambda gm, inputs: None)
+    model = Block().eval()
+    gm, inputs = capture(model, torch.randn(1, 10, 64))
+    with torch.no_grad():
+        compiled = backend.compile_graph(gm, inputs, XyConfig(inductor=True))
+    assert compiled.not_saved is None
+    assert XyserveGraph.serialize_compile_artifacts(compiled)
 
 
 def test_inductor_graphs_say_why_they_are_not_saved():

@@ -205,6 +205,7 @@ def compile_graph(
     elif config.inductor and not _packed_prefill(gm):
         compiled = _inductor(gm, example_inputs)
         inductor_failed = compiled is None
+    inductor_compiled = compiled is not None
     if compiled is None:
         if reason is None:
             call_directly(gm)
@@ -226,7 +227,7 @@ def compile_graph(
     )
     log.debug("xyserve compiled a graph in %.3f s: %s", seconds, report.matches)
     not_saved = None
-    if config.inductor and compiled is not gm.forward:
+    if inductor_compiled:
         not_saved = (
             "compiled with inductor=True; Inductor's code is not part of an xyserve artifact, "
             "so the graph is lowered and compiled again"
