@@ -17,7 +17,7 @@ from torch._dynamo.exc import RestartAnalysis, SkipFrame
 from torch._subclasses.fake_tensor import FakeTensor
 
 from xy_inductor.compiled_graph import XyserveGraph, call_directly
-from xy_inductor.config import BACKEND_OPTIONS, XyConfig, options_from_env
+from xy_inductor.config import BACKEND_OPTIONS, XyConfig, backend_config
 from xy_inductor.lowering import lay_out_weights, lower_graph, sibling_parameters
 from xy_inductor.regions import compile_regions
 from xy_inductor.runtime import providers
@@ -50,9 +50,7 @@ def xyserve_backend(
             f"xyserve does not take torch.compile(mode={mode!r}); "
             f"pass options={{...}} instead (valid: {', '.join(BACKEND_OPTIONS)})"
         )
-    if not options:
-        options = options_from_env()
-    return compile_graph(gm, example_inputs, XyConfig.from_options(options, backend_only=True))
+    return compile_graph(gm, example_inputs, backend_config(options))
 
 
 def make_backend(config: XyConfig) -> CompiledFn:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from xy_inductor.config import BACKEND_OPTIONS, XyConfig, options_from_env
+from xy_inductor.config import BACKEND_OPTIONS, XyConfig, backend_config
 from xy_inductor.lowering import pipeline_uuid
 from xy_inductor.lowering.opaque_ops import opaque_ops
 from xy_inductor.runtime import stats as _stats
@@ -166,7 +166,7 @@ class XyserveGraph(SerializableCallable):
 
         state = pickle.loads(data)
         saved_key = state.get("key", {}) if isinstance(state, dict) else {}
-        config = XyConfig.from_options(options_from_env(), backend_only=True)
+        config = backend_config()
         stale = _stale_field(saved_key, artifact_key(config))
         if stale is not None:
             field, how = stale

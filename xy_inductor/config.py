@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["BACKEND_OPTIONS", "OPTIONS_ENV", "XyConfig", "options_from_env"]
+__all__ = ["BACKEND_OPTIONS", "OPTIONS_ENV", "XyConfig", "backend_config", "options_from_env"]
 
 OPTIONS_ENV = "XYSERVE_OPTIONS"
 """Environment variable holding backend options as a JSON object, for callers that name the
@@ -128,6 +128,12 @@ def options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, obje
             f"{OPTIONS_ENV} must be a JSON object of xyserve backend options, got {text!r}"
         )
     return options
+
+
+def backend_config(options: Mapping[str, object] | None = None) -> XyConfig:
+    """The backend's config: ``options`` as given, or ``XYSERVE_OPTIONS`` when none are given
+    (what the backend, a loaded graph and vLLM's piecewise compiler all compile with)."""
+    return XyConfig.from_options(options or options_from_env(), backend_only=True)
 
 
 _FRONT_END_OPTIONS = ("dynamic", "fullgraph")

@@ -32,13 +32,9 @@ from vllm.compilation.compiler_interface import CompilerInterface
 
 from xy_inductor.backend import compile_graph
 from xy_inductor.compiled_graph import XyserveGraph, artifact_key
-from xy_inductor.config import XyConfig, options_from_env
+from xy_inductor.config import backend_config
 
 __all__ = ["XyserveCompiler"]
-
-
-def _config() -> XyConfig:
-    return XyConfig.from_options(options_from_env(), backend_only=True)
 
 
 class XyserveCompiler(CompilerInterface):
@@ -70,7 +66,7 @@ class XyserveCompiler(CompilerInterface):
     def compute_hash(self, vllm_config: Any) -> str:
         """Part of vLLM's cache directory name: xyserve's version, the pass pipeline, the op
         schemas and the options, so that a change of any starts a new cache."""
-        key = json.dumps(artifact_key(_config()), sort_keys=True)
+        key = json.dumps(artifact_key(backend_config()), sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:10]
 
     def compile(
@@ -81,7 +77,7 @@ class XyserveCompiler(CompilerInterface):
         compile_range: Any,
         key: str | None = None,
     ) -> tuple[Callable[..., Any] | None, Any | None]:
-        compiled = compile_graph(graph, example_inputs, _config())
+        compiled = compile_graph(graph, example_inputs, backend_config())
         if self.disable_cache or self.cache_dir is None or key is None:
             return compiled, None
         if compiled.not_saved is not None:
