@@ -115,7 +115,20 @@ def _menu(q_tiles: Sequence[int], kv_chunk: int, workers: int) -> AttentionMenu:
     return AttentionMenu(q_tiles=tuple(q_tiles), kv_chunk=kv_chunk, workers=workers)
 
 
-class DenseAttention:
+class _AttentionCall:
+    """What every attention call shares: ``q`` (head dim last) and ``scale`` (None: SDPA's)."""
+
+    __slots__ = ()
+    q: torch.Tensor
+    scale: float | None
+
+    @property
+    def softmax_scale(self) -> float:
+        """``scale``, or SDPA's default ``D ** -0.5``."""
+        return self.scale if self.scale is not None else self.q.shape[-1] ** -0.5
+
+
+class DenseAttention(_AttentionCall):
     """``xyserve.attention``: q ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lk, D]``, an optional mask
     broadcasting to ``[B, Hq, Lq, Lk]`` (bool or additive), SDPA's top-left ``is_causal``."""
 
@@ -142,10 +155,6 @@ class DenseAttention:
     def scores(self) -> int:
         """B × Lq × Lk: the score elements of one head."""
         return self.q.shape[0] * self.q.shape[2] * self.k.shape[2]
-
-    @property
-    def softmax_scale(self) -> float:
-        return self.scale if self.scale is not None else self.q.shape[-1] ** -0.5
 
     def rows(self) -> DenseRows | None:
         """The call as rows of a token table (each sequence's queries and contiguous keys,
@@ -180,7 +189,7 @@ class DenseAttention:
         return attention_output(self.q, self.v)
 
 
-class VarlenAttention:
+class VarlenAttention(_AttentionCall):
     """``xyserve.attention_varlen``: packed queries ``[tokens, Hq, D]`` of many sequences over
     a paged cache ``[blocks, block_size, Hkv, D]``; the lengths already read on the host."""
 
@@ -219,10 +228,6 @@ class VarlenAttention:
         self.scale = scale
 
     @property
-    def softmax_scale(self) -> float:
-        return self.scale if self.scale is not None else self.q.shape[-1] ** -0.5
-
-    @property
     def block_size(self) -> int:
         return self.k_cache.shape[1]
 
@@ -238,7 +243,7 @@ class VarlenAttention:
         )
 
 
-class PackedAttention:
+class PackedAttention(_AttentionCall):
     """``xyserve.attention_packed``: q ``[tokens, Hq, D]``, k/v ``[tokens, Hkv, D]`` of packed
     sequences, each attending to its own tokens; lengths and starts already read on the host."""
 
@@ -263,10 +268,6 @@ class PackedAttention:
         self.causal = causal
         self.window = window
         self.scale = scale
-
-    @property
-    def softmax_scale(self) -> float:
-        return self.scale if self.scale is not None else self.q.shape[-1] ** -0.5
 
     def plan(self, *, q_tiles: Sequence[int], kv_chunk: int, workers: int) -> AttentionPlan:
         """The plan of these rows (queries and keys the same tokens) for a provider's menu."""
