@@ -21,8 +21,16 @@ from xy_inductor.lowering.manual_attention import ManualAttention
 from xy_inductor.lowering.opaque_ops import opaque_ops
 from xy_inductor.lowering.pass_base import LoweringPass, Site
 from xy_inductor.lowering.sdpa_to_attention import SdpaToAttention
+from xy_inductor.runtime import providers
 
-__all__ = ["PASSES", "GraphReport", "lower_graph", "pipeline_uuid"]
+__all__ = [
+    "LEFT_TO_INDUCTOR",
+    "PASSES",
+    "GraphReport",
+    "gemms_left_to_inductor",
+    "lower_graph",
+    "pipeline_uuid",
+]
 
 log = logging.getLogger("xy_inductor")
 
@@ -35,6 +43,20 @@ PASSES: tuple[tuple[str, type[LoweringPass]], ...] = (
     ("lower_linear", LinearToGemm),
     ("fuse_siblings", FuseSiblingGemms),  # after linear_to_gemm: it groups gemm nodes
 )
+
+# Passes whose ops only ATen may serve in a process (no GPU, no NPU): with inductor=True they
+# do not run, because Inductor's code calls the same ATen kernel (extern mm) directly, while the
+# op costs a dispatch into Python on every call (benchmarks/op_overhead.py).
+_GEMM_PASSES = ("lower_linear", "fuse_siblings")
+LEFT_TO_INDUCTOR = (
+    "left to Inductor (inductor=True and no GEMM provider but ATen in this process: Inductor "
+    "calls the same kernel, without the op's dispatch)"
+)
+
+
+def gemms_left_to_inductor(config: XyConfig) -> bool:
+    """Whether the GEMM passes stand down for this config in this process (see above)."""
+    return config.inductor and providers.only_aten_serves("gemm")
 
 
 @dataclass(frozen=True)
@@ -96,11 +118,14 @@ def _run_passes(gm: torch.fx.GraphModule, config: XyConfig, skip_reason: str | N
     opaque = opaque_ops(gm)
     sites: list[Site] = []
     matches: dict[str, int] = {}
+    to_inductor = gemms_left_to_inductor(config)
     for flag, pass_cls in PASSES:
         lowering_pass = pass_cls(config)
         reason = skip_reason or (
             None if getattr(config, flag) else f"disabled by option {flag}=False"
         )
+        if reason is None and to_inductor and flag in _GEMM_PASSES:
+            reason = LEFT_TO_INDUCTOR
         sites += lowering_pass(gm, skip_reason=reason)
         matches[lowering_pass.name] = lowering_pass.matched
     return GraphReport(tuple(sites), matches, skip_reason, opaque)
@@ -109,5 +134,5 @@ def _run_passes(gm: torch.fx.GraphModule, config: XyConfig, skip_reason: str | N
 def pipeline_uuid(config: XyConfig) -> str:
     """Identifies the enabled passes and their code, for caches of compiled graphs."""
     parts = [f"{flag}:{cls(config).uuid()}" for flag, cls in PASSES if getattr(config, flag)]
-    parts.append(f"inductor:{config.inductor}")
+    parts.append(f"inductor:{config.inductor}:gemms-to-inductor:{gemms_left_to_inductor(config)}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()

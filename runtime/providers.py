@@ -32,6 +32,7 @@ __all__ = [
     "active_providers",
     "choose",
     "describe",
+    "only_aten_serves",
     "prepare",
     "run",
     "use_providers",
@@ -76,6 +77,12 @@ def describe() -> list[tuple[str, str | None]]:
         provider = importlib.import_module(name).PROVIDER
         out.append((provider.name, provider.unavailable()))
     return out
+
+
+def only_aten_serves(op: str) -> bool:
+    """Whether ATen is the only active provider implementing ``op``: then the op runs the very
+    kernel the code it replaced ran, and under Inductor it is better left to Inductor."""
+    return all(p.name == "aten" for p in active_providers() if op in p.kernels)
 
 
 @contextlib.contextmanager

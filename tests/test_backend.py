@@ -6,10 +6,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import TOLERANCE, rel_error
+from helpers import TOLERANCE, capture, count_calls, rel_error
 
 import xy_inductor
 from xy_inductor.config import BACKEND_OPTIONS, XyConfig
+from xy_inductor.kernels.contract import Accept, OpKernel, Provider
+from xy_inductor.lowering.pipeline import LEFT_TO_INDUCTOR, lower_graph
+from xy_inductor.runtime import providers
 
 
 class Block(nn.Module):
@@ -72,17 +75,56 @@ def test_compile_gives_one_graph_for_all_lengths_and_batches():
     assert xy_inductor.stats().backend_compiles == 1
 
 
-def test_inductor_option_keeps_ops_opaque_and_matches_eager():
+def _aten_only():
+    return providers.use_providers([providers.active_providers()[-1]])
+
+
+def _gemm_provider(ran: list) -> Provider:
+    """A GEMM provider in front of ATen, as Triton is on a GPU machine."""
+
+    def run(call, accept):
+        ran.append(tuple(call.x.shape))
+        return F.linear(call.x, call.weight, call.bias)
+
+    check = lambda call: Accept("rows")  # noqa: E731
+    return Provider(name="front", unavailable=lambda: None, kernels={"gemm": OpKernel(check, run)})
+
+
+def test_inductor_option_keeps_attention_opaque_and_leaves_linears_to_inductor():
     model = make_block()
-    compiled = xy_inductor.compile(model, inductor=True)
-    with torch.no_grad():
+    with _aten_only(), torch.no_grad():
+        compiled = xy_inductor.compile(model, inductor=True)
         for length in (7, 37):
             x = randn(2, length, 64, seed=length)
             assert rel_error(compiled(x), model(x)) < TOLERANCE[torch.float32]
+        gm, _ = capture(model, x)
+        report = lower_graph(gm, XyConfig(inductor=True))
     s = xy_inductor.stats()
     assert s.backend_compiles == 1 and s.inductor_failures == 0
-    # Inductor's generated code called the xyserve ops, which ran on the ATen provider.
-    assert s.calls == {"attention": {"aten": 2}, "gemm": {"aten": 6}}
+    # Inductor's generated code called the attention op, which ran on the ATen provider; with
+    # no GEMM provider but ATen, the linear layers stayed Inductor's own mm calls.
+    assert s.calls == {"attention": {"aten": 2}}
+    assert s.sites_unlowered == {"linear": 3}
+    reasons = [site.reason for site in report.sites if site.kind == "linear"]
+    assert reasons == [LEFT_TO_INDUCTOR] * 3
+    assert count_calls(gm, torch.ops.xyserve.gemm.default) == 0
+    assert count_calls(gm, torch.ops.xyserve.attention.default) == 1
+
+
+def test_inductor_option_lowers_linears_when_another_provider_serves_gemms():
+    ran: list = []
+    model = make_block()
+    with providers.use_providers([_gemm_provider(ran), providers.active_providers()[-1]]):
+        compiled = xy_inductor.compile(model, inductor=True)
+        with torch.no_grad():
+            for length in (7, 37):
+                x = randn(2, length, 64, seed=length)
+                assert rel_error(compiled(x), model(x)) < TOLERANCE[torch.float32]
+    s = xy_inductor.stats()
+    assert s.backend_compiles == 1 and s.inductor_failures == 0
+    # Inductor's generated code called both ops: the GEMMs on the provider in front of ATen.
+    assert s.calls == {"attention": {"aten": 2}, "gemm": {"front": 6}}
+    assert ran[:3] == [(2, 7, 64), (2, 7, 64), (2, 7, 64)]
 
 
 def test_inductor_failure_falls_back_to_the_lowered_graph(monkeypatch):
@@ -104,7 +146,7 @@ def test_inductor_failure_falls_back_to_the_lowered_graph(monkeypatch):
         expected = model(x)
     assert rel_error(out, expected) < TOLERANCE[torch.float32]
     s = xy_inductor.stats()
-    assert s.inductor_failures == 1 and s.calls["gemm"] == {"aten": 3}
+    assert s.inductor_failures == 1 and s.calls["attention"] == {"aten": 1}
 
 
 def test_graph_that_needs_gradients_runs_as_traced():

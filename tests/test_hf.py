@@ -180,3 +180,68 @@ def test_pack_prefill_false_runs_the_padded_batch(reference):
 def test_sliding_window_models_are_not_packed():
     model = hf.accelerate(wl.tiny_model("mistral"))
     assert "sliding-window" in model._xyserve_accelerator.pack_reason
+
+
+def _hf_masks(model, mask, cache, batch):
+    """What Hugging Face builds for a decode step (the builder ``_masks`` falls back to)."""
+    from transformers.masking_utils import create_masks_for_generate
+
+    return create_masks_for_generate(
+        config=model.config,
+        inputs_embeds=torch.empty((batch, 1, 0), dtype=model.dtype),
+        attention_mask=mask,
+        cache=cache,
+        position_ids=None,
+    )
+
+
+def _filled_cache(model, batch, past):
+    from transformers import DynamicCache
+
+    text = model.config
+    heads = text.num_key_value_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    cache = DynamicCache(config=text)
+    kv = torch.zeros(batch, heads, past, head_dim)
+    for layer in range(text.num_hidden_layers):
+        cache.update(kv, kv, layer)
+    return cache
+
+
+@pytest.mark.parametrize("dtype", [torch.long, torch.bool, torch.int32])
+@pytest.mark.parametrize(
+    ("batch", "past", "padding"), [(1, 64, ()), (3, 10, (0, 3, 7)), (2, 1, ())]
+)
+def test_decode_masks_are_what_hugging_face_builds(reference, dtype, batch, past, padding):
+    # accelerate() builds a decode step's mask of a full-attention DynamicCache itself (the
+    # padding mask as [B, 1, 1, Lk] bool); it must be Hugging Face's mask exactly, strides
+    # included (Dynamo guards them), or tokens or graphs would change.
+    model = hf.accelerate(wl.copy_model(reference))
+    accelerator = model._xyserve_accelerator
+    assert accelerator.plain_causal
+    cache = _filled_cache(reference, batch, past)
+    mask = torch.ones(batch, past + 1, dtype=dtype)
+    for row, pad in enumerate(padding):
+        mask[row, :pad] = 0
+    mine = accelerator._decode_mask(mask, cache, batch, 1)
+    theirs = _hf_masks(model, mask, cache, batch)
+    assert mine is not None
+    assert (mine.dtype, mine.shape, mine.stride()) == (theirs.dtype, theirs.shape, theirs.stride())
+    assert torch.equal(mine, theirs)
+    # No mask at all: the same as an all-ones one.
+    built = accelerator._masks({}, cache, batch, 1, torch.device("cpu"))
+    ones = _hf_masks(model, torch.ones(batch, past + 1, dtype=torch.long), cache, batch)
+    assert torch.equal(built, ones) and built.stride() == ones.stride()
+
+
+def test_decode_masks_are_left_to_hugging_face_where_they_differ(reference):
+    # Prefill (several queries: causal), a mask longer than the cache, a sliding-window model,
+    # a model with per-layer mask types: each goes to Hugging Face's builder.
+    accelerator = hf.accelerate(wl.copy_model(reference))._xyserve_accelerator
+    cache = _filled_cache(reference, 1, 8)
+    assert accelerator._decode_mask(torch.ones(1, 9 + 3), cache, 1, 3) is None
+    assert accelerator._decode_mask(torch.ones(1, 12, dtype=torch.long), cache, 1, 1) is None
+    assert accelerator._decode_mask(torch.ones(1, 9), cache, 1, 1) is None  # float mask
+    for family in ("mistral", "qwen2"):
+        other = hf.accelerate(wl.tiny_model(family))._xyserve_accelerator
+        assert not other.plain_causal

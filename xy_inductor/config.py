@@ -32,7 +32,10 @@ class XyConfig:
     Hugging Face's ``eager`` attention) into ``torch.ops.xyserve.attention``."""
 
     lower_linear: bool = True
-    """Rewrite ``F.linear`` sites into ``torch.ops.xyserve.gemm``."""
+    """Rewrite ``F.linear`` sites into ``torch.ops.xyserve.gemm``. With ``inductor=True`` in a
+    process where only ATen serves GEMMs (no GPU or NPU provider), linear sites are left to
+    Inductor instead, which calls the same kernel without the op's dispatch (``explain`` says
+    so)."""
 
     fuse_siblings: bool = False
     """Fuse linear layers that read the same input (q/k/v, gate/up) into one GEMM. When the
@@ -61,8 +64,9 @@ class XyConfig:
     """Compile the rest of each graph with Inductor, once, with symbolic sizes; the xyserve ops
     stay opaque calls. Repeated blocks (decoder layers) are compiled once and reused. Packed
     prefills (``hf.accelerate``) stay as traced: their time is in GEMMs and attention, and
-    compiling them would double Inductor's compile time. Off: the lowered graph runs as traced,
-    and compiling costs only tracing."""
+    compiling them would double Inductor's compile time. Where ATen is the only GEMM provider,
+    linear layers stay Inductor's (see ``lower_linear``). Off: the lowered graph runs as
+    traced, and compiling costs only tracing."""
 
     dynamic: bool | None = True
     """``torch.compile(dynamic=...)`` for ``xy_inductor.compile``. True traces sizes as symbols

@@ -267,6 +267,8 @@ class _Accelerator:
         self.compiled = self._compile(make_backend(config))
         self.pack_reason = self._pack_reason(params)
         """Why prefills of this model do not run packed (None: they do)."""
+        self.plain_causal = self._plain_causal()
+        """Whether every layer's mask is Hugging Face's plain causal one (``_decode_mask``)."""
 
     def _compile(self, backend: Callable) -> Callable:
         # dynamic=None: the sizes `prepare` marks are symbols from the first trace; anything else
@@ -422,6 +424,45 @@ class _Accelerator:
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         cache.early_initialization(batch, heads, head_dim, self.model.dtype, device)
 
+    def _plain_causal(self) -> bool:
+        """Whether Hugging Face builds this model's masks as one causal mask and the padding
+        mask, nothing else: a causal decoder-only model without per-layer mask types, sliding
+        windows, chunked attention or a mask builder of its own."""
+        config = self.model.config
+        return (
+            not config.is_encoder_decoder
+            and config.get_text_config() is config
+            and getattr(config, "is_causal", True)
+            and not hasattr(config, "layer_types")
+            and getattr(config, "sliding_window", None) is None
+            and getattr(config, "attention_chunk_size", None) is None
+            and not hasattr(self.model, "create_masks_for_generate")
+        )
+
+    def _decode_mask(self, mask: object, cache: Any, batch: int, length: int) -> Any:
+        """The 4-D mask of a decode step built directly, or None where Hugging Face's builder
+        must do it. One new query at the end of a full-attention DynamicCache sees every key up
+        to and including its own, so its causal mask is the padding mask: ``mask[:, None, None,
+        :]`` as bool is what ``create_masks_for_generate`` returns there (values, shape, strides;
+        ``tests/test_hf.py`` compares them), in microseconds instead of tens of them."""
+        from transformers.cache_utils import DynamicLayer
+
+        if not (
+            self.plain_causal
+            and length == 1
+            and isinstance(mask, torch.Tensor)
+            and mask.dim() == 2
+            and (mask.dtype == torch.bool or not mask.dtype.is_floating_point)
+            and not mask.dtype.is_complex
+        ):
+            return None
+        layers = getattr(cache, "layers", None)
+        if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+            return None
+        if tuple(mask.shape) != (batch, cache.get_seq_length() + 1):
+            return None
+        return mask.bool()[:, None, None, :]
+
     def _masks(self, kw: dict, cache: Any, batch: int, length: int, device: torch.device) -> Any:
         mask = kw.get("attention_mask")
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
@@ -430,7 +471,10 @@ class _Accelerator:
             return mask
         if mask is None:
             past = int(cache.get_seq_length())
-            mask = torch.ones((batch, past + length), dtype=torch.long, device=device)
+            mask = torch.ones((batch, past + length), dtype=torch.bool, device=device)
+        decode = self._decode_mask(mask, cache, batch, length)
+        if decode is not None:
+            return decode
         from transformers.masking_utils import create_masks_for_generate
 
         build = getattr(self.model, "create_masks_for_generate", create_masks_for_generate)

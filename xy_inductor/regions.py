@@ -13,9 +13,9 @@ compiled function. The top-level graph then calls the regions in order.
 Each block's inputs have sizes of their own symbols (a cache tensor per layer), so "the same
 metadata" is judged with the symbols renamed in order of appearance. Dynamo's guards hold for
 the region that was compiled, not for those that reuse it; so a reusing region checks, on
-every call, that its inputs have the sizes and strides the compiled one had in the same call
-(the blocks run in order), and runs its own traced code when they do not (never a wrong
-answer, counted in ``stats()``).
+every call, that its size symbols have the values the compiled one's had in the same call (the
+blocks run in order), which makes its inputs' sizes and strides equal too, and runs its own
+traced code when they do not (never a wrong answer, counted in ``stats()``).
 """
 
 from __future__ import annotations
@@ -81,39 +81,47 @@ def _partitions(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, int] | None:
 
 class _Region(torch.nn.Module):
     """A region in the top-level graph: Inductor's code for it, or, for a region reusing
-    another's code, that code behind a check that its inputs are shaped as the other's were
-    in this same call (``checked``: the positions of the inputs with symbolic sizes)."""
+    another's code, that code behind a check that its size symbols have the values the other's
+    had in this same call (the blocks run in order).
+
+    ``symbols`` locates each size symbol of the region's inputs, in canonical order: ``(i, d)``
+    is dim ``d`` of input ``i``, ``(i, None)`` input ``i`` itself (a SymInt). Two regions with
+    the same signature whose symbols have equal values have inputs of equal sizes and strides
+    (their strides are the same expressions of those symbols, and Dynamo's guards hold each
+    region's inputs to its expressions), so comparing a handful of sizes is the whole check.
+    """
 
     def __init__(
         self,
         fn: Callable,
-        checked: tuple[int, ...],
+        symbols: tuple[tuple[int, int | None], ...],
         donor: _Region | None = None,
         traced: torch.fx.GraphModule | None = None,
     ) -> None:
         super().__init__()
-        self.fn = fn
-        self.checked = checked
-        self.donor = donor
-        self.traced = traced
-        self.last: tuple | None = None
-        """The compiled region: its checked inputs' shapes in the current call."""
+        # Plain attributes (the donor and the traced code are submodules of the top-level
+        # graph already): nn.Module's attribute hooks cost microseconds on every call.
+        vars(self).update(fn=fn, symbols=symbols, donor=donor, traced=traced)
+        self.last: list[tuple] = [()]
+        """The compiled region's symbol values in the current call (a list, so that setting
+        them skips ``nn.Module.__setattr__``)."""
 
-    def _shapes(self, args: tuple) -> tuple:
-        return tuple(
-            (a.shape, a.stride()) if isinstance(a, torch.Tensor) else a
-            for a in (args[i] for i in self.checked)
-        )
+    def _values(self, args: tuple) -> tuple:
+        return tuple(args[i] if d is None else args[i].size(d) for i, d in self.symbols)
 
     def forward(self, *args: object) -> object:
         if self.donor is None:
-            if self.checked:
-                self.last = self._shapes(args)
+            if self.symbols:
+                self.last[0] = self._values(args)
             return self.fn(*args)
-        if self._shapes(args) != self.donor.last:
+        if self._values(args) != self.donor.last[0]:
             _stats.record_region_mismatch()
             return self.traced(*args)
         return self.fn(*args)
+
+    # Called once per region per step: nn.Module's __call__ (hooks, which nobody sets on a
+    # region) costs a few microseconds each time.
+    __call__ = forward
 
 
 def _canonical(values: Sequence[object], symbols: dict) -> str:
@@ -162,8 +170,8 @@ def _reorder_inputs(submod: torch.fx.GraphModule, order: list[int]) -> None:
 
 def _signature(submod: torch.fx.GraphModule, args: Sequence[object]) -> tuple:
     """What makes two regions the same program: their code with every name made positional,
-    and the metadata of their inputs with symbols renamed; and which inputs have symbolic
-    sizes (what a reusing region checks at run time)."""
+    and the metadata of their inputs with symbols renamed; and where each symbol first appears
+    as a size of its own (what a reusing region checks at run time, ``_Region``)."""
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     for i, node in enumerate(submod.graph.nodes):
@@ -175,19 +183,37 @@ def _signature(submod: torch.fx.GraphModule, args: Sequence[object]) -> tuple:
     code = torch.fx.GraphModule(submod, graph).code
     symbols: dict = {}
     metas = []
-    checked = []
-    for i, a in enumerate(args):
+    for a in args:
         if isinstance(a, torch.Tensor):
             shape = _canonical((*a.shape, *a.stride()), symbols)
             metas.append((str(a.dtype), str(a.dim()), shape, str(a.device)))
-            if any(isinstance(s, torch.SymInt) for s in (*a.shape, *a.stride())):
-                checked.append(i)
         elif isinstance(a, torch.SymInt):
             metas.append(("SymInt", _canonical((a,), symbols)))
-            checked.append(i)
         else:
             metas.append((type(a).__name__, repr(a)))
-    return (code, tuple(metas)), tuple(checked)
+    return (code, tuple(metas)), _locate(args, list(symbols))
+
+
+def _locate(args: Sequence[object], symbols: list) -> tuple[tuple[int, int | None], ...]:
+    """Where each of ``symbols`` is a size of an input (or an input) by itself, in their order.
+    A symbol that appears only inside larger expressions cannot be read back from one size; it
+    raises, and the region is compiled on its own rather than reusing another's code."""
+    found: dict = {}
+    for i, a in enumerate(args):
+        if isinstance(a, torch.SymInt):
+            found.setdefault(a.node.expr, (i, None))
+        elif isinstance(a, torch.Tensor):
+            for d, size in enumerate(a.shape):
+                if isinstance(size, torch.SymInt):
+                    found.setdefault(size.node.expr, (i, d))
+    missing = [s for s in symbols if s not in found]
+    if missing:
+        raise _NotLocatable(f"size symbols {missing} are no input size of their own")
+    return tuple(found[s] for s in symbols)
+
+
+class _NotLocatable(Exception):
+    pass
 
 
 def compile_regions(
@@ -230,7 +256,10 @@ def compile_regions(
             nonlocal regions
             submod = self.fetch_attr(target)
             regions += 1
-            key, checked = _signature(submod, args)
+            try:
+                key, symbols = _signature(submod, args)
+            except _NotLocatable:
+                key, symbols = (target,), ()  # a key of its own: compiled, never reused
             out = submod(*args, **kwargs)  # before compiling: Inductor rewrites the module
             donor = compiled.get(key)
             if donor is None:
@@ -239,9 +268,9 @@ def compile_regions(
                 # hold, and reusing regions check theirs (_Region). vLLM turns them off too.
                 with inductor_config.patch(size_asserts=False):
                     fn = compile_fn(submod, list(args))
-                region = compiled[key] = _Region(fn, checked)
+                region = compiled[key] = _Region(fn, symbols)
             else:
-                region = _Region(donor.fn, checked, donor, submod)
+                region = _Region(donor.fn, symbols, donor, submod)
             split.set_submodule(target, region)
             return out
 
