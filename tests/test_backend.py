@@ -238,7 +238,7 @@ def test_explain_reports_sites_without_running_xyserve_kernels():
     assert (report.attention_total, report.attention_lowered) == (1, 1)
     assert (report.linear_total, report.linear_lowered) == (3, 3)
     assert report.graphs == 1 and report.unlowered == [] and report.fallbacks == []
-    assert {s.name for s in report.sites} == {"q", "kv", "o", "test_backend.py:31"}
+    assert {s.name for s in report.sites} == {"q", "kv", "o", "test_backend.py:34"}
     s = xy_inductor.stats()
     assert s.calls == {} and s.backend_compiles == 0  # explain neither runs nor counts kernels
     text = str(report)
