@@ -452,7 +452,7 @@ class _Accelerator:
             and length == 1
             and isinstance(mask, torch.Tensor)
             and mask.dim() == 2
-            and (mask.dtype == torch.bool or not mask.dtype.is_floating_point)
+            and not mask.dtype.is_floating_point  # bool or integer: HF reads it as bool
             and not mask.dtype.is_complex
         ):
             return None

@@ -86,9 +86,11 @@ class _Region(torch.nn.Module):
 
     ``symbols`` locates each size symbol of the region's inputs, in canonical order: ``(i, d)``
     is dim ``d`` of input ``i``, ``(i, None)`` input ``i`` itself (a SymInt). Two regions with
-    the same signature whose symbols have equal values have inputs of equal sizes and strides
-    (their strides are the same expressions of those symbols, and Dynamo's guards hold each
-    region's inputs to its expressions), so comparing a handful of sizes is the whole check.
+    the same signature have inputs whose sizes and strides are the same expressions of their
+    symbols, and the inputs hold to them: the graph's inputs by Dynamo's guards, values made
+    inside the graph because Inductor keeps the traced strides of what a region returns
+    (``keep_output_stride``). So equal symbol values mean equal sizes and strides, and
+    comparing a handful of sizes is the whole check.
     """
 
     def __init__(
@@ -99,9 +101,11 @@ class _Region(torch.nn.Module):
         traced: torch.fx.GraphModule | None = None,
     ) -> None:
         super().__init__()
-        # Plain attributes (the donor and the traced code are submodules of the top-level
-        # graph already): nn.Module's attribute hooks cost microseconds on every call.
-        vars(self).update(fn=fn, symbols=symbols, donor=donor, traced=traced)
+        # Read on every call: plain attributes, not nn.Module's (whose lookup costs
+        # microseconds). The donor is a submodule of the top-level graph already; the traced
+        # code, read only on a mismatch, stays this module's submodule.
+        vars(self).update(fn=fn, symbols=symbols, donor=donor)
+        self.traced = traced
         self.last: list[tuple] = [()]
         """The compiled region's symbol values in the current call (a list, so that setting
         them skips ``nn.Module.__setattr__``)."""
