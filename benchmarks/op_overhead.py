@@ -108,13 +108,13 @@ def decode_ms(model, steps: int = 30) -> float:
     times = []
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1:].argmax(-1)
         for s in range(steps):
             start = time.perf_counter()
             model(
                 input_ids=token,
-                cache=cache,
+                past_key_values=cache,
                 position_ids=torch.tensor([[64 + s]]),
                 use_cache=True,
                 logits_to_keep=1,

@@ -43,7 +43,9 @@ MENU = {"q_tiles": (1, 16, 64, 128), "kv_chunk": 512, "workers": 2}
 PLANNED_MIN_SCORES = 1 << 18
 
 _LINEAR = Accept("linear")
-_SDPA = Accept("sdpa")
+# One SDPA call. The decision is (enable_gqa: query heads share kv heads, one_query: Lq == 1),
+# indexed the same way, so that the decode path builds nothing.
+_SDPA = tuple(tuple(Accept("sdpa", (gqa, one)) for one in (False, True)) for gqa in (False, True))
 
 
 def check_gemm(call: GemmCall) -> Accept:
@@ -54,17 +56,18 @@ def run_gemm(call: GemmCall, accept: Accept) -> torch.Tensor:
     return F.linear(call.x, call.weight, call.bias)
 
 
-def _check_attention(call: DenseAttention, planned_min_scores: int) -> Accept:
-    if call.q.device.type != "cpu" or call.scores < planned_min_scores:
-        return _SDPA
+def check_attention(call: DenseAttention, planned_min_scores: int = PLANNED_MIN_SCORES) -> Accept:
+    # Every decode layer pays for this test: sizes unpacked once, is_cpu rather than a
+    # torch.device object (which costs more than the rest of it).
+    b, hq, lq, _ = call.q.shape
+    _, hkv, lk, _ = call.k.shape
+    sdpa = _SDPA[hq != hkv][lq == 1]
+    if not call.q.is_cpu or b * lq * lk < planned_min_scores:
+        return sdpa
     rows = call.rows()
     if rows is None:
-        return _SDPA
+        return sdpa
     return Accept("rows", (rows, call.plan(rows, **MENU)))
-
-
-def check_attention(call: DenseAttention) -> Accept:
-    return _check_attention(call, PLANNED_MIN_SCORES)
 
 
 def run_attention(call: DenseAttention, accept: Accept) -> torch.Tensor:
@@ -83,6 +86,7 @@ def run_attention(call: DenseAttention, accept: Accept) -> torch.Tensor:
             out=call.new_output(),
         )
     # enable_gqa lets SDPA read the Hkv heads directly instead of repeating K and V.
+    gqa, one_query = accept.decision
     out = F.scaled_dot_product_attention(
         q,
         k,
@@ -90,14 +94,28 @@ def run_attention(call: DenseAttention, accept: Accept) -> torch.Tensor:
         attn_mask=call.attn_mask,
         is_causal=call.is_causal,
         scale=call.scale,
-        enable_gqa=q.shape[1] != k.shape[1],
+        enable_gqa=gqa,
     )
     # The op promises the [B, Lq, H, D] memory layout of its fake implementation. Some SDPA
     # kernels write [B, H, Lq, D]; then one copy fixes it (the transpose that follows attention
-    # in the model would have copied anyway). is_contiguous ignores strides of size-1 dims.
-    if not out.transpose(1, 2).is_contiguous():
+    # in the model would have copied anyway). With one query both layouts are the same
+    # (is_contiguous ignores size-1 dims), and is_contiguous costs a tenth of _blhd.
+    if not (out.is_contiguous() if one_query else _blhd(out)):
         out = call.new_output().copy_(out)
     return out
+
+
+def _blhd(out: torch.Tensor) -> bool:
+    """``out.transpose(1, 2).is_contiguous()`` (size-1 dims' strides ignored) from the sizes
+    and strides, without making the view: a third of the cost, paid by every decode layer."""
+    b, h, lq, d = out.shape
+    sb, sh, sl, sd = out.stride()
+    return (
+        (d == 1 or sd == 1)
+        and (h == 1 or sh == d)
+        and (lq == 1 or sl == h * d)
+        and (b == 1 or sb == lq * h * d)
+    )
 
 
 def check_attention_varlen(call: VarlenAttention) -> Accept:
@@ -153,7 +171,7 @@ def provider(*, planned_min_scores: int = PLANNED_MIN_SCORES) -> Provider:
     else:
 
         def attention(call: DenseAttention) -> Accept:
-            return _check_attention(call, planned_min_scores)
+            return check_attention(call, planned_min_scores)
 
     return Provider(
         name="aten",

@@ -154,7 +154,8 @@ class DenseAttention(_AttentionCall):
     @property
     def scores(self) -> int:
         """B × Lq × Lk: the score elements of one head."""
-        return self.q.shape[0] * self.q.shape[2] * self.k.shape[2]
+        b, _, lq, _ = self.q.shape
+        return b * lq * self.k.shape[2]
 
     def rows(self) -> DenseRows | None:
         """The call as rows of a token table (each sequence's queries and contiguous keys,

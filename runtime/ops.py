@@ -279,17 +279,21 @@ def _attention_args_ok(
 ) -> bool:
     """``check_attention_args`` as one expression on real tensors, for the serving path (see
     ``_gemm_args_ok``); ``check_attention_args`` gives the message when this is False."""
+    if not (q.dim() == 4 and k.dim() == 4 and v.dim() == 4):
+        return False
+    # One unpacking per tensor: each ``.shape[i]`` builds a torch.Size, which adds up on a
+    # path every decode layer takes.
+    b, hq, lq, d = q.shape
+    bk, hk, lk, dk = k.shape
+    bv, hv, lv, _ = v.shape
     if not (
-        q.dim() == 4
-        and k.dim() == 4
-        and v.dim() == 4
-        and q.dtype == k.dtype == v.dtype
+        q.dtype == k.dtype == v.dtype
         and q.device == k.device == v.device
-        and q.shape[0] == k.shape[0] == v.shape[0]
-        and k.shape[1] == v.shape[1]
-        and k.shape[2] == v.shape[2]
-        and q.shape[1] % k.shape[1] == 0
-        and q.shape[3] == k.shape[3]
+        and b == bk == bv
+        and hk == hv
+        and lk == lv
+        and hq % hk == 0
+        and d == dk
     ):
         return False
     if attn_mask is None:
@@ -298,7 +302,7 @@ def _attention_args_ok(
         return False
     if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
         return False
-    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    target = (b, hq, lq, lk)
     shape = attn_mask.shape
     return all(shape[-i] == 1 or shape[-i] == target[-i] for i in range(1, len(shape) + 1))
 
