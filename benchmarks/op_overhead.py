@@ -12,7 +12,8 @@ Part 1, per call (no grad), for ``gemm`` (M=1, K=N=64, then decode size K=512 N=
 
 Targets: at most 2 us over the kernel from a graph run as traced, 3 us from Inductor's code.
 
-Part 2 (--decode), one decode step of the tiny Llama (B=1, KV 64), each variant in this process
+Part 2 (--decode), one decode step of the tiny Llama (B=1, KV 64, an all-ones 2-D mask as
+generate() passes it), each variant in this process
 against eager: Inductor dynamic=True, xyserve, and xyserve with inductor=True, each of the last
 two through ``hf.accelerate`` and through plain ``torch.compile`` (what accelerate's per-step
 work costs).
@@ -104,17 +105,22 @@ def decode_ms(model, steps: int = 30) -> float:
 
     from xy_inductor import workload as wl
 
-    ids, _ = wl.prompt_batch([64], model.config.vocab_size, seed=0)
+    ids, mask = wl.prompt_batch([64], model.config.vocab_size, seed=0)
     times = []
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(
+            input_ids=ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1
+        )
         token = out.logits[:, -1:].argmax(-1)
         for s in range(steps):
+            # The 2-D mask grows by one column a step, as generate() passes it.
+            mask = torch.cat([mask, mask.new_ones((1, 1))], dim=1)
             start = time.perf_counter()
             model(
                 input_ids=token,
-                past_key_values=cache,
+                attention_mask=mask,
+                cache=cache,
                 position_ids=torch.tensor([[64 + s]]),
                 use_cache=True,
                 logits_to_keep=1,

@@ -245,3 +245,36 @@ def test_decode_masks_are_left_to_hugging_face_where_they_differ(reference):
     for family in ("mistral", "qwen2"):
         other = hf.accelerate(wl.tiny_model(family))._xyserve_accelerator
         assert not other.plain_causal
+
+
+def _decode_logits(model, steps: int = 2) -> torch.Tensor:
+    from transformers import DynamicCache
+
+    ids, mask = wl.prompt_batch([12], model.config.vocab_size, seed=0)
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=ids, attention_mask=mask, cache=cache, logits_to_keep=1)
+        token = out.logits[:, -1:].argmax(-1)
+        for s in range(steps):
+            mask = torch.cat([mask, mask.new_ones((1, 1))], dim=1)
+            out = model(
+                input_ids=token,
+                attention_mask=mask,
+                cache=cache,
+                position_ids=torch.tensor([[12 + s]]),
+                logits_to_keep=1,
+            )
+    return out.logits
+
+
+def test_accelerate_after_a_plain_compile_of_the_same_class(reference):
+    # Regression: a plain torch.compile(dynamic=True) of another instance, run first, left
+    # Dynamo's automatic-dynamic state (per code object) holding a 2-D attention_mask; the
+    # accelerated model's 4-D decode mask then got a symbol for its broadcast head dim, and the
+    # attention op's broadcast check failed the compile (benchmarks/op_overhead.py --decode).
+    plain = wl.copy_model(reference)
+    plain.forward = torch.compile(plain.forward, backend="eager", dynamic=True)
+    _decode_logits(plain)
+    model = hf.accelerate(wl.copy_model(reference))
+    torch.testing.assert_close(_decode_logits(model), _decode_logits(reference))
+    assert xy_inductor.stats().calls["attention"]  # the op ran, not a fallback

@@ -29,11 +29,10 @@ Measured on the tiny Llama workload (prompt lengths 1..511, batches 1..4): 2 gra
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -214,38 +213,53 @@ def _register_with_transformers() -> None:
     AttentionInterface.register(PACKED_IMPLEMENTATION, packed_attention_forward)
 
 
-@contextlib.contextmanager
-def _symbolic_sizes() -> Iterator[None]:
-    """Trace marked sizes of 1 as symbols, and keep equal sizes as separate symbols."""
-    from torch.fx.experimental import _config as fx_config
-
-    # Private settings, so only those this torch version has. Set and restored by hand: the
-    # generic config.patch costs about 20 us more, on every call of the model.
-    wanted = {"backed_size_oblivious": True, "use_duck_shape": False}
-    saved = {k: getattr(fx_config, k) for k in wanted if hasattr(fx_config, k)}
-    for k in saved:
-        setattr(fx_config, k, wanted[k])
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(fx_config, k, v)
+_SYMBOLIC_SETTINGS = {"backed_size_oblivious": True, "use_duck_shape": False}
 
 
-def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= size
-    return tuple(reversed(strides))
+class _SymbolicSizes:
+    """A context that traces marked sizes of 1 as symbols and keeps equal sizes as separate
+    symbols. Entered on every call of the model: the settings are private, so only those this
+    torch version has are set, and by hand (the generic ``config.patch`` costs about 20 us more,
+    a generator-based context manager a few more)."""
+
+    def __init__(self) -> None:
+        from torch.fx.experimental import _config as fx_config
+
+        self.config = fx_config
+        self.names = tuple(k for k in _SYMBOLIC_SETTINGS if hasattr(fx_config, k))
+        self.saved: list[tuple] = []
+
+    def __enter__(self) -> None:
+        config = self.config
+        saved = tuple(getattr(config, k) for k in self.names)
+        self.saved.append(saved)  # a stack: a model may call another accelerated model
+        for k in self.names:
+            setattr(config, k, _SYMBOLIC_SETTINGS[k])
+
+    def __exit__(self, *exc: object) -> None:
+        for k, v in zip(self.names, self.saved.pop(), strict=True):
+            setattr(self.config, k, v)
 
 
 def _mark(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     # Mark an alias, not the caller's tensor: marks are attributes of the tensor object.
     alias = t.detach()
-    for d in dims:
-        torch._dynamo.mark_dynamic(alias, d % t.dim())
+    dynamic = [d % t.dim() for d in dims]
+    for d in dynamic:
+        torch._dynamo.mark_dynamic(alias, d)
+    _keep_ones_static(alias, dynamic)
     return alias
+
+
+def _keep_ones_static(t: torch.Tensor, dynamic: Sequence[int]) -> None:
+    """Mark ``t``'s dims of size 1 that are not in ``dynamic`` static. Dynamo's automatic
+    dynamic remembers sizes per code object, across every compile of the model's class in the
+    process (a plain ``torch.compile`` of another instance, say): a 2-D mask seen there makes
+    dim 1 of our 4-D mask a symbol, which tracing with ``backed_size_oblivious`` cannot prove
+    to be 1, so the attention op's broadcast check failed the compile."""
+    for d, size in enumerate(t.shape):
+        if size == 1 and d not in dynamic:
+            torch._dynamo.mark_static(t, d)
 
 
 class _Accelerator:
@@ -263,12 +277,19 @@ class _Accelerator:
         params = self.signature.parameters
         self.cache_arg = next((n for n in ("cache", "past_key_values") if n in params), None)
         self.varargs = any(p.kind is p.VAR_POSITIONAL for p in params.values())
+        self.varkw = any(p.kind is p.VAR_KEYWORD for p in params.values())
         self.positions: dict[tuple[int, torch.device], torch.Tensor] = {}
         self.compiled = self._compile(make_backend(config))
         self.pack_reason = self._pack_reason(params)
         """Why prefills of this model do not run packed (None: they do)."""
         self.plain_causal = self._plain_causal()
         """Whether every layer's mask is Hugging Face's plain causal one (``_decode_mask``)."""
+        self.symbolic_sizes = _SymbolicSizes()
+        from transformers.cache_utils import Cache, DynamicLayer
+
+        # Read on every call: imported once (an import statement costs a microsecond or so).
+        self.cache_class, self.dynamic_layer = Cache, DynamicLayer
+        self.encoder_decoder = bool(model.config.is_encoder_decoder)
 
     def _compile(self, backend: Callable) -> Callable:
         # dynamic=None: the sizes `prepare` marks are symbols from the first trace; anything else
@@ -288,12 +309,14 @@ class _Accelerator:
         return self._run(self._compile(backend), args, kwargs)
 
     def _run(self, compiled: Callable, args: tuple, kwargs: dict) -> Any:
+        # Bound once: binding the call to the signature is a tenth of this wrapper's cost.
+        kw = None if self.varargs else self._bind(args, kwargs)
         if self.pack_reason is None:
-            packed = self._packed_prefill(compiled, args, kwargs)
+            packed = self._packed_prefill(compiled, kw)
             if packed is not None:
                 return packed
-        args, kwargs = self.prepare(args, kwargs)
-        with _symbolic_sizes():
+        args, kwargs = self.prepare(args, kwargs, kw)
+        with self.symbolic_sizes:
             return compiled(*args, **kwargs)
 
     # -- packed prefill: the token table -------------------------------------------------------
@@ -316,6 +339,11 @@ class _Accelerator:
         return None
 
     def _bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """The call as keywords only (extra keywords flattened in)."""
+        if not args and self.varkw:
+            # What generate() does on every step, and what binding would return: each keyword
+            # either names a parameter or lands in **kwargs, which is flattened back.
+            return dict(kwargs)
         bound = self.signature.bind_partial(*args, **kwargs).arguments
         kw: dict[str, Any] = {}
         for name, value in bound.items():
@@ -325,12 +353,14 @@ class _Accelerator:
                 kw[name] = value
         return kw
 
-    def _packed_prefill(self, compiled: Callable, args: tuple, kwargs: dict) -> Any | None:
+    def _packed_prefill(self, compiled: Callable, kw: dict[str, Any] | None) -> Any | None:
         """Run a prefill packed (module docstring) and return its output, or None when the call
         is not a prefill that packing serves exactly: a fresh decoder cache, input_ids with a
         left-padded (or no) 2-D mask, and ``logits_to_keep`` (what ``generate()`` passes) no
-        larger than the shortest prompt; nothing else asked of the outputs."""
-        kw = self._bind(args, kwargs)
+        larger than the shortest prompt; nothing else asked of the outputs. ``kw`` is the call
+        bound to the model's signature (None for a forward taking ``*args``), not changed here."""
+        if kw is None:
+            return None
         tokens, mask = kw.get("input_ids"), kw.get("attention_mask")
         cache = kw.get(self.cache_arg)
         keep = kw.get("logits_to_keep")
@@ -368,7 +398,7 @@ class _Accelerator:
         saved = self.model.config._attn_implementation
         try:
             self.model.config._attn_implementation = PACKED_IMPLEMENTATION
-            with _symbolic_sizes():
+            with self.symbolic_sizes:
                 out = compiled(**packed.kwargs)
         finally:
             self.model.config._attn_implementation = saved
@@ -376,11 +406,15 @@ class _Accelerator:
 
     # -- normalising a call -------------------------------------------------------------------
 
-    def prepare(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """The call in the one form the compiled code sees: keywords, 4-D masks, marked sizes."""
+    def prepare(
+        self, args: tuple, kwargs: dict, kw: dict[str, Any] | None = None
+    ) -> tuple[tuple, dict]:
+        """The call in the one form the compiled code sees: keywords, 4-D masks, marked sizes.
+        ``kw``: the call already bound to the model's signature (``_bind``), if it was."""
         if self.varargs:
             return args, kwargs
-        kw = self._bind(args, kwargs)
+        if kw is None:
+            kw = self._bind(args, kwargs)
         tokens = kw.get("input_ids")
         if tokens is None:
             tokens = kw.get("inputs_embeds")
@@ -406,9 +440,7 @@ class _Accelerator:
         return (), kw
 
     def _is_decoder_cache(self, cache: object) -> bool:
-        from transformers.cache_utils import Cache
-
-        return isinstance(cache, Cache) and not self.model.config.is_encoder_decoder
+        return isinstance(cache, self.cache_class) and not self.encoder_decoder
 
     def _initialise(self, cache: Any, batch: int, device: torch.device) -> None:
         # A static cache allocates its tensors on the first update: done inside the graph, that
@@ -445,8 +477,6 @@ class _Accelerator:
         to and including its own, so its causal mask is the padding mask: ``mask[:, None, None,
         :]`` as bool is what ``create_masks_for_generate`` returns there (values, shape, strides;
         ``tests/test_hf.py`` compares them), in microseconds instead of tens of them."""
-        from transformers.cache_utils import DynamicLayer
-
         if not (
             self.plain_causal
             and length == 1
@@ -457,7 +487,8 @@ class _Accelerator:
         ):
             return None
         layers = getattr(cache, "layers", None)
-        if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        dynamic = self.dynamic_layer
+        if not layers or any(type(layer) is not dynamic for layer in layers):
             return None
         if tuple(mask.shape) != (batch, cache.get_seq_length() + 1):
             return None
@@ -492,7 +523,8 @@ class _Accelerator:
                 t = getattr(layer, attr, None)
                 if not isinstance(t, torch.Tensor) or t.dim() != 4:
                     continue
-                if t.stride() != _contiguous_strides(t.shape):
+                _, h, n, d = t.shape
+                if t.stride() != (h * n * d, n * d, d, 1):
                     # Dynamo guards on every stride, size-1 dims included (which is_contiguous
                     # ignores). An Inductor-compiled prefill may leave the cache in another
                     # layout than decode produces; one copy avoids a recompile.
@@ -504,6 +536,7 @@ class _Accelerator:
                     del t._dynamo_static_input_type
                 torch._dynamo.mark_dynamic(t, 0)
                 torch._dynamo.mark_dynamic(t, 2)
+                _keep_ones_static(t, (0, 2))  # one kv head (multi-query attention)
 
     def _mark_positions(self, t: torch.Tensor, batch: int) -> torch.Tensor:
         # [B, L] or [L]; a batch of 1 broadcast over a larger batch stays static.
