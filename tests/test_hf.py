@@ -278,3 +278,35 @@ def test_accelerate_after_a_plain_compile_of_the_same_class(reference):
     model = hf.accelerate(wl.copy_model(reference))
     torch.testing.assert_close(_decode_logits(model), _decode_logits(reference))
     assert xy_inductor.stats().calls["attention"]  # the op ran, not a fallback
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_the_deprecated_cache_keyword_is_prepared_like_the_new_one(reference, name):
+    # transformers 5 calls the cache `cache` and still takes `past_key_values`; passed under
+    # the old name, the cache used to reach the graph unprepared: a third graph for this run.
+    from torch._dynamo.utils import counters
+    from transformers import DynamicCache
+
+    model = hf.accelerate(wl.copy_model(reference))
+    before = counters["stats"]["unique_graphs"]
+    for n in (5, 9, 17, 33):
+        ids, mask = wl.prompt_batch([n], reference.config.vocab_size, seed=n)
+        got, want = [], []
+        with torch.no_grad():
+            for m, out in ((model, got), (reference, want)):
+                cache = DynamicCache(config=reference.config)
+                step = m(input_ids=ids, attention_mask=mask, **{name: cache}, logits_to_keep=1)
+                step_mask = mask
+                for s in range(3):
+                    token = step.logits[:, -1:].argmax(-1)
+                    out.append(token)
+                    step_mask = torch.cat([step_mask, step_mask.new_ones((1, 1))], dim=1)
+                    step = m(
+                        input_ids=token,
+                        attention_mask=step_mask,
+                        **{name: cache},
+                        position_ids=torch.tensor([[n + s]]),
+                        logits_to_keep=1,
+                    )
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert counters["stats"]["unique_graphs"] - before == 2  # packed prefill, decode

@@ -276,6 +276,14 @@ class _Accelerator:
         self.signature = inspect.signature(self.forward)
         params = self.signature.parameters
         self.cache_arg = next((n for n in ("cache", "past_key_values") if n in params), None)
+        # transformers 5 renamed past_key_values to cache and still takes the old name (its
+        # deprecate_kwarg renames it on the way in); so do we, or a cache passed under the old
+        # name would reach the graph without its masks prepared and its sizes marked.
+        self.cache_alias = (
+            "past_key_values"
+            if self.cache_arg == "cache" and "past_key_values" not in params
+            else None
+        )
         self.varargs = any(p.kind is p.VAR_POSITIONAL for p in params.values())
         self.varkw = any(p.kind is p.VAR_KEYWORD for p in params.values())
         self.positions: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -339,18 +347,22 @@ class _Accelerator:
         return None
 
     def _bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
-        """The call as keywords only (extra keywords flattened in)."""
+        """The call as keywords only (extra keywords flattened in, the cache under its name)."""
         if not args and self.varkw:
             # What generate() does on every step, and what binding would return: each keyword
             # either names a parameter or lands in **kwargs, which is flattened back.
-            return dict(kwargs)
-        bound = self.signature.bind_partial(*args, **kwargs).arguments
-        kw: dict[str, Any] = {}
-        for name, value in bound.items():
-            if self.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
-                kw.update(value)
-            else:
-                kw[name] = value
+            kw = dict(kwargs)
+        else:
+            bound = self.signature.bind_partial(*args, **kwargs).arguments
+            kw = {}
+            for name, value in bound.items():
+                if self.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                    kw.update(value)
+                else:
+                    kw[name] = value
+        alias = self.cache_alias
+        if alias is not None and alias in kw and self.cache_arg not in kw:
+            kw[self.cache_arg] = kw.pop(alias)
         return kw
 
     def _packed_prefill(self, compiled: Callable, kw: dict[str, Any] | None) -> Any | None:
