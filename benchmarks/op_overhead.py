@@ -16,7 +16,8 @@ Part 2 (--decode), one decode step of the tiny Llama (B=1, KV 64, an all-ones 2-
 generate() passes it), each variant in this process
 against eager: Inductor dynamic=True, xyserve, and xyserve with inductor=True, each of the last
 two through ``hf.accelerate`` and through plain ``torch.compile`` (what accelerate's per-step
-work costs).
+work costs). For the Inductor variants the step splits into the time inside Inductor's generated
+code and the rest (guards, runtime wrappers, regions, accelerate's own work).
 
     .venv/bin/python benchmarks/op_overhead.py [--decode [--profile]]
 """
@@ -100,13 +101,47 @@ def part1() -> None:
         )
 
 
-def decode_ms(model, steps: int = 30) -> float:
+class _CodeTimer:
+    """Time spent inside Inductor's generated code (``CompiledFxGraph.__call__``, one call per
+    compiled graph or region), so that a decode step splits into Inductor's code and everything
+    around it: Dynamo's guards, AOT autograd's runtime wrappers, regions, ``hf.accelerate``.
+    Patches that private method for the benchmark's lifetime; absent, the split is skipped."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+        try:
+            from torch._inductor.output_code import CompiledFxGraph
+        except ImportError:
+            self.available = False
+            return
+        self.available = True
+        inner = CompiledFxGraph.__call__
+
+        def timed(graph, inputs):
+            start = time.perf_counter()
+            try:
+                return inner(graph, inputs)
+            finally:
+                self.seconds += time.perf_counter() - start
+                self.calls += 1
+
+        CompiledFxGraph.__call__ = timed
+
+
+_TIMER: _CodeTimer | None = None
+
+
+def decode_ms(model, steps: int = 30) -> tuple[float, float, float]:
+    """Median decode step (ms), the median part of it in Inductor's code (ms), and Inductor
+    code calls per step."""
     from transformers import DynamicCache
 
     from xy_inductor import workload as wl
 
+    timer = _TIMER
     ids, mask = wl.prompt_batch([64], model.config.vocab_size, seed=0)
-    times = []
+    times, code, calls = [], [], []
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
         out = model(
@@ -116,6 +151,8 @@ def decode_ms(model, steps: int = 30) -> float:
         for s in range(steps):
             # The 2-D mask grows by one column a step, as generate() passes it.
             mask = torch.cat([mask, mask.new_ones((1, 1))], dim=1)
+            if timer is not None:
+                timer.seconds, timer.calls = 0.0, 0
             start = time.perf_counter()
             model(
                 input_ids=token,
@@ -126,7 +163,16 @@ def decode_ms(model, steps: int = 30) -> float:
                 logits_to_keep=1,
             )
             times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+            if timer is not None:
+                code.append(timer.seconds)
+                calls.append(timer.calls)
+    if not code:
+        code, calls = [0.0], [0]
+    return (
+        statistics.median(times) * 1e3,
+        statistics.median(code) * 1e3,
+        statistics.median(calls),
+    )
 
 
 def profile_decode(variants: dict, names: tuple[str, ...], steps: int = 20, rows: int = 14) -> None:
@@ -168,17 +214,27 @@ def part2(rounds: int = 5, profile: bool = False) -> None:
             plain.forward, backend="xyserve", options=options or None, dynamic=True
         )
         variants[f"{name}, torch.compile only"] = plain
+    global _TIMER
+    _TIMER = _CodeTimer()
+    if not _TIMER.available:
+        _TIMER = None
     for model in variants.values():
         decode_ms(model, 2)
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, model in variants.items():
             times[name].append(decode_ms(model))
-    eager = statistics.median(times["eager"])
-    print(f"\n{'decode step, B=1, KV 64':<44} {'ms':>6} {'x eager':>8}")
+    eager = statistics.median(t[0] for t in times["eager"])
+    print(
+        f"\n{'decode step, B=1, KV 64':<44} {'ms':>6} {'x eager':>8}"
+        f" {'Inductor code ms':>17} {'rest ms':>8} {'code calls':>11}"
+    )
     for name, ts in times.items():
-        ms = statistics.median(ts)
-        print(f"{name:<44} {ms:>6.2f} {eager / ms:>8.2f}")
+        ms = statistics.median(t[0] for t in ts)
+        code = statistics.median(t[1] for t in ts)
+        calls = statistics.median(t[2] for t in ts)
+        split = f"{code:>17.2f} {ms - code:>8.2f} {calls:>11.0f}"
+        print(f"{name:<44} {ms:>6.2f} {eager / ms:>8.2f} {split}")
     if profile:
         profile_decode(variants, ("inductor dynamic=True", "xyserve inductor=True"))
 
