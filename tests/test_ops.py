@@ -228,6 +228,21 @@ def test_attention_fake_output_layout_matches_real():
     assert real.shape == expected.shape and real.stride() == expected.stride()
 
 
+@pytest.mark.parametrize("order", [(0, 1, 2, 3), (0, 2, 1, 3), (1, 0, 2, 3), (0, 2, 3, 1)])
+@pytest.mark.parametrize(
+    "sizes", [(2, 3, 4, 5), (1, 3, 1, 5), (2, 1, 4, 5), (1, 1, 1, 1), (2, 3, 4, 1)]
+)
+def test_the_layout_check_is_transpose_then_is_contiguous(sizes, order):
+    # aten._blhd replaced out.transpose(1, 2).is_contiguous() on the decode path; with one
+    # query, out.is_contiguous() is used (the same thing when Lq == 1).
+    base = torch.empty([sizes[i] for i in order])
+    out = base.permute([order.index(i) for i in range(4)])
+    assert tuple(out.shape) == sizes
+    assert aten._blhd(out) == out.transpose(1, 2).is_contiguous()
+    if sizes[2] == 1:
+        assert out.is_contiguous() == out.transpose(1, 2).is_contiguous()
+
+
 @pytest.mark.parametrize(
     ("shapes", "kwargs", "message"),
     [
