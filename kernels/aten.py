@@ -58,7 +58,7 @@ def run_gemm(call: GemmCall, accept: Accept) -> torch.Tensor:
 
 def check_attention(call: DenseAttention, planned_min_scores: int = PLANNED_MIN_SCORES) -> Accept:
     # Every decode layer pays for this test: sizes unpacked once, is_cpu rather than a
-    # torch.device object (which costs more than the rest of it).
+    # torch.device object (which costs about as much as the rest of it).
     b, hq, lq, _ = call.q.shape
     _, hkv, lk, _ = call.k.shape
     sdpa = _SDPA[hq != hkv][lq == 1]
@@ -99,7 +99,7 @@ def run_attention(call: DenseAttention, accept: Accept) -> torch.Tensor:
     # The op promises the [B, Lq, H, D] memory layout of its fake implementation. Some SDPA
     # kernels write [B, H, Lq, D]; then one copy fixes it (the transpose that follows attention
     # in the model would have copied anyway). With one query both layouts are the same
-    # (is_contiguous ignores size-1 dims), and is_contiguous costs a tenth of _blhd.
+    # (is_contiguous ignores size-1 dims), and is_contiguous costs a fraction of _blhd.
     if not (out.is_contiguous() if one_query else _blhd(out)):
         out = call.new_output().copy_(out)
     return out
