@@ -104,54 +104,34 @@ def use_providers(providers: Sequence[Provider]) -> Iterator[None]:
 def choose(op: str, call: object) -> tuple[str, OpKernel, Accept]:
     """The provider that runs ``op`` on ``call`` (a ``runtime.calls`` object): the first whose
     checker accepts it, with that kernel and the checker's decision; declines are counted."""
-    declined: list[str] = []
+    declined = []
     for provider in active_providers():
         kernel = provider.kernels.get(op)
-        if kernel is not None:
-            decision = _decide(op, provider, kernel, call, declined)
-            if decision is not None:
-                return provider.name, kernel, decision
-    raise _none_accepted(op, declined)
+        if kernel is None:
+            continue
+        decision = kernel.check(call)
+        if type(decision) is Accept:
+            return provider.name, kernel, decision
+        if not isinstance(decision, str):
+            raise TypeError(
+                f"xyserve.{op}: the {provider.name} provider's checker returned {decision!r}; "
+                "a checker returns an Accept or the reason it declines (a str)"
+            )
+        _stats.record_decline(op, provider.name, decision)
+        declined.append(f"{provider.name}: {decision}")
+    raise RuntimeError(
+        f"xyserve.{op}: no provider accepted the call"
+        + (f" ({'; '.join(declined)})" if declined else " (no provider implements it)")
+        + "; the ATen provider (xy_inductor.kernels.aten) should be last in the list"
+    )
 
 
 def run(op: str, call: object) -> torch.Tensor:
     """Run ``op`` on ``call`` (a ``runtime.calls`` object) with the first provider whose checker
     accepts it, as that checker decided."""
-    # choose()'s loop written out, which saves a frame and a tuple on every op call.
-    declined: list[str] = []
-    for provider in active_providers():
-        kernel = provider.kernels.get(op)
-        if kernel is not None:
-            decision = _decide(op, provider, kernel, call, declined)
-            if decision is not None:
-                _stats.record_call(op, provider.name, decision.path)
-                return kernel.run(call, decision)
-    raise _none_accepted(op, declined)
-
-
-def _decide(
-    op: str, provider: Provider, kernel: OpKernel, call: object, declined: list[str]
-) -> Accept | None:
-    """``kernel``'s checker on ``call``: its Accept, or None with the decline counted."""
-    decision = kernel.check(call)
-    if type(decision) is Accept:
-        return decision
-    if not isinstance(decision, str):
-        raise TypeError(
-            f"xyserve.{op}: the {provider.name} provider's checker returned {decision!r}; "
-            "a checker returns an Accept or the reason it declines (a str)"
-        )
-    _stats.record_decline(op, provider.name, decision)
-    declined.append(f"{provider.name}: {decision}")
-    return None
-
-
-def _none_accepted(op: str, declined: list[str]) -> RuntimeError:
-    return RuntimeError(
-        f"xyserve.{op}: no provider accepted the call"
-        + (f" ({'; '.join(declined)})" if declined else " (no provider implements it)")
-        + "; the ATen provider (xy_inductor.kernels.aten) should be last in the list"
-    )
+    name, kernel, decision = choose(op, call)
+    _stats.record_call(op, name, decision.path)
+    return kernel.run(call, decision)
 
 
 def prepare(op: str, what: object) -> int:
