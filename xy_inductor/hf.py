@@ -548,12 +548,7 @@ class _Accelerator:
                     del t._dynamo_static_input_type
                 torch._dynamo.mark_dynamic(t, 0)
                 torch._dynamo.mark_dynamic(t, 2)
-                # As _keep_ones_static, for the two dims that can be 1 (one kv head: multi-query
-                # attention), without its loop: this runs for every cache tensor every step.
-                if h == 1:
-                    torch._dynamo.mark_static(t, 1)
-                if d == 1:
-                    torch._dynamo.mark_static(t, 3)
+                _keep_ones_static(t, (0, 2))  # one kv head (multi-query attention)
 
     def _mark_positions(self, t: torch.Tensor, batch: int) -> torch.Tensor:
         # [B, L] or [L]; a batch of 1 broadcast over a larger batch stays static.
