@@ -22,12 +22,16 @@ $(VENV)/.torch: $(VENV)/.created
 	$(PIP) install -q torch==2.13.0
 	touch $@
 
+# `xyserve providers --build` compiles the C++ CPU kernels (runtime/native.cpp, about 10 s, cached
+# per machine and torch version) at install rather than during the first compile.
 $(VENV)/.hf: $(VENV)/.torch pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[hf]"
+	$(VENV)/bin/xyserve providers --build
 	touch $@
 
 $(VENV)/.test: $(VENV)/.torch pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[test]"
+	$(VENV)/bin/xyserve providers --build
 	touch $@ $(VENV)/.hf
 
 demo: $(VENV)/.hf

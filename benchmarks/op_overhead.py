@@ -5,10 +5,13 @@ Part 1, per call (no grad), for ``gemm`` (M=1, K=N=64, then decode size K=512 N=
 
   the kernel alone              F.linear / F.scaled_dot_product_attention
   graph run as traced           what a lowered graph without Inductor calls (``DIRECT_CALLS``)
-  torch.ops.xyserve.*           the registered op: what Inductor's generated code calls
+  torch.ops.xyserve.*           the registered op with its Python kernels: what Inductor's
+                                generated code calls
   custom_op twin                the same implementation registered with
                                 ``torch.library.custom_op`` (how the ops were registered
                                 before), for comparison
+  torch.ops.xyserve.*, C++      the registered op once the C++ CPU kernels are loaded
+                                (``runtime/native.py``; ``inductor=True`` loads them)
 
 Targets: at most 2 us over the kernel from a graph run as traced, 3 us from Inductor's code.
 
@@ -27,12 +30,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 import xy_inductor
-from xy_inductor.runtime import ops
+from xy_inductor.runtime import native, ops
 
 _TWIN = {
     name: torch.library.custom_op(f"xyserve_twin::{name}", impl, mutates_args=())
@@ -61,44 +65,68 @@ def _table(title: str, rows: dict[str, float]) -> None:
         print(f"{name:<32} {us:>8.2f} {us - base:>+16.2f}")
 
 
-def part1() -> None:
+def _cases() -> list[tuple[str, str, Callable, Callable, Callable, Callable]]:
+    """(title, op, the kernel alone, the op as a traced graph calls it, the registered op, its
+    custom_op twin) for each measured call."""
     traced = ops.DIRECT_CALLS
     gemm, attention = torch.ops.xyserve.gemm.default, torch.ops.xyserve.attention.default
-    with torch.no_grad():
-        # A tiny GEMM shows the overhead alone; the decode-size one next to a real kernel.
-        for m, k, n in ((1, 64, 64), (1, 512, 1408)):
-            x, w = torch.randn(1, m, k), torch.randn(n, k)
-            _table(
+    cases = []
+    # A tiny GEMM shows the overhead alone; the decode-size one next to a real kernel.
+    for m, k, n in ((1, 64, 64), (1, 512, 1408)):
+        x, w = torch.randn(1, m, k), torch.randn(n, k)
+        cases.append(
+            (
                 f"gemm, M={m} K={k} N={n}",
+                "gemm",
+                lambda x=x, w=w: F.linear(x, w, None),
+                lambda x=x, w=w: traced[gemm](x, w, None, 8192),
+                lambda x=x, w=w: gemm(x, w, None, 8192),
+                lambda x=x, w=w: _TWIN["gemm"](x, w, None, 8192),
+            )
+        )
+    q, k, v = torch.randn(1, 8, 1, 64), torch.randn(1, 4, 64, 64), torch.randn(1, 4, 64, 64)
+    cases.append(
+        (
+            "attention, decode, KV 64",
+            "attention",
+            lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+            lambda: traced[attention](q, k, v, None, False, None),
+            lambda: attention(q, k, v, None, False, None),
+            lambda: _TWIN["attention"](q, k, v, None, False, None),
+        )
+    )
+    return cases
+
+
+def part1() -> None:
+    """Per-call cost with the ops' Python kernels, then with the C++ CPU kernels loaded (what
+    ``inductor=True`` loads; it cannot be unloaded, so it comes second)."""
+    kernel_names = {"gemm": "F.linear", "attention": "F.scaled_dot_product_attention"}
+    cases = _cases()
+    with torch.no_grad():
+        for title, op, kernel, traced, registered, twin in cases:
+            _table(
+                title,
                 {
-                    "F.linear": per_call_us(lambda x=x, w=w: F.linear(x, w, None)),
-                    "graph run as traced": per_call_us(
-                        lambda x=x, w=w: traced[gemm](x, w, None, 8192)
-                    ),
-                    "torch.ops.xyserve.gemm": per_call_us(lambda x=x, w=w: gemm(x, w, None, 8192)),
-                    "custom_op twin": per_call_us(lambda x=x, w=w: _TWIN["gemm"](x, w, None, 8192)),
+                    kernel_names[op]: per_call_us(kernel),
+                    "graph run as traced": per_call_us(traced),
+                    f"torch.ops.xyserve.{op}": per_call_us(registered),
+                    "custom_op twin": per_call_us(twin),
                 },
             )
-        q, k, v = torch.randn(1, 8, 1, 64), torch.randn(1, 4, 64, 64), torch.randn(1, 4, 64, 64)
-
-        def sdpa():
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-
-        _table(
-            "attention, decode, KV 64",
-            {
-                "F.scaled_dot_product_attention": per_call_us(sdpa),
-                "graph run as traced": per_call_us(
-                    lambda: traced[attention](q, k, v, None, False, None)
-                ),
-                "torch.ops.xyserve.attention": per_call_us(
-                    lambda: attention(q, k, v, None, False, None)
-                ),
-                "custom_op twin": per_call_us(
-                    lambda: _TWIN["attention"](q, k, v, None, False, None)
-                ),
-            },
-        )
+        why = native.load()
+        if why is not None:
+            print(f"\nC++ CPU kernels not loaded: {why}")
+            return
+        print("\nwith the C++ CPU kernels loaded (runtime/native.cpp)")
+        for title, op, kernel, _, registered, _ in cases:
+            _table(
+                title,
+                {
+                    kernel_names[op]: per_call_us(kernel),
+                    f"torch.ops.xyserve.{op}, C++": per_call_us(registered),
+                },
+            )
 
 
 class _CodeTimer:

@@ -22,6 +22,7 @@ from contextvars import ContextVar
 import torch
 
 from xy_inductor.kernels.contract import Accept, OpKernel, Provider
+from xy_inductor.runtime import native
 from xy_inductor.runtime import stats as _stats
 
 __all__ = [
@@ -95,9 +96,11 @@ def use_providers(providers: Sequence[Provider]) -> Iterator[None]:
         if not isinstance(p, Provider):
             raise ValueError(f"use_providers: expected Provider objects, got {type(p).__name__}")
     token = _override.set(tuple(providers))
+    native.note_override(+1)  # the C++ kernels leave every call to this list while it is set
     try:
         yield
     finally:
+        native.note_override(-1)
         _override.reset(token)
 
 

@@ -93,6 +93,9 @@ class Stats:
     were: they ran the region as traced (slower, never wrong)."""
     providers: dict[str, str | None]
     """Every provider in priority order, with why this process cannot use it (None: it can)."""
+    native_kernels: str | None
+    """Why the C++ CPU kernels of ``gemm`` and ``attention`` (``runtime/native.py``) do not
+    serve this process's calls from Inductor's code, or None when they do."""
     varlen_steps: int
     """Serving steps of ``attention_varlen`` (``runtime.serving.VarlenStep``): a token table
     read on the host once and run by every attention layer of the step."""
@@ -118,6 +121,8 @@ class Stats:
             f"graphs            {self.graphs_lowered} lowered, "
             f"{self.graphs_fallback} run as traced",
             f"providers         {usable}",
+            "C++ kernels       "
+            + ("loaded" if self.native_kernels is None else f"no: {self.native_kernels}"),
         ]
         if self.inductor_failures:
             lines.append(f"inductor failures {self.inductor_failures} (ran lowered, no Inductor)")
@@ -165,12 +170,16 @@ class Stats:
 
 def stats() -> Stats:
     """Backend compiles, lowered and fallback graphs, calls per op and provider."""
-    from xy_inductor.runtime import providers  # it imports this module
+    from xy_inductor.runtime import native, providers  # providers imports this module
 
     c = _COUNTERS
     calls: dict[str, dict[str, int]] = {}
     paths: dict[str, dict[str, int]] = {}
-    for (op, provider, path), n in c.calls.items():
+    counted = Counter(c.calls)
+    counted.update(native.calls())  # calls the C++ kernels ran (native.py)
+    for (op, provider, path), n in counted.items():
+        if not n:
+            continue
         per_provider = calls.setdefault(op, {})
         per_provider[provider] = per_provider.get(provider, 0) + n
         paths.setdefault(op, {})[f"{provider}/{path}"] = n
@@ -198,6 +207,7 @@ def stats() -> Stats:
         inductor_regions_compiled=c.inductor_regions_compiled,
         region_mismatches=c.region_mismatches,
         providers=dict(providers.describe()),
+        native_kernels=native.status(),
         varlen_steps=c.varlen_steps,
         varlen_step_checks=c.varlen_step_checks,
         opaque_ops=dict(c.opaque_ops),
@@ -208,8 +218,11 @@ def stats() -> Stats:
 
 def reset_stats() -> None:
     """Zero every counter."""
+    from xy_inductor.runtime import native
+
     global _COUNTERS
     _COUNTERS = _Counters()
+    native.reset_calls()
 
 
 def record_compile(

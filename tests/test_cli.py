@@ -63,4 +63,12 @@ def test_providers_lists_what_runs_here_and_why_not_the_rest():
     assert lines[2].split() == ["aten", "available"]
     if "unavailable" in lines[1]:
         assert "no CUDA device" in lines[1] or "not installed" in lines[1]
-    assert lines[-1].startswith("xyserve ops try, in order:") and lines[-1].endswith("aten")
+    assert lines[-2].startswith("xyserve ops try, in order:") and lines[-2].endswith("aten")
+    assert lines[-1].startswith("C++ CPU kernels (gemm, attention): no: not loaded")
+
+
+def test_providers_build_loads_the_cpp_kernels():
+    out = subprocess.run(
+        [SCRIPT, "providers", "--build"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.splitlines()[-1] == "C++ CPU kernels (gemm, attention): loaded"

@@ -20,7 +20,7 @@ from xy_inductor.compiled_graph import XyserveGraph, call_directly
 from xy_inductor.config import BACKEND_OPTIONS, XyConfig, backend_config
 from xy_inductor.lowering import lay_out_weights, lower_graph, sibling_parameters
 from xy_inductor.regions import compile_regions
-from xy_inductor.runtime import providers
+from xy_inductor.runtime import native, providers
 from xy_inductor.runtime import stats as _stats
 from xy_inductor.runtime.calls import GemmWeight
 from xy_inductor.runtime.ops import stacked_rows
@@ -201,6 +201,9 @@ def compile_graph(
     if reason is not None:
         warnings.warn(f"xyserve: {reason}", stacklevel=2)
     elif config.inductor and not _packed_prefill(gm):
+        # Inductor's code calls the ops through the dispatcher: C++ kernels save the crossing
+        # back into Python on every CPU call (built once per machine; None or why not).
+        native.load()
         compiled = _inductor(gm, example_inputs)
         inductor_failed = compiled is None
     inductor_compiled = compiled is not None

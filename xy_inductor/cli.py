@@ -148,8 +148,12 @@ def plan_cmd(args: argparse.Namespace) -> int:
 
 
 def providers_cmd(args: argparse.Namespace) -> int:
-    """Which kernel providers this machine can run, in priority order, and why not the others."""
-    from xy_inductor.runtime import providers
+    """Which kernel providers this machine can run, in priority order, and why not the others;
+    whether the C++ CPU kernels are built (--build builds them now, once per machine)."""
+    from xy_inductor.runtime import native, providers
+
+    if args.build:
+        native.load()
 
     listed = providers.describe()
     width = max(len(name) for name, _ in listed)
@@ -157,6 +161,8 @@ def providers_cmd(args: argparse.Namespace) -> int:
         print(f"{name:<{width}}  {'available' if reason is None else 'unavailable: ' + reason}")
     active = ", ".join(p.name for p in providers.active_providers())
     print(f"xyserve ops try, in order: {active}")
+    why = native.status()
+    print("C++ CPU kernels (gemm, attention): " + ("loaded" if why is None else f"no: {why}"))
     return 0
 
 
@@ -204,6 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--provider", choices=["triton", "aten"], default="triton")
     p.set_defaults(run=plan_cmd)
     p = sub.add_parser("providers", help=providers_cmd.__doc__)
+    p.add_argument(
+        "--build",
+        action="store_true",
+        help="build the C++ CPU kernels of gemm and attention now (else at the first "
+        "inductor=True compile)",
+    )
     p.set_defaults(run=providers_cmd)
     args = parser.parse_args(argv)
     if getattr(args, "rounds", 1) < 1:

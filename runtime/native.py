@@ -1,0 +1,198 @@
+"""C++ CPU kernels for ``xyserve.gemm`` and ``xyserve.attention`` (``native.cpp``): calls from
+Inductor's generated code without a crossing back into Python.
+
+Inductor's code calls the ops through PyTorch's dispatcher; with Python kernels each call pays
+about 3.5 us to enter Python again (``benchmarks/op_overhead.py``). ``load()`` compiles
+``native.cpp`` once per machine (cached by source, torch version and compiler, in
+``XYSERVE_CACHE_DIR`` or ``~/.cache/xy_inductor``), and loads it, which registers its kernels
+for the ops' CPU and AutogradCPU keys. They run, in C++, the calls ATen's provider would have
+run as one ``F.linear`` or one SDPA call, and count them in ``stats()``; every other call goes
+to the Python implementation, registered as ``xyserve::_gemm_python`` and
+``xyserve::_attention_python``, unchanged.
+
+The C++ kernels know the provider rules of one configuration only: ATen serving every CPU call.
+So ``load()`` refuses (returning why) when this process has any other provider, and
+``use_providers`` blocks (``note_override``) send every call to Python while they are open.
+The backend loads the kernels for ``inductor=True`` graphs, whose ops Inductor's code calls;
+graphs run as traced call the Python implementations directly and never reach them. Set
+``XYSERVE_NATIVE=0`` to never load them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = ["calls", "load", "loaded", "note_override", "reset_calls", "status"]
+
+log = logging.getLogger("xy_inductor")
+
+SOURCE = Path(__file__).with_name("native.cpp")
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_refused: str | None = None
+_open_overrides = 0
+# Python twins of the ops, the C++ kernels' way back to the Python implementation.
+_twins: torch.library.Library | None = None
+
+
+def loaded() -> bool:
+    """Whether the C++ kernels serve the ops' CPU calls in this process."""
+    return _lib is not None
+
+
+def status() -> str | None:
+    """None when the C++ kernels are loaded, else why not."""
+    if _lib is not None:
+        return None
+    return _refused or "not loaded (the backend loads them for inductor=True graphs)"
+
+
+def load() -> str | None:
+    """Build (once per machine) and load the C++ kernels; None when they are loaded, else why
+    not (logged once; the ops keep their Python kernels, which are correct, only slower)."""
+    global _lib, _refused
+    with _lock:
+        if _lib is not None:
+            return None
+        if _refused is not None:
+            return _refused
+        reason = _why_not()
+        if reason is None:
+            try:
+                path = _build()
+                _define_twins()
+                torch.ops.load_library(str(path))
+                lib = ctypes.CDLL(str(path))
+                lib.xyserve_native_calls.restype = ctypes.c_int64
+                lib.xyserve_native_calls.argtypes = [ctypes.c_int64]
+                lib.xyserve_native_add_overrides.argtypes = [ctypes.c_int64]
+                lib.xyserve_native_set_planned_min_scores.argtypes = [ctypes.c_int64]
+                from xy_inductor.kernels import aten
+
+                lib.xyserve_native_set_planned_min_scores(aten.PLANNED_MIN_SCORES)
+                lib.xyserve_native_add_overrides(_open_overrides)
+                _lib = lib
+                log.info("xyserve: C++ CPU kernels loaded from %s", path)
+                return None
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                reason = f"building or loading {SOURCE.name} failed: {e}"
+        _refused = reason
+        log.info("xyserve: C++ CPU kernels not loaded: %s", reason)
+        return reason
+
+
+def _why_not() -> str | None:
+    from xy_inductor.runtime import providers
+
+    if os.environ.get("XYSERVE_NATIVE", "1") == "0":
+        return "disabled by XYSERVE_NATIVE=0"
+    from xy_inductor.kernels import aten
+
+    default = providers._default()
+    if default != (aten.PROVIDER,):
+        names = ", ".join(p.name for p in default)
+        return f"providers other than ATen serve this process ({names})"
+    if _compiler() is None:
+        return "no C++ compiler (set CXX, or install g++)"
+    return None
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XYSERVE_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "xy_inductor"
+
+
+def _build() -> Path:
+    """The shared library, compiled unless a build of this source for this torch is cached."""
+    from torch.utils import cpp_extension
+
+    compiler = _compiler()
+    assert compiler is not None
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    flags = ["-O2", "-shared", "-fPIC", "-std=c++20", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    libs = [f"-L{p}" for p in cpp_extension.library_paths()]
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join(
+            [
+                source,
+                torch.__version__.encode(),
+                str(torch.version.git_version).encode(),
+                compiler.encode(),
+                " ".join(flags).encode(),
+                sys.platform.encode(),
+            ]
+        )
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"xyserve_native_{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        command = [
+            compiler, *flags, *includes, str(SOURCE), "-o", str(built), *libs,
+            "-lc10", "-ltorch_cpu", "-ltorch",
+        ]  # fmt: skip
+        log.info("xyserve: compiling %s (once per machine and torch version)", SOURCE.name)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)}\n{done.stderr[-4000:]}")
+        os.replace(built, target)  # atomic: another process never loads half a file
+    return target
+
+
+def _define_twins() -> None:
+    global _twins
+    if _twins is not None:
+        return
+    from xy_inductor.runtime import ops
+
+    lib = torch.library.Library("xyserve", "FRAGMENT")
+    for name, impl in (("gemm", ops.gemm_impl), ("attention", ops.attention_impl)):
+        schema = str(getattr(torch.ops.xyserve, name).default._schema)
+        lib.define(f"_{name}_python" + schema[schema.index("(") :])
+        lib.impl(f"_{name}_python", impl, "CPU")
+    _twins = lib
+
+
+def note_override(delta: int) -> None:
+    """``use_providers`` opened (+1) or closed (-1) a block: while any is open in the process,
+    the C++ kernels send every call to the Python path, which honours the block's list."""
+    global _open_overrides
+    with _lock:
+        _open_overrides += delta
+        if _lib is not None:
+            _lib.xyserve_native_add_overrides(delta)
+
+
+def calls() -> dict[tuple[str, str, str], int]:
+    """Calls the C++ kernels ran, keyed as ``stats()`` counts calls: (op, provider, path)."""
+    if _lib is None:
+        return {}
+    return {
+        ("gemm", "aten", "linear"): _lib.xyserve_native_calls(0),
+        ("attention", "aten", "sdpa"): _lib.xyserve_native_calls(1),
+    }
+
+
+def reset_calls() -> None:
+    if _lib is not None:
+        _lib.xyserve_native_reset_calls()
