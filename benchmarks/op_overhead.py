@@ -118,7 +118,10 @@ def part1() -> None:
         if why is not None:
             print(f"\nC++ CPU kernels not loaded: {why}")
             return
-        print("\nwith the C++ CPU kernels loaded (runtime/native.cpp)")
+        print(
+            "\nwith the C++ CPU kernels loaded (runtime/native.cpp), which Inductor's code and "
+            "graphs run as traced then call"
+        )
         for title, op, kernel, _, registered, _ in cases:
             _table(
                 title,

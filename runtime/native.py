@@ -33,11 +33,14 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["calls", "load", "loaded", "note_override", "reset_calls", "status"]
+__all__ = ["OP_NAMES", "calls", "load", "loaded", "note_override", "reset_calls", "status"]
 
 log = logging.getLogger("xy_inductor")
 
 SOURCE = Path(__file__).with_name("native.cpp")
+
+OP_NAMES = ("gemm", "attention")
+"""The xyserve ops with C++ CPU kernels."""
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -166,7 +169,9 @@ def _define_twins() -> None:
     from xy_inductor.runtime import ops
 
     lib = torch.library.Library("xyserve", "FRAGMENT")
-    for name, impl in (("gemm", ops.gemm_impl), ("attention", ops.attention_impl)):
+    impls = {"gemm": ops.gemm_impl, "attention": ops.attention_impl}
+    for name in OP_NAMES:
+        impl = impls[name]
         schema = str(getattr(torch.ops.xyserve, name).default._schema)
         lib.define(f"_{name}_python" + schema[schema.index("(") :])
         lib.impl(f"_{name}_python", impl, "CPU")

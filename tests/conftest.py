@@ -13,6 +13,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import xy_inductor
+from xy_inductor.runtime import providers
+
+# The default provider list is read once per process, at its first use. Read it now, before a
+# test installs the stand-in torch_npu (test_ascend.py), which would otherwise put the Ascend
+# provider in every later test's default list, and keep the C++ CPU kernels from loading.
+providers.active_providers()
 
 
 @pytest.fixture(autouse=True)

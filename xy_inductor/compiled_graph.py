@@ -33,6 +33,7 @@ import torch.fx
 from xy_inductor.config import BACKEND_OPTIONS, XyConfig, backend_config
 from xy_inductor.lowering import pipeline_uuid
 from xy_inductor.lowering.opaque_ops import opaque_ops
+from xy_inductor.runtime import native
 from xy_inductor.runtime import stats as _stats
 from xy_inductor.runtime.ops import DIRECT_CALLS
 
@@ -62,14 +63,31 @@ class StaleArtifactError(RuntimeError):
 
 def call_directly(gm: torch.fx.GraphModule) -> None:
     """Make the graph call the xyserve implementations without the dispatcher's custom-op
-    layers. Only for graphs that run as traced: Inductor needs the ops themselves."""
+    layers. Only for graphs that run as traced: Inductor needs the ops themselves.
+
+    Except ``gemm`` and ``attention`` on CPU tensors where the C++ CPU kernels load
+    (``runtime/native.py``): through the dispatcher into C++ they cost less than the Python
+    implementation called directly (``benchmarks/op_overhead.py``)."""
+    in_cpp = [getattr(torch.ops.xyserve, name).default for name in native.OP_NAMES]
+    if native.load() is not None:
+        in_cpp = []
     changed = False
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in DIRECT_CALLS:
+            if node.target in in_cpp and _on_cpu(node):
+                continue
             node.target = DIRECT_CALLS[node.target]
             changed = True
     if changed:
         gm.recompile()
+
+
+def _on_cpu(node: torch.fx.Node) -> bool:
+    """Whether the traced value of the op's first argument is a CPU tensor (False if unknown,
+    as in a graph loaded from a cache, which keeps no values)."""
+    first = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+    value = first.meta.get("val") if isinstance(first, torch.fx.Node) else None
+    return isinstance(value, torch.Tensor) and value.device.type == "cpu"
 
 
 def _op_schemas() -> str:
