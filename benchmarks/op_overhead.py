@@ -4,7 +4,9 @@ Part 1, per call (no grad), for ``gemm`` (M=1, K=N=64, then decode size K=512 N=
 ``attention`` (one decode query over 64 keys, GQA 8/4, D=64):
 
   the kernel alone              F.linear / F.scaled_dot_product_attention
-  graph run as traced           what a lowered graph without Inductor calls (``DIRECT_CALLS``)
+  graph run as traced           the Python implementation called directly (``DIRECT_CALLS``):
+                                what a lowered graph without Inductor calls where the C++
+                                kernels do not load
   torch.ops.xyserve.*           the registered op with its Python kernels: what Inductor's
                                 generated code calls
   custom_op twin                the same implementation registered with
