@@ -42,8 +42,10 @@ namespace {
 std::atomic<int64_t> gemm_calls{0};
 std::atomic<int64_t> attention_calls{0};
 // use_providers() blocks open in any thread: while one is, every call takes the Python path,
-// which reads the block's provider list (a ContextVar, invisible from here).
-std::atomic<int64_t> open_overrides{0};
+// which reads the block's provider list (a ContextVar, invisible from here). It starts at one,
+// held by native.py until it has set the blocks already open and planned_min_scores: the
+// kernels are registered the moment the library is loaded.
+std::atomic<int64_t> open_overrides{1};
 // aten.PLANNED_MIN_SCORES, set by native.py when it loads the library.
 std::atomic<int64_t> planned_min_scores{1 << 18};
 

@@ -13,9 +13,10 @@ to the Python implementation, registered as ``xyserve::_gemm_python`` and
 The C++ kernels know the provider rules of one configuration only: ATen serving every CPU call.
 So ``load()`` refuses (returning why) when this process has any other provider, and
 ``use_providers`` blocks (``note_override``) send every call to Python while they are open.
-The backend loads the kernels for ``inductor=True`` graphs, whose ops Inductor's code calls;
-graphs run as traced call the Python implementations directly and never reach them. Set
-``XYSERVE_NATIVE=0`` to never load them.
+The backend loads them when it compiles a graph. Inductor's code calls the ops, and so do graphs
+run as traced for these two ops on CPU tensors once the kernels are loaded (``compiled_graph.
+call_directly``); other ops, and every op where the kernels do not load, are called as the Python
+implementations directly. Set ``XYSERVE_NATIVE=0`` to never load them.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def status() -> str | None:
     """None when the C++ kernels are loaded, else why not."""
     if _lib is not None:
         return None
-    return _refused or "not loaded (the backend loads them for inductor=True graphs)"
+    return _refused or "not loaded yet (the backend loads them when it compiles a graph)"
 
 
 def load() -> str | None:
@@ -85,12 +86,13 @@ def load() -> str | None:
                 from xy_inductor.kernels import aten
 
                 lib.xyserve_native_set_planned_min_scores(aten.PLANNED_MIN_SCORES)
-                lib.xyserve_native_add_overrides(_open_overrides)
+                lib.xyserve_native_add_overrides(_open_overrides - 1)  # releases its hold
                 _lib = lib
                 log.info("xyserve: C++ CPU kernels loaded from %s", path)
                 return None
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 reason = f"building or loading {SOURCE.name} failed: {e}"
+                log.warning("xyserve: C++ CPU kernels not loaded (ops run slower): %s", reason)
         _refused = reason
         log.info("xyserve: C++ CPU kernels not loaded: %s", reason)
         return reason
@@ -154,7 +156,8 @@ def _build() -> Path:
             compiler, *flags, *includes, str(SOURCE), "-o", str(built), *libs,
             "-lc10", "-ltorch_cpu", "-ltorch",
         ]  # fmt: skip
-        log.info("xyserve: compiling %s (once per machine and torch version)", SOURCE.name)
+        # Seen once per machine: it explains a first compile about 8 s longer than the next.
+        log.warning("xyserve: compiling its C++ CPU kernels, once per machine and torch version")
         done = subprocess.run(command, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)}\n{done.stderr[-4000:]}")

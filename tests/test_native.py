@@ -248,3 +248,29 @@ def test_stats_report_the_kernels_and_reset_their_counts():
 
 def test_the_build_is_cached():
     assert native._build() == native._build()
+
+
+def test_why_the_kernels_would_not_load(monkeypatch):
+    from xy_inductor.kernels import ascend
+
+    assert native._why_not() is None
+    monkeypatch.setenv("XYSERVE_NATIVE", "0")
+    assert native._why_not() == "disabled by XYSERVE_NATIVE=0"
+    monkeypatch.delenv("XYSERVE_NATIVE")
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert native._why_not().startswith("no C++ compiler")
+    monkeypatch.delenv("CXX")
+    monkeypatch.setattr(providers, "_default", lambda: (ascend.PROVIDER, aten.PROVIDER))
+    assert native._why_not() == "providers other than ATen serve this process (ascend, aten)"
+
+
+def test_a_failed_build_is_a_reason_not_an_error(monkeypatch, tmp_path):
+    # As on a machine where the compiler cannot build against torch's headers.
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_refused", None)
+    monkeypatch.setenv("XYSERVE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")
+    why = native.load()
+    assert why is not None and why.startswith("building or loading native.cpp failed")
+    assert native.load() == why and native.status() == why  # tried once per process
+    assert not list(tmp_path.glob("*.so"))

@@ -213,8 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--build",
         action="store_true",
-        help="build the C++ CPU kernels of gemm and attention now (else at the first "
-        "inductor=True compile)",
+        help="build the C++ CPU kernels of gemm and attention now (else the first compile does)",
     )
     p.set_defaults(run=providers_cmd)
     args = parser.parse_args(argv)
