@@ -274,3 +274,20 @@ def test_a_failed_build_is_a_reason_not_an_error(monkeypatch, tmp_path):
     assert why is not None and why.startswith("building or loading native.cpp failed")
     assert native.load() == why and native.status() == why  # tried once per process
     assert not list(tmp_path.glob("*.so"))
+
+
+def test_graphs_run_as_traced_call_the_cpp_kernels():
+    from xy_inductor import workload as wl
+
+    model = wl.tiny_model("llama")
+    ids = torch.randint(1, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    compiled = xy_inductor.compile(model)
+    with torch.no_grad():
+        got = compiled(input_ids=ids).logits
+        want = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    counts = native_counts()
+    layers = model.config.num_hidden_layers
+    assert counts[("attention", "aten", "sdpa")] == layers  # every attention call, in C++
+    assert counts[("gemm", "aten", "linear")] >= 4 * layers  # q/k/v/o at least
+    assert xy_inductor.stats().paths["attention"] == {"aten/sdpa": layers}

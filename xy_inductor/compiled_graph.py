@@ -84,9 +84,12 @@ def call_directly(gm: torch.fx.GraphModule) -> None:
 
 def _on_cpu(node: torch.fx.Node) -> bool:
     """Whether the traced value of the op's first argument is a CPU tensor (False if unknown,
-    as in a graph loaded from a cache, which keeps no values)."""
+    as in a graph loaded from a cache, which keeps no values). Dynamo's graphs keep it as
+    ``example_value``, graphs traced by make_fx as ``val``."""
     first = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
-    value = first.meta.get("val") if isinstance(first, torch.fx.Node) else None
+    if not isinstance(first, torch.fx.Node):
+        return False
+    value = first.meta.get("example_value", first.meta.get("val"))
     return isinstance(value, torch.Tensor) and value.device.type == "cpu"
 
 
