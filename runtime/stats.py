@@ -95,7 +95,7 @@ class Stats:
     """Every provider in priority order, with why this process cannot use it (None: it can)."""
     native_kernels: str | None
     """Why the C++ CPU kernels of ``gemm`` and ``attention`` (``runtime/native.py``) do not
-    serve this process's calls from Inductor's code, or None when they do."""
+    serve this process's CPU calls of those ops, or None when they do."""
     varlen_steps: int
     """Serving steps of ``attention_varlen`` (``runtime.serving.VarlenStep``): a token table
     read on the host once and run by every attention layer of the step."""
