@@ -247,7 +247,9 @@ def test_stats_report_the_kernels_and_reset_their_counts():
 
 
 def test_the_build_is_cached():
-    assert native._build() == native._build()
+    path = native._build()
+    built = path.stat().st_mtime_ns
+    assert native._build() == path and path.stat().st_mtime_ns == built  # not compiled again
 
 
 def test_why_the_kernels_would_not_load(monkeypatch):
