@@ -87,8 +87,7 @@ class Stats:
     """``inductor=True``: regions (repeated blocks, and what comes before and after them) the
     graphs were cut into."""
     inductor_regions_compiled: int
-    """Of those, how many Inductor compiled; the rest reused an identical region's code, or
-    (before and after the repeated blocks) run as traced."""
+    """Of those, how many Inductor compiled; the rest reused an identical region's code."""
     region_mismatches: int
     """Calls of a region reusing another's code whose inputs were not shaped as the other's
     were: they ran the region as traced (slower, never wrong)."""

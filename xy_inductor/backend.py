@@ -103,6 +103,14 @@ def _inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[object]) -> Com
         return None
 
 
+def _packed_prefill(gm: torch.fx.GraphModule) -> bool:
+    """Whether ``gm`` is a packed prefill (``hf.accelerate``): its time is in GEMMs and
+    attention, which Inductor leaves to the xyserve ops, so compiling it would double Inductor's
+    compile time for the elementwise ops between them; it runs lowered as traced."""
+    packed = torch.ops.xyserve.attention_packed.default
+    return any(n.op == "call_function" and n.target is packed for n in gm.graph.nodes)
+
+
 def _real_tensor(
     arg: object, gm: torch.fx.GraphModule, inputs: dict[torch.fx.Node, object]
 ) -> torch.Tensor | None:
@@ -192,7 +200,7 @@ def compile_graph(
     gemms = _gemm_weights(gm, example_inputs, checks)
     if reason is not None:
         warnings.warn(f"xyserve: {reason}", stacklevel=2)
-    elif config.inductor:
+    elif config.inductor and not _packed_prefill(gm):
         # Inductor's code calls the ops through the dispatcher: C++ kernels save the crossing
         # back into Python on every CPU call (built once per machine; None or why not).
         native.load()

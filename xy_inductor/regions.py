@@ -10,11 +10,6 @@ become one submodule (``torch.fx.passes.split_module``), the nodes before and af
 two more, and a submodule whose code and input metadata match one already compiled reuses its
 compiled function. The top-level graph then calls the regions in order.
 
-The regions before and after the blocks (embedding and rotary tables, final norm and LM head)
-run as traced: a few small ops, which Inductor takes seconds to compile and which, compiled, save
-a decode step nothing over their region call's own cost (``benchmarks/RESULTS.md``). That
-compile time is spent on the packed prefill's layers instead (``backend.py``).
-
 Each block's inputs have sizes of their own symbols (a cache tensor per layer), so "the same
 metadata" is judged with the symbols renamed in order of appearance. Dynamo's guards hold for
 the region that was compiled, not for those that reuse it; so a reusing region checks, on
@@ -34,7 +29,6 @@ import torch
 import torch.fx
 from torch.fx.passes.split_module import split_module
 
-from xy_inductor.compiled_graph import call_directly
 from xy_inductor.runtime import stats as _stats
 
 __all__ = ["compile_regions", "region_of"]
@@ -266,9 +260,6 @@ def compile_regions(
             nonlocal regions
             submod = self.fetch_attr(target)
             regions += 1
-            if not any(region_of(n) for n in submod.graph.nodes if n.op == "call_function"):
-                call_directly(submod)  # before or after the blocks: runs as traced
-                return submod(*args, **kwargs)
             try:
                 key, symbols = _signature(submod, args)
             except _NotLocatable:
