@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["OP_NAMES", "calls", "load", "loaded", "note_override", "reset_calls", "status"]
+__all__ = ["OP_NAMES", "calls", "load", "loaded", "note_override", "ops", "reset_calls", "status"]
 
 log = logging.getLogger("xy_inductor")
 
@@ -49,6 +49,11 @@ _refused: str | None = None
 _open_overrides = 0
 # Python twins of the ops, the C++ kernels' way back to the Python implementation.
 _twins: torch.library.Library | None = None
+
+
+def ops() -> tuple:
+    """The op overloads with C++ CPU kernels (``torch.ops.xyserve.gemm.default``…)."""
+    return tuple(getattr(torch.ops.xyserve, name).default for name in OP_NAMES)
 
 
 def loaded() -> bool:
@@ -93,8 +98,9 @@ def load() -> str | None:
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 reason = f"building or loading {SOURCE.name} failed: {e}"
                 log.warning("xyserve: C++ CPU kernels not loaded (ops run slower): %s", reason)
+        else:
+            log.info("xyserve: C++ CPU kernels not loaded: %s", reason)
         _refused = reason
-        log.info("xyserve: C++ CPU kernels not loaded: %s", reason)
         return reason
 
 
@@ -192,13 +198,15 @@ def note_override(delta: int) -> None:
 
 
 def calls() -> dict[tuple[str, str, str], int]:
-    """Calls the C++ kernels ran, keyed as ``stats()`` counts calls: (op, provider, path)."""
+    """Calls the C++ kernels ran, keyed as ``stats()`` counts calls: (op, provider, path);
+    only those with calls."""
     if _lib is None:
         return {}
-    return {
+    counts = {
         ("gemm", "aten", "linear"): _lib.xyserve_native_calls(0),
         ("attention", "aten", "sdpa"): _lib.xyserve_native_calls(1),
     }
+    return {key: n for key, n in counts.items() if n}
 
 
 def reset_calls() -> None:

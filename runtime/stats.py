@@ -178,8 +178,6 @@ def stats() -> Stats:
     counted = Counter(c.calls)
     counted.update(native.calls())  # calls the C++ kernels ran (native.py)
     for (op, provider, path), n in counted.items():
-        if not n:
-            continue
         per_provider = calls.setdefault(op, {})
         per_provider[provider] = per_provider.get(provider, 0) + n
         paths.setdefault(op, {})[f"{provider}/{path}"] = n

@@ -68,9 +68,7 @@ def call_directly(gm: torch.fx.GraphModule) -> None:
     Except ``gemm`` and ``attention`` on CPU tensors where the C++ CPU kernels load
     (``runtime/native.py``): through the dispatcher into C++ they cost less than the Python
     implementation called directly (``benchmarks/op_overhead.py``)."""
-    in_cpp = [getattr(torch.ops.xyserve, name).default for name in native.OP_NAMES]
-    if native.load() is not None:
-        in_cpp = []
+    in_cpp = () if native.load() is not None else native.ops()
     changed = False
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in DIRECT_CALLS:
