@@ -210,6 +210,7 @@ def test_backend_options_are_the_config_fields_without_front_end_ones():
         "pack_prefill",
         "ascend_nz_weights",
         "inductor",
+        "inductor_regions",
     )
 
 
@@ -322,9 +323,21 @@ class Pair(nn.Module):
         return a.sum(1) + b.sum(1)
 
 
-def test_inductor_compiles_each_distinct_region_once():
+def test_inductor_compiles_whole_graphs_unless_regions_are_asked_for():
     model = Pair().eval()
     compiled = xy_inductor.compile(model, inductor=True)
+    with torch.no_grad():
+        for lx, ly in ((7, 9), (12, 12)):
+            x, y = randn(2, lx, 64, seed=lx), randn(2, ly, 64, seed=ly)
+            assert rel_error(compiled(x, y), model(x, y)) < TOLERANCE[torch.float32]
+    s = xy_inductor.stats()
+    assert s.backend_compiles == 1 and s.inductor_failures == 0
+    assert (s.inductor_regions, s.inductor_regions_compiled, s.region_mismatches) == (0, 0, 0)
+
+
+def test_inductor_compiles_each_distinct_region_once():
+    model = Pair().eval()
+    compiled = xy_inductor.compile(model, inductor=True, inductor_regions=True)
     with torch.no_grad():
         for lx, ly in ((7, 9), (12, 12), (5, 30)):
             x, y = randn(2, lx, 64, seed=lx), randn(2, ly, 64, seed=ly)

@@ -116,7 +116,7 @@ def test_inductor_true_graphs_run_as_traced_are_saved(monkeypatch):
     """With inductor=True, a graph Inductor did not compile (here: Inductor failed) runs lowered
     as traced, and is saved like any other (a bound ``gm.forward`` is a new object on every
     access, so the backend must not compare against it)."""
-    monkeypatch.setattr(backend, "_inductor", lambda gm, inputs: None)
+    monkeypatch.setattr(backend, "_inductor", lambda gm, inputs, regional: None)
     model = Block().eval()
     gm, inputs = capture(model, torch.randn(1, 10, 64))
     with torch.no_grad():

@@ -75,21 +75,28 @@ def fallback_reason(example_inputs: Sequence[object]) -> str | None:
     return None
 
 
-def _inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[object]) -> CompiledFn | None:
-    """Inductor-compile the lowered graph, region by region when it has repeated blocks (each
-    distinct region once, ``regions.py``); None (and a warning) if Inductor fails on it.
+def _inductor(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[object], regional: bool
+) -> CompiledFn | None:
+    """Inductor-compile the lowered graph, with ``regional`` region by region when it has
+    repeated blocks (each distinct region once, ``regions.py``); None (and a warning) if
+    Inductor fails on it.
 
     The lowered graph is correct as it is, so an Inductor failure costs speed, not the call.
     """
+    from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
     try:
-        regional = compile_regions(gm, example_inputs, compile_fx)
-        if regional is not None:
-            split, regions, compiled = regional
+        cut = compile_regions(gm, example_inputs, compile_fx) if regional else None
+        if cut is not None:
+            split, regions, compiled = cut
             _stats.record_regions(regions, compiled)
             return split.forward
-        return compile_fx(gm, list(example_inputs))
+        # Inductor's size asserts re-check every input on every call (about 60 a decode step,
+        # weights included), which Dynamo's guards have just checked. vLLM turns them off too.
+        with inductor_config.patch(size_asserts=False):
+            return compile_fx(gm, list(example_inputs))
     except (RestartAnalysis, SkipFrame):
         raise  # Dynamo's own control flow (e.g. re-trace with scalars as tensors), not failures
     except Exception as e:  # any Inductor failure (InductorError...) degrades to the traced graph
@@ -204,7 +211,7 @@ def compile_graph(
         # Inductor's code calls the ops through the dispatcher: C++ kernels save the crossing
         # back into Python on every CPU call (built once per machine; None or why not).
         native.load()
-        compiled = _inductor(gm, example_inputs)
+        compiled = _inductor(gm, example_inputs, config.inductor_regions)
         inductor_failed = compiled is None
     inductor_compiled = compiled is not None
     if compiled is None:
