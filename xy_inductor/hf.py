@@ -32,13 +32,14 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from xy_inductor.backend import make_backend
+from xy_inductor.compile_marks import Marks, compiling
 from xy_inductor.config import XyConfig
 
 __all__ = [
@@ -213,53 +214,8 @@ def _register_with_transformers() -> None:
     AttentionInterface.register(PACKED_IMPLEMENTATION, packed_attention_forward)
 
 
-_SYMBOLIC_SETTINGS = {"backed_size_oblivious": True, "use_duck_shape": False}
-
-
-class _SymbolicSizes:
-    """A context that traces marked sizes of 1 as symbols and keeps equal sizes as separate
-    symbols. Entered on every call of the model: the settings are private, so only those this
-    torch version has are set, and by hand (the generic ``config.patch`` costs about 20 us more,
-    a generator-based context manager a few more)."""
-
-    def __init__(self) -> None:
-        from torch.fx.experimental import _config as fx_config
-
-        self.config = fx_config
-        self.names = tuple(k for k in _SYMBOLIC_SETTINGS if hasattr(fx_config, k))
-        self.saved: list[tuple] = []
-
-    def __enter__(self) -> None:
-        config = self.config
-        saved = tuple(getattr(config, k) for k in self.names)
-        self.saved.append(saved)  # a stack: a model may call another accelerated model
-        for k in self.names:
-            setattr(config, k, _SYMBOLIC_SETTINGS[k])
-
-    def __exit__(self, *exc: object) -> None:
-        for k, v in zip(self.names, self.saved.pop(), strict=True):
-            setattr(self.config, k, v)
-
-
-def _mark(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    # Mark an alias, not the caller's tensor: marks are attributes of the tensor object.
-    alias = t.detach()
-    dynamic = [d % t.dim() for d in dims]
-    for d in dynamic:
-        torch._dynamo.mark_dynamic(alias, d)
-    _keep_ones_static(alias, dynamic)
-    return alias
-
-
-def _keep_ones_static(t: torch.Tensor, dynamic: Sequence[int]) -> None:
-    """Mark ``t``'s dims of size 1 that are not in ``dynamic`` static. Dynamo's automatic
-    dynamic remembers sizes per code object, across every compile of the model's class in the
-    process (a plain ``torch.compile`` of another instance, say): a 2-D mask seen there makes
-    dim 1 of our 4-D mask a symbol, which tracing with ``backed_size_oblivious`` cannot prove
-    to be 1, so the attention op's broadcast check failed the compile."""
-    for d, size in enumerate(t.shape):
-        if size == 1 and d not in dynamic:
-            torch._dynamo.mark_static(t, d)
+# The inputs whose sizes ``_Accelerator.marks`` marks (besides the cache's tensors).
+_MARKED = ("input_ids", "inputs_embeds", "position_ids", "cache_position", "attention_mask")
 
 
 class _Accelerator:
@@ -292,7 +248,6 @@ class _Accelerator:
         """Why prefills of this model do not run packed (None: they do)."""
         self.plain_causal = self._plain_causal()
         """Whether every layer's mask is Hugging Face's plain causal one (``_decode_mask``)."""
-        self.symbolic_sizes = _SymbolicSizes()
         from transformers.cache_utils import Cache, DynamicLayer
 
         # Read on every call: imported once (an import statement costs a microsecond or so).
@@ -324,7 +279,7 @@ class _Accelerator:
             if packed is not None:
                 return packed
         args, kwargs = self.prepare(args, kwargs, kw)
-        with self.symbolic_sizes:
+        with compiling(self.marks, kwargs):
             return compiled(*args, **kwargs)
 
     # -- packed prefill: the token table -------------------------------------------------------
@@ -410,7 +365,7 @@ class _Accelerator:
         saved = self.model.config._attn_implementation
         try:
             self.model.config._attn_implementation = PACKED_IMPLEMENTATION
-            with self.symbolic_sizes:
+            with compiling(list, packed.marks):
                 out = compiled(**packed.kwargs)
         finally:
             self.model.config._attn_implementation = saved
@@ -421,8 +376,9 @@ class _Accelerator:
     def prepare(
         self, args: tuple, kwargs: dict, kw: dict[str, Any] | None = None
     ) -> tuple[tuple, dict]:
-        """The call in the one form the compiled code sees: keywords, 4-D masks, marked sizes.
-        ``kw``: the call already bound to the model's signature (``_bind``), if it was."""
+        """The call in the one form the compiled code sees: keywords, 4-D masks, a prepared
+        cache (its sizes are marked only if Dynamo compiles the call: ``marks``). ``kw``: the
+        call already bound to the model's signature (``_bind``), if it was."""
         if self.varargs:
             return args, kwargs
         if kw is None:
@@ -437,19 +393,60 @@ class _Accelerator:
         if self._is_decoder_cache(cache):
             self._initialise(cache, batch, tokens.device)
             kw["attention_mask"] = self._masks(kw, cache, batch, length, tokens.device)
-            self._mark_cache(cache)
+            self._prepare_cache(cache)
         keep = kw.get("logits_to_keep")
         if isinstance(keep, int) and not isinstance(keep, bool) and keep > 0:
             kw["logits_to_keep"] = self._positions_tensor(keep, tokens.device)
+        # What ``marks`` marks, as aliases that are not views: Dynamo traces a view from its
+        # base, and a mark on the view (the decode mask, mask[:, None, None, :]) does not reach
+        # the sizes it makes; the caller's tensors keep no marks either.
+        for name in _MARKED:
+            t = kw.get(name)
+            if isinstance(t, torch.Tensor):
+                kw[name] = t.detach()
+        masks = kw.get("attention_mask")
+        if isinstance(masks, dict):
+            kw["attention_mask"] = {
+                k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in masks.items()
+            }
+        return (), kw
+
+    def marks(self, kw: dict[str, Any]) -> Marks:
+        """The sizes of a prepared call that vary between calls (batch, query and KV lengths),
+        as Dynamo must trace them: what ``compiling`` marks while it compiles the call."""
+        if self.varargs:
+            return []
+        tokens = kw.get("input_ids")
+        if tokens is None:
+            tokens = kw.get("inputs_embeds")
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2:
+            return []
+        batch = tokens.shape[0]
+        marks: list[tuple[torch.Tensor, tuple[int, ...]]] = []
+        cache = kw.get(self.cache_arg) if self.cache_arg else None
+        if self._is_decoder_cache(cache):
+            for layer in getattr(cache, "layers", []):
+                for attr in ("keys", "values"):
+                    t = getattr(layer, attr, None)
+                    if isinstance(t, torch.Tensor) and t.dim() == 4:
+                        marks.append((t, (0, 2)))
         for name in ("input_ids", "inputs_embeds"):
             if isinstance(kw.get(name), torch.Tensor):
-                kw[name] = _mark(kw[name], (0, 1))
+                marks.append((kw[name], (0, 1)))
         for name in ("position_ids", "cache_position"):
-            if isinstance(kw.get(name), torch.Tensor) and kw[name].dim() > 0:
-                kw[name] = self._mark_positions(kw[name], batch)
-        if "attention_mask" in kw:
-            kw["attention_mask"] = self._mark_mask(kw["attention_mask"], batch)
-        return (), kw
+            t = kw.get(name)
+            if isinstance(t, torch.Tensor) and t.dim() > 0:
+                # [B, L] or [L]; a batch of 1 broadcast over a larger batch stays static.
+                marks.append((t, (-1, -2) if t.dim() >= 2 and t.shape[-2] == batch else (-1,)))
+        masks = kw.get("attention_mask")
+        for mask in masks.values() if isinstance(masks, dict) else (masks,):
+            if not isinstance(mask, torch.Tensor):
+                continue
+            if mask.dim() == 4:
+                marks.append((mask, (0, 2, 3) if mask.shape[0] == batch else (2, 3)))
+            else:
+                marks.append((mask, (0, 1) if mask.dim() == 2 else (-1,)))
+        return marks
 
     def _is_decoder_cache(self, cache: object) -> bool:
         return isinstance(cache, self.cache_class) and not self.encoder_decoder
@@ -529,7 +526,7 @@ class _Accelerator:
             position_ids=kw.get("position_ids"),
         )
 
-    def _mark_cache(self, cache: Any) -> None:
+    def _prepare_cache(self, cache: Any) -> None:
         for layer in getattr(cache, "layers", []):
             for attr in ("keys", "values"):
                 t = getattr(layer, attr, None)
@@ -546,23 +543,6 @@ class _Accelerator:
                 # fixed sizes; xyserve does not use CUDA graphs, so the tag only costs graphs.
                 if hasattr(t, "_dynamo_static_input_type"):
                     del t._dynamo_static_input_type
-                torch._dynamo.mark_dynamic(t, 0)
-                torch._dynamo.mark_dynamic(t, 2)
-                _keep_ones_static(t, (0, 2))  # one kv head (multi-query attention)
-
-    def _mark_positions(self, t: torch.Tensor, batch: int) -> torch.Tensor:
-        # [B, L] or [L]; a batch of 1 broadcast over a larger batch stays static.
-        dims = (-1, -2) if t.dim() >= 2 and t.shape[-2] == batch else (-1,)
-        return _mark(t, dims)
-
-    def _mark_mask(self, mask: object, batch: int) -> object:
-        if isinstance(mask, dict):
-            return {k: self._mark_mask(v, batch) for k, v in mask.items()}
-        if not isinstance(mask, torch.Tensor):
-            return mask
-        if mask.dim() == 4:
-            return _mark(mask, (0, 2, 3) if mask.shape[0] == batch else (2, 3))
-        return _mark(mask, (0, 1) if mask.dim() == 2 else (-1,))
 
     def _positions_tensor(self, keep: int, device: torch.device) -> torch.Tensor:
         key = (keep, device)
@@ -606,9 +586,18 @@ class _PackedCall:
     the padded call would have returned."""
 
     def __init__(
-        self, kwargs: dict, cache: Any, dest: _PackedKV, batch: int, length: int, keep: int
+        self,
+        kwargs: dict,
+        marks: list[tuple[torch.Tensor, tuple[int, ...]]],
+        cache: Any,
+        dest: _PackedKV,
+        batch: int,
+        length: int,
+        keep: int,
     ) -> None:
         self.kwargs = kwargs
+        self.marks = marks
+        """The sizes to mark dynamic if Dynamo compiles the call (``compiling``)."""
         self.cache = cache
         self.dest = dest
         self.batch = batch
@@ -652,26 +641,26 @@ class _PackedCall:
         dtype = acc.model.dtype
         keys = [tokens.new_zeros(shape, dtype=dtype) for _ in range(text.num_hidden_layers)]
         values = [tokens.new_zeros(shape, dtype=dtype) for _ in range(text.num_hidden_layers)]
-        for t in (*keys, *values):
-            torch._dynamo.mark_dynamic(t, 0)
         index = torch.cat([rows * length + slots, one + batch * length])
-        dest = _PackedKV(keys, values, _mark(index, (0,)))
+        dest = _PackedKV(keys, values, index)
         packed = {
             k: v
             for k, v in kw.items()
             if k not in ("attention_mask", "position_ids", "cache_position", acc.cache_arg)
         }
         packed.update(
-            input_ids=_mark(torch.cat([tokens[rows, slots], one.to(tokens.dtype)])[None], (1,)),
-            position_ids=_mark(torch.cat([packed_positions, one])[None], (1,)),
+            input_ids=torch.cat([tokens[rows, slots], one.to(tokens.dtype)])[None],
+            position_ids=torch.cat([packed_positions, one])[None],
             attention_mask=None,
-            logits_to_keep=_mark(last, (0,)),
-            cu_seq_lens_q=_mark(cu, (0,)),
-            cu_seq_lens_k=_mark(cu, (0,)),
+            logits_to_keep=last,
+            cu_seq_lens_q=cu,
+            cu_seq_lens_k=cu.detach(),  # an alias: two inputs, as the padded call has
             use_cache=True,
         )
         packed[acc.cache_arg] = dest
-        return cls(packed, cache, dest, batch, length, keep)
+        marks = [(t, (0,)) for t in (*keys, *values, index, last, cu, packed["cu_seq_lens_k"])]
+        marks += [(packed["input_ids"], (1,)), (packed["position_ids"], (1,))]
+        return cls(packed, marks, cache, dest, batch, length, keep)
 
     def finish(self, out: Any) -> Any:
         """The output as the padded call returns it: logits ``[B, keep, V]`` and the real cache,

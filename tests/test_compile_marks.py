@@ -1,0 +1,120 @@
+"""Size marks and symbolic settings exist only while Dynamo compiles (``compile_marks.py``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.fx.experimental import _config as fx_config
+
+import xy_inductor
+from xy_inductor import compile_marks, hf
+from xy_inductor import workload as wl
+from xy_inductor.compile_marks import compiling
+
+CALLS = ((7,), (1,), (33,), (5, 3), (9, 2, 4))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return wl.tiny_llama()
+
+
+def _dynamo_attrs(t: torch.Tensor) -> set[str]:
+    return {k for k in vars(t) if k.startswith("_dynamo_")}
+
+
+def _graphs() -> int:
+    return xy_inductor.stats().backend_compiles
+
+
+class _Counting:
+    """``_Accelerator.marks`` with a count of its calls."""
+
+    def __init__(self, accelerator) -> None:
+        self.marks = accelerator.marks
+        self.calls = 0
+
+    def __call__(self, kw):
+        self.calls += 1
+        return self.marks(kw)
+
+
+def _run_calls(model, reference, calls=CALLS):
+    for i, lengths in enumerate(calls):
+        ids, mask = wl.prompt_batch(lengths, reference.config.vocab_size, seed=i)
+        with torch.no_grad():
+            got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3)
+            want = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        # Nothing handed to the model keeps a mark.
+        assert not _dynamo_attrs(ids) and not _dynamo_attrs(mask)
+
+
+def test_marks_are_computed_only_when_dynamo_compiles(reference, monkeypatch):
+    model = hf.accelerate(wl.copy_model(reference))
+    accelerator = model._xyserve_accelerator
+    counting = _Counting(accelerator)
+    monkeypatch.setattr(accelerator, "marks", counting)
+    _run_calls(model, reference)
+    # Two graphs (prefill and decode): decode marks once; packed prefills mark their own
+    # tensors through the same path, which counts under `list`, not here.
+    assert _graphs() <= 2
+    assert counting.calls == 1
+    _run_calls(model, reference)  # a second pass compiles nothing and marks nothing
+    assert counting.calls == 1
+
+
+def test_settings_and_cache_marks_are_taken_off_after_each_compile(reference):
+    from transformers import DynamicCache
+
+    defaults = {k: getattr(fx_config, k) for k in compile_marks.SETTINGS if hasattr(fx_config, k)}
+    model = hf.accelerate(wl.copy_model(reference))
+    ids, mask = wl.prompt_batch((6,), reference.config.vocab_size, seed=0)
+    cache = DynamicCache(config=reference.config)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, cache=cache, logits_to_keep=1)
+        token = out.logits[:, -1:].argmax(-1)
+        mask = torch.cat([mask, mask.new_ones((1, 1))], dim=1)
+        model(input_ids=token, attention_mask=mask, cache=cache, logits_to_keep=1)
+    assert _graphs() == 2
+    assert {k: getattr(fx_config, k) for k in defaults} == defaults
+    for layer in cache.layers:
+        assert not _dynamo_attrs(layer.keys) and not _dynamo_attrs(layer.values)
+    assert not _dynamo_attrs(token) and not _dynamo_attrs(mask)
+
+
+def test_a_failed_compile_takes_its_marks_and_settings_off():
+    defaults = {k: getattr(fx_config, k) for k in compile_marks.SETTINGS if hasattr(fx_config, k)}
+    x = torch.randn(3, 5)
+    x._dynamo_static_indices = {7}  # a mark of the caller's own, kept as it was
+    seen = {}
+
+    def failing(gm, example_inputs):
+        seen.update({k: getattr(fx_config, k) for k in defaults})
+        seen["x"] = set(x._dynamo_dynamic_indices)
+        raise RuntimeError("backend failed")
+
+    fn = torch.compile(lambda t: t * 2, backend=failing)
+    with pytest.raises(Exception, match="backend failed"), compiling(list, [(x, (0,))]):
+        fn(x)
+    assert seen == {**compile_marks.SETTINGS, "x": {0}}
+    assert {k: getattr(fx_config, k) for k in defaults} == defaults
+    assert _dynamo_attrs(x) == {"_dynamo_static_indices"} and x._dynamo_static_indices == {7}
+
+
+def test_dynamo_reset_between_calls_keeps_the_marks_working(reference):
+    model = hf.accelerate(wl.copy_model(reference))
+    _run_calls(model, reference, CALLS[:2])
+    torch._dynamo.reset()  # clears Dynamo's compile callbacks too
+    before = _graphs()
+    _run_calls(model, reference, CALLS)
+    assert _graphs() - before <= 2
+
+
+def test_without_compile_callbacks_marks_are_applied_around_the_call(reference, monkeypatch):
+    # A torch without torch._dynamo.callback: the marks go on before the call and come off
+    # after it, and the model still compiles two graphs.
+    monkeypatch.setattr(compiling, "handler", None)
+    model = hf.accelerate(wl.copy_model(reference))
+    _run_calls(model, reference)
+    assert _graphs() <= 2
