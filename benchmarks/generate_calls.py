@@ -1,12 +1,13 @@
 """Where a pass of the ``generate()`` workload goes, call by call: eager, Inductor
-``dynamic=True`` and xyserve with ``inductor=True`` (``DynamicCache``), in one process.
+``dynamic=True`` and xyserve with ``inductor=True``, in one process (``DynamicCache``, or
+``StaticCache`` with ``--cache static``).
 
 For each call of the workload (``xy_inductor.workload.WORKLOAD``) it times ``generate()`` with
 16 new tokens and with 1 (the prefill and ``generate()``'s own set-up), medians over rounds that
 alternate the variants; the difference over 15 is the cost of one decode step inside
 ``generate()``. It shows which calls a variant wins or loses, and whether by prefill or decode.
 
-    .venv/bin/python benchmarks/generate_calls.py [--rounds 5]      # about 4 minutes
+    .venv/bin/python benchmarks/generate_calls.py [--rounds 5] [--cache static]  # about 4 minutes
 """
 
 from __future__ import annotations
@@ -21,17 +22,23 @@ from xy_inductor import hf
 from xy_inductor import workload as wl
 
 
-def _generate_ms(model: torch.nn.Module, index: int, lengths: tuple[int, ...], new: int) -> float:
+def _generate_ms(
+    model: torch.nn.Module, index: int, lengths: tuple[int, ...], new: int, cache: str
+) -> float:
     ids, mask = wl.prompt_batch(lengths, model.config.vocab_size, seed=index)
+    extra = {"cache_implementation": "static"} if cache == "static" else {}
     start = time.perf_counter()
     with torch.no_grad():
-        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+        model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, **extra
+        )
     return (time.perf_counter() - start) * 1e3
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--cache", choices=("dynamic", "static"), default="dynamic")
     args = p.parse_args()
     torch._dynamo.config.recompile_limit = 64  # two compiled copies of one model class
     reference = wl.tiny_llama()
@@ -45,19 +52,22 @@ def main() -> None:
     for model in variants.values():  # compile, then one warm pass
         for _ in range(2):
             for i, lengths in enumerate(wl.WORKLOAD):
-                _generate_ms(model, i, lengths, wl.NEW_TOKENS)
-                _generate_ms(model, i, lengths, 1)
+                _generate_ms(model, i, lengths, wl.NEW_TOKENS, args.cache)
+                _generate_ms(model, i, lengths, 1, args.cache)
     times: dict[tuple[str, int, int], list[float]] = {}
     for _ in range(args.rounds):
         for name, model in variants.items():
             for i, lengths in enumerate(wl.WORKLOAD):
                 for new in (wl.NEW_TOKENS, 1):
                     times.setdefault((name, i, new), []).append(
-                        _generate_ms(model, i, lengths, new)
+                        _generate_ms(model, i, lengths, new, args.cache)
                     )
     ms = {key: statistics.median(t) for key, t in times.items()}
     steps = wl.NEW_TOKENS - 1
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds, "
+        f"{args.cache} cache"
+    )
     print(
         f"{'prompt lengths':<20}"
         + "".join(f"{n + ' ms':>13}{'prefill':>9}{'step':>7}" for n in variants)

@@ -61,10 +61,10 @@ class XyConfig:
     code that reads the weights' device memory directly sees the new layout."""
 
     inductor: bool = False
-    """Compile the rest of each graph with Inductor, once, with symbolic sizes; the xyserve ops
-    stay opaque calls. Packed
-    prefills (``hf.accelerate``) stay as traced: their time is in GEMMs and attention, and
-    compiling them would double Inductor's compile time. Where ATen is the only GEMM provider,
+    """Compile the rest of each graph with Inductor, whole, once, with symbolic sizes; the
+    xyserve ops stay opaque calls. Packed prefills (``hf.accelerate``) stay as traced: their
+    time is in GEMMs and attention, and compiling them would add about a third to Inductor's
+    compile time (``benchmarks/RESULTS.md``). Where ATen is the only GEMM provider,
     linear layers stay Inductor's (see ``lower_linear``). Off: the lowered graph runs as
     traced, and compiling costs only tracing."""
 
@@ -72,9 +72,10 @@ class XyConfig:
     """With ``inductor``: compile each distinct repeated block (decoder layer) once and reuse its
     code for every block with the same code (regional compilation, as Hugging Face accelerate's
     ``compile_regions``; ``regions.py``). It saves compile time in proportion to the layers and
-    costs every call the fusion across block boundaries: on the tiny Llama (4 layers) 1.5 s of
-    a 19.7 s compile against 0.22 ms of a 2.25 ms decode step, on 16 layers 7.6 of 31.7 s
-    against 0.5 of 11.7 ms (``benchmarks/RESULTS.md``). Off: each graph compiles whole."""
+    costs every call the fusion across block boundaries and a call per block: on the tiny Llama
+    (4 layers) about 1.5 s of a 20 s compile against 0.2 ms of a 2.1–2.3 ms decode step, on 16
+    layers 10 of 34.5 s against 2.2 of 12 ms (``benchmarks/regions.py``). Off: each graph
+    compiles whole."""
 
     dynamic: bool | None = True
     """``torch.compile(dynamic=...)`` for ``xy_inductor.compile``. True traces sizes as symbols
