@@ -20,7 +20,7 @@ def reference():
 
 
 def _dynamo_attrs(t: torch.Tensor) -> set[str]:
-    return {k for k in vars(t) if k.startswith("_dynamo_")}
+    return {k for k in vars(t) if k.startswith(("_dynamo_", "_has_dynamo_"))}
 
 
 def _graphs() -> int:
@@ -118,3 +118,19 @@ def test_without_compile_callbacks_marks_are_applied_around_the_call(reference, 
     model = hf.accelerate(wl.copy_model(reference))
     _run_calls(model, reference)
     assert _graphs() <= 2
+
+
+def test_marks_that_raise_leave_the_compile_unmarked_and_the_settings_as_they_were(caplog):
+    defaults = {k: getattr(fx_config, k) for k in compile_marks.SETTINGS if hasattr(fx_config, k)}
+    x = torch.randn(3, 5)
+
+    def broken(arg):
+        yield (x, (0,))
+        raise RuntimeError("no marks today")
+
+    fn = torch.compile(lambda t: t * 2, backend="eager")
+    with caplog.at_level("WARNING", logger="xy_inductor"), compiling(broken, None):
+        torch.testing.assert_close(fn(x), x * 2)
+    assert "could not mark the sizes of a call" in caplog.text
+    assert {k: getattr(fx_config, k) for k in defaults} == defaults
+    assert not _dynamo_attrs(x)

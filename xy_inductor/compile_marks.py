@@ -20,6 +20,7 @@ instead (the way it was done before), and taken off after it.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -35,6 +36,7 @@ SETTINGS: dict[str, object] = {"backed_size_oblivious": True, "use_duck_shape": 
 """``torch.fx.experimental._config`` while an announced call compiles (those this torch has)."""
 
 _LOCAL = threading.local()
+log = logging.getLogger("xy_inductor")
 
 
 def _stack(name: str) -> list:
@@ -55,14 +57,18 @@ class _Applied:
         self.config = fx_config
         self.settings = {k: getattr(fx_config, k) for k in SETTINGS if hasattr(fx_config, k)}
         self.tensors: list[tuple[torch.Tensor, dict[str, object]]] = []
-        for k in self.settings:
-            setattr(fx_config, k, SETTINGS[k])
-        seen: set[int] = set()
-        for t, dims in marks(arg):
-            if id(t) not in seen:
-                seen.add(id(t))
-                self.tensors.append((t, _dynamo_attributes(t)))
-            _mark(t, dims)
+        try:
+            for k in self.settings:
+                setattr(fx_config, k, SETTINGS[k])
+            seen: set[int] = set()
+            for t, dims in marks(arg):
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    self.tensors.append((t, _dynamo_attributes(t)))
+                _mark(t, dims)
+        except BaseException:
+            self.undo()  # half-applied: put back what was changed, then fail
+            raise
 
     def undo(self) -> None:
         for k, v in self.settings.items():
@@ -78,7 +84,7 @@ def _dynamo_attributes(t: torch.Tensor) -> dict[str, object]:
     return {
         k: (v.copy() if isinstance(v, (set, dict)) else v)
         for k, v in vars(t).items()
-        if k.startswith("_dynamo_")
+        if k.startswith(("_dynamo_", "_has_dynamo_"))  # _has_dynamo_dim_marking is guarded on
     }
 
 
@@ -99,7 +105,15 @@ def _mark(t: torch.Tensor, dims: Sequence[int]) -> None:
 
 def _on_start(_args: object) -> None:
     calls = _stack("calls")
-    _stack("applied").append(_Applied(*calls[-1]) if calls else None)
+    applied = None
+    if calls:
+        try:
+            applied = _Applied(*calls[-1])
+        except Exception:
+            # Unmarked, the call traces with static sizes: more graphs, never a wrong answer;
+            # an exception here would fail the user's compile instead.
+            log.warning("xyserve: could not mark the sizes of a call", exc_info=True)
+    _stack("applied").append(applied)
 
 
 def _on_end(_args: object) -> None:
