@@ -163,8 +163,57 @@ def test_padded_prefills_run_packed_with_eager_tokens(reference, cache):
         torch.testing.assert_close(out, want, rtol=0, atol=0)
     layers = reference.config.num_hidden_layers
     s = xy_inductor.stats()
-    assert s.calls["attention_packed"] == {"aten": layers * len(calls)}  # every prefill packed
+    # Every padded prefill packed. With DynamicCache, (1,), unpadded and after a decode step,
+    # ran in the decode graph instead (the next test); a StaticCache packs every prefill.
+    packed = 3 if cache == "dynamic" else len(calls)
+    assert s.calls["attention_packed"] == {"aten": layers * packed}
     assert s.backend_compiles == 2  # the packed prefill and decode
+
+
+@pytest.mark.parametrize("inductor", [False, True])
+def test_unpadded_prefills_run_in_the_decode_graph_once_it_exists(reference, inductor):
+    # A prefill without padding gains nothing from packing; once a decode step has run, it
+    # runs in the decode graph (its cache given zero-length layers), without a new graph.
+    calls = ((7,), (5, 3), (12,), (4, 4), (1,))
+    expected = wl.generate_pass(reference, "dynamic", calls, 3).outputs
+    model = hf.accelerate(wl.copy_model(reference), inductor=inductor)
+    first = wl.generate_pass(model, "dynamic", calls, 3)
+    second = wl.generate_pass(model, "dynamic", calls, 3)
+    for want, a, b in zip(expected, first.outputs, second.outputs, strict=True):
+        torch.testing.assert_close(a, want, rtol=0, atol=0)
+        torch.testing.assert_close(b, want, rtol=0, atol=0)
+    layers = reference.config.num_hidden_layers
+    s = xy_inductor.stats()
+    # Packed: the first (7,) (no decode step yet) and (5, 3) twice. (12,), (4, 4) (a batch
+    # without padding) and (1,) ran in the decode graph.
+    assert s.calls["attention_packed"] == {"aten": layers * 3}
+    assert s.backend_compiles == 2
+
+
+def test_an_unpadded_prefill_of_another_form_stays_packed(reference):
+    # The decode graph serves a prefill only if the call has the form of the decode steps it
+    # was compiled for (same keywords, scalar values, tensor ranks): here the prefill passes no
+    # position_ids, the decode steps do, so the prefill runs packed (no third graph).
+    from transformers import DynamicCache
+
+    model = hf.accelerate(wl.copy_model(reference))
+    for n in (6, 9):
+        ids, mask = wl.prompt_batch([n], reference.config.vocab_size, seed=n)
+        cache = DynamicCache(config=reference.config)
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, cache=cache, logits_to_keep=1)
+            token = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, mask.new_ones((1, 1))], dim=1)
+            model(
+                input_ids=token,
+                attention_mask=mask,
+                cache=cache,
+                position_ids=torch.tensor([[n]]),
+                logits_to_keep=1,
+            )
+    s = xy_inductor.stats()
+    assert s.calls["attention_packed"] == {"aten": reference.config.num_hidden_layers * 2}
+    assert s.backend_compiles == 2
 
 
 def test_pack_prefill_false_runs_the_padded_batch(reference):

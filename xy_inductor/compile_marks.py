@@ -142,19 +142,32 @@ class compiling:
     handler: Any = False
     """Dynamo's callback handler (None: this torch has none; False: not looked up yet)."""
 
+    generation: int = 0
+    """Bumped each time the callbacks are registered. ``torch._dynamo.reset()`` clears them
+    together with every compiled graph, so a new generation means the graphs seen are gone."""
+
+    @classmethod
+    def registered(cls) -> int | None:
+        """Register the callbacks if they are not (the first call, or after a Dynamo reset);
+        the current generation, or None where this torch has no compile callbacks."""
+        handler = cls.handler
+        if handler is False:
+            handler = cls.handler = _handler()
+        if handler is None:
+            return None
+        if _on_start not in handler.start_callbacks:
+            handler.register_start_callback(_on_start)
+            handler.register_end_callback(_on_end)
+            cls.generation += 1
+        return cls.generation
+
     def __init__(self, marks: Callable[[Any], Marks], arg: Any) -> None:
         self.entry = (marks, arg)
         self.eager: _Applied | None = None
 
     def __enter__(self) -> None:
-        handler = compiling.handler
-        if handler is False:
-            handler = compiling.handler = _handler()
-        if handler is not None:
-            # Checked on every call: torch._dynamo.reset() clears the callbacks.
-            if _on_start not in handler.start_callbacks:
-                handler.register_start_callback(_on_start)
-                handler.register_end_callback(_on_end)
+        # Checked on every call: torch._dynamo.reset() clears the callbacks.
+        if compiling.registered() is not None:
             _stack("calls").append(self.entry)
         else:
             self.eager = _Applied(*self.entry)

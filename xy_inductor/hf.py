@@ -253,6 +253,11 @@ class _Accelerator:
         # Read on every call: imported once (an import statement costs a microsecond or so).
         self.cache_class, self.dynamic_layer = Cache, DynamicLayer
         self.encoder_decoder = bool(model.config.is_encoder_decoder)
+        self.decode_form: frozenset | None = None
+        self.decode_generation: int | None = None
+        """The form (``_form``) of a ``DynamicCache`` decode step that ran through the compiled
+        code, and the ``compiling.generation`` it ran in: while Dynamo still holds that graph, a
+        prefill without padding and of the same form runs in it (``_start_empty``), not packed."""
 
     def _compile(self, backend: Callable) -> Callable:
         # dynamic=None: the sizes `prepare` marks are symbols from the first trace; anything else
@@ -278,9 +283,15 @@ class _Accelerator:
             packed = self._packed_prefill(compiled, kw)
             if packed is not None:
                 return packed
+        form = None
+        if self.decode_generation != compiling.generation and kw and self._dynamic_decode(kw):
+            form = self._form(kw)  # read before prepare() rewrites kw
         args, kwargs = self.prepare(args, kwargs, kw)
         with compiling(self.marks, kwargs):
-            return compiled(*args, **kwargs)
+            out = compiled(*args, **kwargs)
+        if form is not None:
+            self.decode_form, self.decode_generation = form, compiling.generation
+        return out
 
     # -- packed prefill: the token table -------------------------------------------------------
 
@@ -361,6 +372,9 @@ class _Accelerator:
             return None  # not left-padded (holes, right padding)
         if int(lens.min()) < keep:
             return None  # logits of padding slots asked for
+        unpadded = int(lens.min()) == length
+        if unpadded and self._decode_serves(kw) and self._start_empty(cache, batch):
+            return None  # the decode graph serves it (_start_empty)
         packed = _PackedCall.build(self, kw, tokens, mask, lens, cache, keep)
         saved = self.model.config._attn_implementation
         try:
@@ -370,6 +384,78 @@ class _Accelerator:
         finally:
             self.model.config._attn_implementation = saved
         return packed.finish(out)
+
+    def _start_empty(self, cache: Any, batch: int) -> bool:
+        """Give a fresh ``DynamicCache``'s layers keys and values of length zero, so that a
+        prefill traces as a decode step does (``torch.cat`` onto the cache, the same guards, the
+        query length a symbol) and runs in the decode graph, Inductor's code included. Packing
+        a batch without padding saves nothing, and its graph runs as traced: measured on the
+        tiny Llama, a 7-token prompt took 2.65 ms this way against 4.19 packed (120 tokens:
+        11.6 against 14.4). Only where a decode step of the same form has run in the graph
+        Dynamo holds (``_decode_serves``): compiled first, a length of zero would be
+        specialised. False, and the cache untouched, unless every layer is an uninitialised
+        ``DynamicLayer`` of a plain causal model."""
+        layers = getattr(cache, "layers", None)
+        text = self.model.config.get_text_config()
+        if not self.plain_causal or not layers or len(layers) != text.num_hidden_layers:
+            return False
+        if any(type(layer) is not self.dynamic_layer or layer.is_initialized for layer in layers):
+            return False
+        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        device = self.model.device
+        for layer in layers:
+            # The strides a decode step's cache has, (H·L·D, L·D, D, 1) at L = 0 (an empty
+            # tensor's default strides count a zero size as one): Dynamo guards on them.
+            keys, values = (
+                torch.empty_strided(
+                    (batch, heads, 0, dim), (0, 0, dim, 1), dtype=self.model.dtype, device=device
+                )
+                for _ in range(2)
+            )
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+        return True
+
+    def _decode_serves(self, kw: dict[str, Any]) -> bool:
+        """Whether the decode graph Dynamo holds takes this prefill: one compiled in this Dynamo
+        generation, for a call of the same form."""
+        return (
+            self.decode_generation is not None
+            and self.decode_generation == compiling.registered()
+            and self._form(kw) == self.decode_form
+        )
+
+    @staticmethod
+    def _form(kw: dict[str, Any]) -> frozenset:
+        """What Dynamo's guards read of a call besides sizes: which keywords, the dtype, rank
+        and device of their tensors, the type of their objects and the value of their scalars.
+        The attention mask is left out: ``prepare`` builds the same 4-D form for every call."""
+        form = []
+        for k, v in kw.items():
+            if k == "attention_mask":
+                continue
+            if isinstance(v, torch.Tensor):
+                form.append((k, "tensor", v.dtype, v.dim(), v.device))
+            elif v is None or isinstance(v, (bool, int, float, str)):
+                form.append((k, type(v), v))
+            else:
+                form.append((k, type(v)))
+        return frozenset(form)
+
+    def _dynamic_decode(self, kw: dict[str, Any]) -> bool:
+        """Whether a prepared call is a decode step (one new token) onto a ``DynamicCache``."""
+        tokens = kw.get("input_ids")
+        cache = kw.get(self.cache_arg) if self.cache_arg else None
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] != 1:
+            return False
+        if not self._is_decoder_cache(cache):
+            return False
+        layers = getattr(cache, "layers", None)
+        dynamic = self.dynamic_layer
+        if not layers or any(type(layer) is not dynamic for layer in layers):
+            return False
+        return cache.get_seq_length() > 0
 
     # -- normalising a call -------------------------------------------------------------------
 
