@@ -359,3 +359,21 @@ def test_the_deprecated_cache_keyword_is_prepared_like_the_new_one(reference, na
                     )
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     assert counters["stats"]["unique_graphs"] - before == 2  # packed prefill, decode
+
+
+def test_a_zero_length_cache_compiles_correctly_where_no_decode_graph_takes_it(reference):
+    # Robustness: should Dynamo hold no graph for the zero-length prefill (a case _decode_serves
+    # is meant to rule out), the call compiles one and still answers exactly.
+    from xy_inductor.compile_marks import compiling
+
+    model = hf.accelerate(wl.copy_model(reference))
+    accelerator = model._xyserve_accelerator
+    calls = ((7,), (1,), (4, 4))
+    expected = wl.generate_pass(reference, "dynamic", calls, 3).outputs
+    wl.generate_pass(model, "dynamic", ((3,),), 2)  # the decode graph and its form
+    form = accelerator.decode_form
+    torch._dynamo.reset()
+    accelerator.decode_form, accelerator.decode_generation = form, compiling.registered()
+    got = wl.generate_pass(model, "dynamic", calls, 3).outputs
+    for want, out in zip(expected, got, strict=True):
+        torch.testing.assert_close(out, want, rtol=0, atol=0)

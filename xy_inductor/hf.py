@@ -17,11 +17,16 @@ so that every call reaches the compiled code in the same form:
   which gathers a contiguous slice (slicing specialises ``F.linear`` on batch 1 under Dynamo);
 - batch, query and KV lengths are marked dynamic, and traced with ``backed_size_oblivious`` and
   no duck sizing, so that a size of 1 is not specialised and equal sizes are not tied together;
+  both only while Dynamo compiles a call (``compile_marks.py``), so steps that run compiled code
+  pay nothing for them;
 - a prefill of a (left-)padded batch runs packed: only the real tokens, one sequence after
   another, with attention per sequence (``xyserve.attention_packed``, the token table of
   XY-Serve), so linear layers, norms and MLPs compute nothing for padding. The keys and values
   are scattered into the cache in the padded layout decode expects, and only the logits
-  ``generate()`` asked for (``logits_to_keep``) are computed.
+  ``generate()`` asked for (``logits_to_keep``) are computed;
+- a prefill without padding onto a fresh ``DynamicCache`` runs in the decode graph once a decode
+  step of the same form has run there (its cache layers start with zero-length keys and values):
+  packing would save nothing, and the decode graph is the one Inductor compiled.
 
 Measured on the tiny Llama workload (prompt lengths 1..511, batches 1..4): 2 graphs with a
 ``DynamicCache`` (prefill, decode), 1 with a ``StaticCache``.
