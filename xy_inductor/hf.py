@@ -449,7 +449,8 @@ class _Accelerator:
         return frozenset(form)
 
     def _dynamic_decode(self, kw: dict[str, Any]) -> bool:
-        """Whether a prepared call is a decode step (one new token) onto a ``DynamicCache``."""
+        """Whether a call (bound to the signature) is a decode step, one new token onto a
+        ``DynamicCache``."""
         tokens = kw.get("input_ids")
         cache = kw.get(self.cache_arg) if self.cache_arg else None
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] != 1:
