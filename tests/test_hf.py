@@ -163,22 +163,24 @@ def test_padded_prefills_run_packed_with_eager_tokens(reference, cache):
         torch.testing.assert_close(out, want, rtol=0, atol=0)
     layers = reference.config.num_hidden_layers
     s = xy_inductor.stats()
-    # Every padded prefill packed. With DynamicCache, (1,), unpadded and after a decode step,
-    # ran in the decode graph instead (the next test); a StaticCache packs every prefill.
-    packed = 3 if cache == "dynamic" else len(calls)
-    assert s.calls["attention_packed"] == {"aten": layers * packed}
+    # Every padded prefill packed; (1,), unpadded and after a decode step, ran in the decode
+    # graph instead (the next test).
+    assert s.calls["attention_packed"] == {"aten": layers * 3}
     assert s.backend_compiles == 2  # the packed prefill and decode
 
 
-@pytest.mark.parametrize("inductor", [False, True])
-def test_unpadded_prefills_run_in_the_decode_graph_once_it_exists(reference, inductor):
+@pytest.mark.parametrize(
+    ("cache", "inductor"), [("dynamic", False), ("dynamic", True), ("static", False)]
+)
+def test_unpadded_prefills_run_in_the_decode_graph_once_it_exists(reference, cache, inductor):
     # A prefill without padding gains nothing from packing; once a decode step has run, it
-    # runs in the decode graph (its cache given zero-length layers), without a new graph.
+    # runs in the decode graph (a DynamicCache given zero-length layers, a StaticCache as
+    # initialised), without a new graph.
     calls = ((7,), (5, 3), (12,), (4, 4), (1,))
-    expected = wl.generate_pass(reference, "dynamic", calls, 3).outputs
+    expected = wl.generate_pass(reference, cache, calls, 3).outputs
     model = hf.accelerate(wl.copy_model(reference), inductor=inductor)
-    first = wl.generate_pass(model, "dynamic", calls, 3)
-    second = wl.generate_pass(model, "dynamic", calls, 3)
+    first = wl.generate_pass(model, cache, calls, 3)
+    second = wl.generate_pass(model, cache, calls, 3)
     for want, a, b in zip(expected, first.outputs, second.outputs, strict=True):
         torch.testing.assert_close(a, want, rtol=0, atol=0)
         torch.testing.assert_close(b, want, rtol=0, atol=0)
