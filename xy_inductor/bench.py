@@ -64,6 +64,7 @@ CONFIGS: dict[str, Callable[[torch.nn.Module], torch.nn.Module] | None] = {
     "inductor-dynamic": _torch_compile(dynamic=True),
     "xyserve": _xyserve(),
     "xyserve-inductor": _xyserve(inductor=True),
+    "xyserve-inductor-regions": _xyserve(inductor=True, inductor_regions=True),
     "xyserve-fused": _xyserve(fuse_siblings=True),
 }
 """Name -> how it is applied to a model's ``forward`` (None: eager, the reference)."""

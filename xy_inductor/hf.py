@@ -24,9 +24,10 @@ so that every call reaches the compiled code in the same form:
   XY-Serve), so linear layers, norms and MLPs compute nothing for padding. The keys and values
   are scattered into the cache in the padded layout decode expects, and only the logits
   ``generate()`` asked for (``logits_to_keep``) are computed;
-- a prefill without padding onto a fresh ``DynamicCache`` runs in the decode graph once a decode
-  step of the same form has run there (its cache layers start with zero-length keys and values):
-  packing would save nothing, and the decode graph is the one Inductor compiled.
+- a prefill without padding runs in the decode graph once a decode step of the same form has run
+  there (a ``DynamicCache``'s layers start with zero-length keys and values, a ``StaticCache`` is
+  initialised anyway): packing would save nothing, and the decode graph is the one Inductor
+  compiled.
 
 Measured on the tiny Llama workload (prompt lengths 1..511, batches 1..4): 2 graphs with a
 ``DynamicCache`` (prefill, decode), 1 with a ``StaticCache``.
