@@ -88,14 +88,14 @@ def _inductor(
     from torch._inductor.compile_fx import compile_fx
 
     try:
-        cut = compile_regions(gm, example_inputs, compile_fx) if regional else None
-        if cut is not None:
-            split, regions, compiled = cut
-            _stats.record_regions(regions, compiled)
-            return split.forward
         # Inductor's size asserts re-check every input on every call (about 60 a decode step,
         # weights included), which Dynamo's guards have just checked. vLLM turns them off too.
         with inductor_config.patch(size_asserts=False):
+            cut = compile_regions(gm, example_inputs, compile_fx) if regional else None
+            if cut is not None:
+                split, regions, compiled = cut
+                _stats.record_regions(regions, compiled)
+                return split.forward
             return compile_fx(gm, list(example_inputs))
     except (RestartAnalysis, SkipFrame):
         raise  # Dynamo's own control flow (e.g. re-trace with scalars as tensors), not failures

@@ -231,7 +231,6 @@ def compile_regions(
     many were compiled; None when ``gm`` has no repeated blocks. The regions are traced with
     the example inputs made fake in the backend's fake mode (Dynamo's tracing context), which
     gives them their symbolic sizes back."""
-    from torch._inductor import config as inductor_config
 
     parts = _partitions(gm)
     if parts is None:
@@ -267,11 +266,10 @@ def compile_regions(
             out = submod(*args, **kwargs)  # before compiling: Inductor rewrites the module
             donor = compiled.get(key)
             if donor is None:
-                # Inductor's size asserts re-check every input of every region call (about 25 a
-                # decode layer); a region's inputs follow from the graph's, which Dynamo's guards
-                # hold, and reusing regions check theirs (_Region). vLLM turns them off too.
-                with inductor_config.patch(size_asserts=False):
-                    fn = compile_fn(submod, list(args))
+                # A region's inputs follow from the graph's, which Dynamo's guards hold, and
+                # reusing regions check theirs (_Region): the caller turns Inductor's size
+                # asserts off (backend._inductor).
+                fn = compile_fn(submod, list(args))
                 region = compiled[key] = _Region(fn, symbols)
             else:
                 region = _Region(donor.fn, symbols, donor, submod)
