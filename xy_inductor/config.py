@@ -63,8 +63,8 @@ class XyConfig:
     inductor: bool = False
     """Compile the rest of each graph with Inductor, whole, once, with symbolic sizes; the
     xyserve ops stay opaque calls. Packed prefills (``hf.accelerate``) stay as traced: their
-    time is in GEMMs and attention, and compiling them would add about a third to Inductor's
-    compile time (``benchmarks/RESULTS.md``). Where ATen is the only GEMM provider,
+    time is in GEMMs and attention, and compiling them would add about a third to the compile
+    time (``benchmarks/RESULTS.md``). Where ATen is the only GEMM provider,
     linear layers stay Inductor's (see ``lower_linear``). Off: the lowered graph runs as
     traced, and compiling costs only tracing."""
 

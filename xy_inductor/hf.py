@@ -220,6 +220,12 @@ def _register_with_transformers() -> None:
     AttentionInterface.register(PACKED_IMPLEMENTATION, packed_attention_forward)
 
 
+def _kv_heads_and_dim(text: Any) -> tuple[int, int]:
+    """The KV heads and head size of a text config: what each layer's cached keys have."""
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    return heads, getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+
+
 # The inputs whose sizes ``_Accelerator.marks`` marks (besides the cache's tensors).
 _MARKED = ("input_ids", "inputs_embeds", "position_ids", "cache_position", "attention_mask")
 
@@ -420,8 +426,7 @@ class _Accelerator:
             return False
         if any(type(layer) is not self.dynamic_layer or layer.is_initialized for layer in layers):
             return False
-        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        heads, dim = _kv_heads_and_dim(text)
         device = self.model.device
         for layer in layers:
             # The strides a decode step's cache has, (H·L·D, L·D, D, 1) at L = 0 (an empty
@@ -504,9 +509,8 @@ class _Accelerator:
         keep = kw.get("logits_to_keep")
         if isinstance(keep, int) and not isinstance(keep, bool) and keep > 0:
             kw["logits_to_keep"] = self._positions_tensor(keep, tokens.device)
-        # What ``marks`` marks, as aliases that are not views: Dynamo traces a view from its
-        # base, and a mark on the view (the decode mask, mask[:, None, None, :]) does not reach
-        # the sizes it makes; the caller's tensors keep no marks either.
+        # What ``marks`` marks, as fresh aliases: a tensor object carries its marks, so a mark
+        # the caller set on their own tensor stays out of this trace (and ours off theirs).
         for name in _MARKED:
             t = kw.get(name)
             if isinstance(t, torch.Tensor):
@@ -568,8 +572,7 @@ class _Accelerator:
         ):
             return
         text = self.model.config.get_text_config()
-        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        heads, head_dim = _kv_heads_and_dim(text)
         cache.early_initialization(batch, heads, head_dim, self.model.dtype, device)
 
     def _plain_causal(self) -> bool:
@@ -742,8 +745,7 @@ class _PackedCall:
         # The padded K/V of the prompt, handed to the cache's own update() after the call, so
         # every cache kind (dynamic, static) keeps its bookkeeping.
         text = acc.model.config.get_text_config()
-        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        heads, dim = _kv_heads_and_dim(text)
         shape = (batch * length + 1, heads, dim)  # the padded [B, L, H, D], then a spare slot
         dtype = acc.model.dtype
         keys = [tokens.new_zeros(shape, dtype=dtype) for _ in range(text.num_hidden_layers)]
