@@ -16,8 +16,9 @@ summarised in the team's ASCEND.md):
   KV length, the ``[blocks, block_size, Hkv, D]`` cache viewed ``[blocks, block_size, Hkv·D]``
   (BnBsH; a 4-D cache would be read as ``[blocks, Hkv, block_size, D]``), the block table,
   ``sparse_mode=3`` with the compressed 2048×2048 mask (built once per device) for causal rows,
-  ``sparse_mode=4`` for a sliding window. Other head dims: layout BSND, the packed queries
-  padded to ``[rows, longest, Hq, D]`` (one copy in, one out), per-row lengths.
+  ``sparse_mode=4`` for a sliding window (``band_tokens``: open after the query when not
+  causal). Other head dims: layout BSND, the packed queries padded to ``[rows, longest, Hq,
+  D]`` (one copy in, one out), per-row lengths.
 - ``attention`` (the dense form of the Hugging Face path): the rows of padding the runtime
   recognises in the mask become per-row lengths and one padding count per side; layout
   ``BNSD_BSND`` (``BNSD`` for one query slot), which writes the op's ``[B, Lq, Hq, D]`` output
@@ -88,13 +89,16 @@ INT_MAX = 2147483647
 DTYPES = (torch.float16, torch.bfloat16)
 
 
-def band_tokens(window: int) -> tuple[int, int]:
+def band_tokens(window: int, causal: bool) -> tuple[int, int]:
     """``(pre_tokens, next_tokens)`` of ``sparse_mode=4`` for our window: a query at position p
-    sees keys p - window < j <= p. The one place the reading of ``pre_tokens`` is pinned: the
-    band keeps keys ``p - pre_tokens … p``, so ``pre_tokens = window - 1``. The documents do
-    not settle whether the query's own key counts; if a device run shows it does, this is the
-    line to change (tests check both readings against the stand-in)."""
-    return window - 1, 0
+    sees keys p - window < j, and j <= p when ``causal`` (without it, every later key too: the
+    op's reading of ``causal=False`` with a window, which ATen and Triton compute). The one
+    place the reading of ``pre_tokens`` is pinned: the band keeps keys ``p - pre_tokens … p``,
+    so ``pre_tokens = window - 1``. The documents do not settle whether the query's own key
+    counts; if a device run shows it does, this is the line to change (tests check both readings
+    against the stand-in). ``next_tokens`` counts keys after the diagonal (documented default
+    INT_MAX: all of them)."""
+    return window - 1, 0 if causal else INT_MAX
 
 
 # -- availability --------------------------------------------------------------------------------
@@ -239,7 +243,7 @@ def check_attention_varlen(call: VarlenAttention) -> Accept | str:
     rows = len(call.q_lens)
     longest = max(call.q_lens, default=0)
     if call.window is not None:
-        mode, (pre, nxt) = 4, band_tokens(call.window)
+        mode, (pre, nxt) = 4, band_tokens(call.window, call.causal)
     else:
         mode, (pre, nxt) = 3, (INT_MAX, INT_MAX)
     if d in TND_HEAD_DIMS:
@@ -326,7 +330,10 @@ def check_attention_packed(call: PackedAttention) -> Accept | str:
     for n in call.lens:
         total += n
         cum.append(total)
-    mode, (pre, nxt) = (4, band_tokens(call.window)) if call.window else (3, (INT_MAX, INT_MAX))
+    if call.window is not None:
+        mode, (pre, nxt) = 4, band_tokens(call.window, call.causal)
+    else:
+        mode, (pre, nxt) = 3, (INT_MAX, INT_MAX)
     return Accept("tnd", VarlenFia("TND", tuple(cum), tuple(cum), mode, pre, nxt, max(call.lens)))
 
 

@@ -27,6 +27,7 @@ from xy_inductor.runtime import providers
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 varlen = torch.ops.xyserve.attention_varlen.default
 attention = torch.ops.xyserve.attention.default
+packed = torch.ops.xyserve.attention_packed.default
 
 
 @pytest.fixture
@@ -241,6 +242,41 @@ def test_the_window_reading_is_pinned_in_one_place(ascend_first, pre_counts_self
     want = reference(q, ks, vs, q_lens, kv_lens, True, window, 128**-0.5)
     assert npu.calls[-1]["pre_tokens"] == window - 1 and npu.calls[-1]["sparse_mode"] == 4
     assert (rel(got, want) < TOL[torch.float16]) == (not pre_counts_self)
+
+
+@pytest.mark.parametrize("d", [128, 64], ids=["tnd", "bsnd"])
+@pytest.mark.parametrize("pre_counts_self", [False, True])
+def test_non_causal_windowed_rows_match_aten(ascend_first, d, pre_counts_self):
+    # causal=False with a window: a query at p sees every key after p - window, the later
+    # ones included (ATen's and Triton's reading). Band mode with next_tokens=0 made the rows
+    # causal; the open side is next_tokens=INT_MAX.
+    npu.BAND.pre_counts_self = pre_counts_self
+    q_lens, kv_lens, window = [40, 3, 7], [200, 90, 7], 16
+    q, _, _, k, v, table = paged_batch(q_lens, kv_lens, 2, 2, d, torch.float16, seed=11)
+    cu = torch.tensor([0, 40, 43, 50], dtype=torch.int32)
+    kv = torch.tensor(kv_lens)
+    got = varlen(q, k, v, cu, kv, table, False, window)
+    with providers.use_providers([aten.PROVIDER]):
+        want = varlen(q, k, v, cu, kv, table, False, window)
+    path = "ascend/tnd" if d == 128 else "ascend/bsnd"
+    assert xy_inductor.stats().paths["attention_varlen"][path] == 1
+    assert npu.calls[-1]["sparse_mode"] == 4
+    assert (rel(got, want.double()) < TOL[torch.float16]) == (not pre_counts_self)
+
+
+@pytest.mark.parametrize("pre_counts_self", [False, True])
+def test_non_causal_windowed_packed_rows_match_aten(ascend_first, pre_counts_self):
+    npu.BAND.pre_counts_self = pre_counts_self
+    lens, window = [5, 40, 1, 17], 7
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(sum(lens), h, 128, generator=gen).half() for h in (4, 2, 2))
+    cu = torch.tensor([0, 5, 45, 46, 63])
+    got = packed(q, k, v, cu, False, window, None)
+    with providers.use_providers([aten.PROVIDER]):
+        want = packed(q, k, v, cu, False, window, None)
+    assert xy_inductor.stats().paths["attention_packed"]["ascend/tnd"] == 1
+    assert npu.calls[-1]["sparse_mode"] == 4
+    assert (rel(got, want.double()) < TOL[torch.float16]) == (not pre_counts_self)
 
 
 # -- the provider: the dense op of the Hugging Face path -----------------------------------------
