@@ -4,7 +4,11 @@ counted by name."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import pickle
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +16,10 @@ import torch.nn.functional as F
 from helpers import capture
 
 import xy_inductor
-from xy_inductor import backend
-from xy_inductor.compiled_graph import StaleArtifactError, XyserveGraph
-from xy_inductor.config import OPTIONS_ENV, XyConfig
+import xy_inductor.lowering
+from xy_inductor import backend, compiled_graph
+from xy_inductor.compiled_graph import StaleArtifactError, XyserveGraph, artifact_key
+from xy_inductor.config import OPTIONS_ENV, XyConfig, backend_config
 
 
 class Block(torch.nn.Module):
@@ -45,10 +50,7 @@ def _load(path):
         return torch.compiler.load_compiled_function(f, f_globals=Block.forward.__globals__)
 
 
-@pytest.fixture
-def saved(tmp_path, monkeypatch):
-    """A Block, and the path of its graph compiled by xyserve and saved by torch."""
-    monkeypatch.delenv(OPTIONS_ENV, raising=False)
+def _save(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
     torch.manual_seed(0)
     model = Block().eval()
     with torch.no_grad():
@@ -58,6 +60,13 @@ def saved(tmp_path, monkeypatch):
     fn.save_compiled_function(str(path))
     assert xy_inductor.stats().sites_lowered == {"attention": 1, "linear": 2}
     return model, path
+
+
+@pytest.fixture
+def saved(tmp_path, monkeypatch):
+    """A Block, and the path of its graph compiled by xyserve and saved by torch."""
+    monkeypatch.delenv(OPTIONS_ENV, raising=False)
+    return _save(tmp_path)
 
 
 def test_saved_graph_loads_without_lowering_and_matches_eager(saved):
@@ -100,6 +109,144 @@ def test_another_pass_list_refuses_the_artifact(saved, monkeypatch):
     monkeypatch.setattr(LinearToGemm, "uuid", lambda self: "changed")
     with pytest.raises(StaleArtifactError, match="passes"):
         _load(path)
+
+
+class _Unpickled(Exception):
+    pass
+
+
+def _explode() -> None:
+    raise _Unpickled("the payload was unpickled")
+
+
+class _Payload:
+    """Runs code when unpickled, as any pickle can."""
+
+    def __reduce__(self):
+        return _explode, ()
+
+
+def _artifact(key: object, payload: bytes, digest_of: bytes | None = None) -> bytes:
+    """Bytes in the saved layout: magic, one JSON line, the pickled graph."""
+    digest = hashlib.sha256(payload if digest_of is None else digest_of).hexdigest()
+    header = {"key": key, "graph": digest}
+    return b"xyserve-graph\n" + json.dumps(header).encode() + b"\n" + payload
+
+
+def _current_key() -> dict:
+    return json.loads(json.dumps(artifact_key(backend_config())))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # format 1: one pickle, key inside
+        pickle.dumps({"key": {"format": 1}, "graph": b"", "payload": _Payload()}),
+        _artifact({"format": 1}, pickle.dumps(_Payload())),
+    ],
+    ids=["old-layout", "stale-key"],
+)
+def test_a_stale_artifact_is_refused_before_any_of_it_is_unpickled(data):
+    with pytest.raises(StaleArtifactError, match="format"):
+        XyserveGraph.deserialize_compile_artifacts(data)
+    assert xy_inductor.stats().artifacts_refused == {"format": 1}
+
+
+def test_a_current_key_over_other_bytes_is_refused_before_they_are_unpickled():
+    data = _artifact(_current_key(), pickle.dumps(_Payload()), digest_of=b"another graph")
+    with pytest.raises(StaleArtifactError, match="differ from its header's digest"):
+        XyserveGraph.deserialize_compile_artifacts(data)
+    assert xy_inductor.stats().artifacts_refused == {"graph": 1}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"garbage",
+        bytes(range(256)) * 4,
+        pickle.dumps({"key": "not a dict", "graph": b""}),
+        pickle.dumps(["not", "a", "dict"]),
+        b"xyserve-graph\n",  # no header line
+        b"xyserve-graph\n\xff\xfe\n",  # not UTF-8
+        b"xyserve-graph\n{not json\n",
+        b"xyserve-graph\n[1, 2]\n",
+        b'xyserve-graph\n{"key": "not a dict", "graph": "00"}\n',
+        b'xyserve-graph\n{"key": {}}\n',  # no graph digest
+    ],
+    ids=[
+        "empty",
+        "garbage",
+        "binary",
+        "old-layout-key-not-a-dict",
+        "old-layout-not-a-dict",
+        "no-header",
+        "not-utf8",
+        "not-json",
+        "header-not-a-dict",
+        "key-not-a-dict",
+        "no-graph-digest",
+    ],
+)
+def test_bytes_that_are_no_artifact_are_refused_as_stale(data):
+    with pytest.raises(StaleArtifactError, match="saved graph not loaded"):
+        XyserveGraph.deserialize_compile_artifacts(data)
+    assert xy_inductor.stats().artifacts_refused == {"format": 1}
+
+
+def test_a_key_missing_a_field_or_with_an_unknown_one_is_refused():
+    key = _current_key()
+    del key["sources"]
+    with pytest.raises(StaleArtifactError, match="no sources in its key"):
+        XyserveGraph.deserialize_compile_artifacts(_artifact(key, b""))
+    key = {**_current_key(), "kernels": "abc"}
+    with pytest.raises(StaleArtifactError, match="'kernels', which this xyserve does not know"):
+        XyserveGraph.deserialize_compile_artifacts(_artifact(key, b""))
+    assert xy_inductor.stats().artifacts_refused == {"sources": 1, "kernels": 1}
+
+
+def test_a_cut_off_artifact_is_refused(saved):
+    model, _ = saved
+    gm, inputs = capture(model, torch.randn(1, 10, 64))
+    with torch.no_grad():
+        data = XyserveGraph.serialize_compile_artifacts(
+            backend.compile_graph(gm, inputs, backend_config())
+        )
+    xy_inductor.reset_stats()
+    with pytest.raises(StaleArtifactError, match="cut off"):
+        XyserveGraph.deserialize_compile_artifacts(data[:-100])
+    assert xy_inductor.stats().artifacts_refused == {"graph": 1}
+    assert XyserveGraph.deserialize_compile_artifacts(data).loaded
+
+
+def test_the_key_covers_every_lowering_source_and_the_op_definitions():
+    sources = artifact_key(XyConfig())["sources"]
+    lowering = Path(xy_inductor.lowering.__file__).parent
+    expected = {f"lowering/{f.name}" for f in lowering.glob("*.py")}
+    assert {"lowering/pipeline.py", "lowering/trace_flags.py"} <= expected
+    assert expected | {"runtime/ops.py", "runtime/calls.py"} <= sources.keys()
+    assert "absent" not in sources.values()
+
+
+def test_editing_a_lowering_source_refuses_graphs_saved_before(tmp_path, monkeypatch):
+    """The version does not change when a checkout is edited: the sources' digest does."""
+    monkeypatch.delenv(OPTIONS_ENV, raising=False)
+    copy = tmp_path / "lowering"
+    lowering = Path(xy_inductor.lowering.__file__).parent
+    shutil.copytree(lowering, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    digests = compiled_graph._file_digests
+    monkeypatch.setattr(compiled_graph, "_source_digests", lambda: digests(copy, "lowering", None))
+    _, path = _save(tmp_path)
+    _load(path)
+    assert xy_inductor.stats().graphs_loaded == 1
+    with open(copy / "trace_flags.py", "a") as f:
+        f.write("# edited\n")
+    xy_inductor.reset_stats()
+    with pytest.raises(
+        StaleArtifactError, match=r"sources changed since it was saved: lowering/trace_flags\.py$"
+    ):
+        _load(path)
+    assert xy_inductor.stats().artifacts_refused == {"sources": 1}
 
 
 def test_a_loaded_graph_saves_again(saved, tmp_path):

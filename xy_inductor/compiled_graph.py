@@ -8,11 +8,19 @@ only if it implements ``SerializableCallable`` (``torch/_dynamo/aot_compile_type
 A plain ``gm.forward`` fails there ("does not implement SerializableCallable").
 
 What is saved is the lowered graph (xyserve ops in place of the sites it rewrote), pickled with
-``torch.fx._graph_pickler.GraphPickler``, and a key: xyserve's version, torch's version, the pass
-pipeline's ``uuid()`` and the xyserve op schemas, and the backend options. Loading refuses an
-artifact whose key differs from what this process would compile with (options from
-``XYSERVE_OPTIONS``, as the backend reads them): the caller then compiles again. A loaded graph
-skips lowering and runs as traced, calling the xyserve implementations directly.
+``torch.fx._graph_pickler.GraphPickler``, behind a header line of JSON holding the key: xyserve's
+version, torch's version, the xyserve op schemas, the backend options, the pass pipeline's
+``uuid()``, and a digest of each source file that decides what a saved graph computes (see
+``_SOURCES``), so that an edited checkout with an unchanged version refuses its old graphs.
+Loading reads and checks the header before anything is unpickled, and refuses an artifact whose
+key differs from what this process would compile with (options from ``XYSERVE_OPTIONS``, as the
+backend reads them), or that is no xyserve artifact at all: ``StaleArtifactError``, and the
+caller compiles again. A loaded graph skips lowering and runs as traced, calling the xyserve
+implementations directly.
+
+The check is against staleness, not tampering: what passes it is unpickled, so a compile-cache
+directory must be as trusted as the code that loads from it (as torch's own AOT artifact,
+Inductor's and vLLM's caches, which are pickles too).
 
 Not saved (serialising raises, and callers such as vLLM then compile again at the next start):
 graphs compiled with ``inductor=True``, whose Inductor code is not part of the artifact.
@@ -20,16 +28,18 @@ graphs compiled with ``inductor=True``, whose Inductor code is not part of the a
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.resources
 import json
 import logging
-import pickle
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx
 
+import xy_inductor
 from xy_inductor.config import BACKEND_OPTIONS, XyConfig, backend_config
 from xy_inductor.lowering import pipeline_uuid
 from xy_inductor.lowering.opaque_ops import opaque_ops
@@ -42,12 +52,33 @@ try:  # torch >= 2.12 keeps the protocol here; 2.11 in aot_compile itself
 except ImportError:  # pragma: no cover - depends on the torch version
     from torch._dynamo.aot_compile import SerializableCallable
 
+if TYPE_CHECKING:  # Python 3.10 has it elsewhere, and annotations are only read by checkers
+    from importlib.resources.abc import Traversable
+
 __all__ = ["ARTIFACT_FORMAT", "StaleArtifactError", "XyserveGraph", "artifact_key", "call_directly"]
 
 log = logging.getLogger("xy_inductor")
 
-ARTIFACT_FORMAT = 1
-"""Version of the saved layout below; part of the key."""
+ARTIFACT_FORMAT = 2
+"""Version of the saved layout: ``_MAGIC``, one line of JSON (the key and the graph's digest),
+then the pickled graph. Part of the key."""
+
+_MAGIC = b"xyserve-graph\n"
+
+# Reading stops here: a header is a few KiB, and garbage must not be scanned to its end.
+_MAX_HEADER = 1 << 20
+
+# The sources that decide what a saved graph computes, by package: None for every ``.py`` file.
+# The lowering made the graph (its passes, the pipeline ordering them, the flags Dynamo traced
+# with); the op definitions give its calls their meaning (schemas, checks, fake and real
+# implementations, the call objects they build); backend.py and this module turned Dynamo's
+# graph into the saved bytes. Providers and kernels (Python, Triton, native.cpp) are left out:
+# a loaded graph runs this process's, exactly as a graph lowered again would.
+_SOURCES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
+    ("xy_inductor.lowering", None),
+    ("xy_inductor.runtime", ("ops.py", "calls.py")),
+    ("xy_inductor", ("backend.py", "compiled_graph.py")),
+)
 
 # The implementation each xyserve op runs, and back: a graph run as traced calls the
 # implementations, a saved graph names the ops (functions are not stable across processes).
@@ -58,7 +89,8 @@ _KEPT_META = ("stack_trace",)
 
 
 class StaleArtifactError(RuntimeError):
-    """A saved xyserve graph was written by another xyserve, torch, pass list or options."""
+    """A saved xyserve graph was written by another xyserve, torch, pass list, options or
+    sources, or the bytes are no xyserve graph: nothing of it was unpickled."""
 
 
 def call_directly(gm: torch.fx.GraphModule) -> None:
@@ -101,10 +133,35 @@ def _options(config: XyConfig) -> dict[str, object]:
     return {name: getattr(config, name) for name in BACKEND_OPTIONS}
 
 
-def artifact_key(config: XyConfig) -> dict[str, object]:
-    """What a saved graph must have been compiled with to be loaded in this process."""
-    import xy_inductor
+def _file_digests(
+    folder: Traversable, prefix: str, names: tuple[str, ...] | None
+) -> dict[str, str]:
+    """``prefix/name`` -> a digest of that file of ``folder``, for ``names`` or, if None, every
+    ``.py`` file there. A missing file is ``absent``: an install without sources has none to
+    edit."""
+    if names is None:
+        names = tuple(sorted(f.name for f in folder.iterdir() if f.name.endswith(".py")))
+    digests = {}
+    for name in names:
+        file = folder.joinpath(name)
+        digest = hashlib.sha256(file.read_bytes()).hexdigest()[:16] if file.is_file() else "absent"
+        digests[f"{prefix}/{name}"] = digest
+    return digests
 
+
+@functools.cache
+def _source_digests() -> dict[str, str]:
+    """The digests of ``_SOURCES``, read once per process through the packages' own locations
+    (an editable checkout's folders, or site-packages)."""
+    digests = {}
+    for package, names in _SOURCES:
+        folder = importlib.resources.files(package)
+        digests.update(_file_digests(folder, package.rpartition(".")[2], names))
+    return digests
+
+
+def artifact_key(config: XyConfig) -> dict[str, object]:
+    """What a saved graph must have been compiled with to be loaded in this process (JSON)."""
     return {
         "format": ARTIFACT_FORMAT,
         "xyserve": xy_inductor.__version__,
@@ -112,21 +169,67 @@ def artifact_key(config: XyConfig) -> dict[str, object]:
         "op_schemas": _op_schemas(),
         "options": _options(config),  # before passes, which follow from it: the clearer reason
         "passes": pipeline_uuid(config),
+        "sources": dict(_source_digests()),  # last: any reason above says more
     }
 
 
 def _stale_field(saved: dict[str, object], current: dict[str, object]) -> tuple[str, str] | None:
     """The first part of the key that differs, and how, or None."""
     for field in current:
-        if saved.get(field) != current[field]:
-            if field == "options":
-                return field, (
-                    f"it was compiled with options {json.dumps(saved.get(field), sort_keys=True)}"
-                    f", this process uses {json.dumps(current[field], sort_keys=True)}"
-                )
-            saved_value, current_value = saved.get(field), current[field]
-            return field, f"its {field} is {saved_value!r}, this process has {current_value!r}"
+        saved_value, current_value = saved.get(field), current[field]
+        if field not in saved:
+            return field, f"it has no {field} in its key"
+        if saved_value == current_value:
+            continue
+        if field == "options":
+            return field, (
+                f"it was compiled with options {json.dumps(saved_value, sort_keys=True)}"
+                f", this process uses {json.dumps(current_value, sort_keys=True)}"
+            )
+        if field == "sources" and isinstance(saved_value, dict) and isinstance(current_value, dict):
+            files = saved_value.keys() | current_value.keys()
+            edited = sorted(f for f in files if saved_value.get(f) != current_value.get(f))
+            return field, f"xyserve's sources changed since it was saved: {', '.join(edited)}"
+        return field, f"its {field} is {saved_value!r}, this process has {current_value!r}"
+    extra = sorted(saved.keys() - current.keys())
+    if extra:
+        return extra[0], f"its key has {extra[0]!r}, which this xyserve does not know"
     return None
+
+
+def _refused(reason: str, how: str) -> StaleArtifactError:
+    _stats.record_artifact_refused(reason)
+    return StaleArtifactError(f"xyserve: saved graph not loaded: {how}")
+
+
+def _checked_graph(data: bytes, current: dict[str, object]) -> bytes:
+    """The pickled graph of ``data``, once its header shows it was saved by this xyserve with
+    ``current`` as its key. Nothing is unpickled here: any other bytes raise
+    ``StaleArtifactError``."""
+    if not data.startswith(_MAGIC):
+        raise _refused(
+            "format",
+            f"it is no xyserve graph of format {ARTIFACT_FORMAT} (an older xyserve wrote it, "
+            "or it is another file)",
+        )
+    end = data.find(b"\n", len(_MAGIC), len(_MAGIC) + _MAX_HEADER)
+    if end < 0:
+        raise _refused("format", "its header is cut off")
+    try:
+        header = json.loads(data[len(_MAGIC) : end])
+    except ValueError:  # not UTF-8, or not JSON
+        raise _refused("format", "its header is not JSON") from None
+    key = header.get("key") if isinstance(header, dict) else None
+    digest = header.get("graph") if isinstance(header, dict) else None
+    if not isinstance(key, dict) or not isinstance(digest, str):
+        raise _refused("format", "its header has no key or no graph digest")
+    stale = _stale_field(key, current)
+    if stale is not None:
+        raise _refused(*stale)
+    graph = data[end + 1 :]
+    if hashlib.sha256(graph).hexdigest() != digest:
+        raise _refused("graph", "its graph's bytes differ from its header's digest (cut off?)")
+    return graph
 
 
 def _saveable_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -175,7 +278,8 @@ class XyserveGraph(SerializableCallable):
         from torch.fx._graph_pickler import GraphPickler, Options
 
         graph = GraphPickler.dumps(_saveable_copy(fn.graph_module), Options(ops_filter=None))
-        return pickle.dumps({"key": artifact_key(fn.config), "graph": graph})
+        header = {"key": artifact_key(fn.config), "graph": hashlib.sha256(graph).hexdigest()}
+        return _MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + graph
 
     @classmethod
     def deserialize_compile_artifacts(cls, data: bytes) -> XyserveGraph:
@@ -183,15 +287,11 @@ class XyserveGraph(SerializableCallable):
         from torch.fx._graph_pickler import GraphPickler
         from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-        state = pickle.loads(data)
-        saved_key = state.get("key", {}) if isinstance(state, dict) else {}
         config = backend_config()
-        stale = _stale_field(saved_key, artifact_key(config))
-        if stale is not None:
-            field, how = stale
-            _stats.record_artifact_refused(field)
-            raise StaleArtifactError(f"xyserve: saved graph not loaded: {how}")
-        gm = GraphPickler.loads(state["graph"], FakeTensorMode(shape_env=ShapeEnv()))
+        # As it reads back from JSON (a tuple option would come back a list).
+        current = json.loads(json.dumps(artifact_key(config)))
+        graph = _checked_graph(bytes(data), current)
+        gm = GraphPickler.loads(graph, FakeTensorMode(shape_env=ShapeEnv()))
         gm.recompile()
         runnable = _saveable_copy(gm)  # its own nodes: call_directly rewrites them
         call_directly(runnable)
