@@ -16,7 +16,8 @@ through ``torch.compile``.)
 Each piece is lowered by the xyserve backend (``backend.compile_graph``) with the options in
 ``XYSERVE_OPTIONS``. Its handle in vLLM's cache is ``(key, path)``, the path of the piece saved as
 an ``XyserveGraph`` artifact in vLLM's cache directory; ``load`` refuses an artifact written by
-another xyserve, torch, pass list or options (``StaleArtifactError``), and vLLM compiles again.
+another xyserve, torch, pass list, options or sources (``StaleArtifactError``), and vLLM compiles
+again.
 """
 
 from __future__ import annotations
@@ -64,8 +65,9 @@ class XyserveCompiler(CompilerInterface):
         self.disable_cache = disable_cache
 
     def compute_hash(self, vllm_config: Any) -> str:
-        """Part of vLLM's cache directory name: xyserve's version, the pass pipeline, the op
-        schemas and the options, so that a change of any starts a new cache."""
+        """Part of vLLM's cache directory name: the saved-graph key (xyserve's version, the
+        pass pipeline, the op schemas, the options and the sources' digest), so that a change
+        of any starts a new cache."""
         key = json.dumps(artifact_key(backend_config()), sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:10]
 
