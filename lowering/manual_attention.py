@@ -8,10 +8,11 @@ Phi-3, GPT-2 and BERT (transformers 5.x), and as most hand-written models do::
     scores = scores * scale                   # or / sqrt(d) (GPT-2: / torch.full([], ...)),
                                               # or on q or kᵀ before the product, or split
                                               # between them, or none
-    scores = scores + mask                    # additive (ALiBi biases too), also broadcast by
-                                              # mask.expand(...) / .expand_as(scores); or
-                                              # torch.where(bool, scores, fill) or
-                                              # scores.masked_fill(bool, fill); any order
+    scores = scores + mask                    # additive (ALiBi biases too; a bool mask adds
+                                              # 0/1); or torch.where(bool, scores, fill) or
+                                              # scores.masked_fill(bool, fill) (DistilBERT); any
+                                              # order; masks also broadcast by mask.expand(...)
+                                              # / .expand_as(scores) (score_masks.py)
     probs = softmax(scores, dim=-1)           # or torch.ops.aten._safe_softmax; in a wider
                                               # dtype (dtype=, .float(), .to(...))
     probs = probs.type_as(scores)             # optional cast back (T5), or .to(q.dtype)
@@ -60,6 +61,13 @@ from xy_inductor.lowering.patterns import (
     needs_original_strides,
     scalar,
     unrepeat_kv,
+)
+from xy_inductor.lowering.score_masks import (
+    bool_as_bias,
+    broadcast_wrapper,
+    constant_fill,
+    fill_value,
+    unwrapped_mask,
 )
 from xy_inductor.lowering.signatures import Call, bind, describe, op_name
 
@@ -344,8 +352,7 @@ def _match(softmax_node: torch.fx.Node) -> _Match | str:
     kt, k_factors, k_walked, transposed = _peel(product["other"], transpose=True)
     wrappers = []
     for step in steps:
-        if step.call.op == "add":
-            wrappers += _mask_wrapper(step)
+        wrappers += broadcast_wrapper(step.call, step.chain)
     return _Match(
         q=q,
         k=kt if transposed else None,
@@ -434,30 +441,6 @@ def _operands(step: _Step) -> tuple[object, object]:
         return call["input"], call["value"]
     a, b = call["input"], call["other"]
     return (a, b) if a is step.chain else (b, a)
-
-
-def _mask_wrapper(step: _Step) -> list[torch.fx.Node]:
-    """The ``expand``/``expand_as``/``broadcast_to`` around an additive mask, which the op's own
-    broadcasting makes unnecessary (it may read the scores, but only their shape: also through
-    ``scores.size()``, which ``mask.expand(scores.shape)`` becomes under dynamic shapes)."""
-    if step.call.error is not None:
-        return []
-    _, other = _operands(step)
-    if op_name(other) not in ("expand", "expand_as") or len(other.users) != 1:
-        return []
-    call = bind(other)
-    if call.error is not None or _tensor(call["input"]) is None:
-        return []
-    sizes = [
-        a
-        for a in other.all_input_nodes
-        if a.op == "call_method" and a.target == "size" and len(a.users) == 1
-    ]
-    return [other, *sizes]
-
-
-def _unwrapped(node: object, match: _Match) -> object:
-    return bind(node)["input"] if node in match.mask_wrappers else node
 
 
 def _cast_problem(dtype: torch.dtype | None, q_dtype: torch.dtype, what: str) -> str | None:
@@ -582,6 +565,9 @@ class ManualAttention(LoweringPass):
     def absorbed(self, node: torch.fx.Node) -> list[torch.fx.Node]:
         m, frame = self._matched(node)
         dead = [*m.removed, *m.peeled, *frame.walked]
+        for step in m.steps:
+            if step.call.op in ("where", "masked_fill"):
+                dead += constant_fill(_operands(step)[1])
         for t in (frame.k, frame.v):
             rep = unrepeat_kv(t) if t is not None else None
             if rep is not None:
@@ -680,12 +666,15 @@ def _step_problem(step: _Step, q: torch.Tensor, frame: _Frame) -> str | None:
             return f"scores scaled by a tensor ('{node.name}'); xyserve.attention takes a scalar"
         return None
     if call.op == "add":
-        mask = _tensor(other)
+        mask = _tensor(unwrapped_mask(call, step.chain))
         if mask is None:
             return None if scalar(other) is not None else f"'{node.name}' adds {other!r}"
         if mask.device != q.device:
             return f"mask on {mask.device}, queries on {q.device}"
-        exact = mask.dtype in _WIDTH and _WIDTH[mask.dtype] < _WIDTH[q.dtype]
+        # A bool added to float scores is 0/1 in their dtype: exact in q's too (bool_as_bias).
+        exact = mask.dtype == torch.bool or (
+            mask.dtype in _WIDTH and _WIDTH[mask.dtype] < _WIDTH[q.dtype]
+        )
         if mask.dtype != q.dtype and not exact:
             return (
                 f"the mask added by '{node.name}' is {mask.dtype}, q is {q.dtype}: the op takes "
@@ -693,14 +682,17 @@ def _step_problem(step: _Step, q: torch.Tensor, frame: _Frame) -> str | None:
             )
         return mask_broadcast_problem(mask, tuple(before.shape))
     # where / masked_fill
-    fill = scalar(other)
-    if not isinstance(fill, (int, float)) or fill > -1e30:
-        return f"'{node.name}' fills masked scores with {other!r}, not a large negative"
+    fill = fill_value(call, other, before.dtype)
+    if fill is None or not fill <= -1e30:  # NaN too
+        return (
+            f"'{node.name}' fills masked scores with {other!r}, not a large negative number "
+            f"{before.dtype} holds"
+        )
     if math.isfinite(fill) and torch.finfo(q.dtype).min > -1e30:
         # It would reach the op's mask as -inf: 0 on rows masked everywhere, where eager's
         # finite fill gives uniform weights.
         return f"'{node.name}' fills with {fill:g}, which {q.dtype} cannot hold"
-    cond = call["mask"] if call.op == "masked_fill" else call["condition"]
+    cond = unwrapped_mask(call, step.chain)
     if cond is step.chain:
         return f"'{node.name}' uses the scores as its condition"
     cond_value = _tensor(cond)
@@ -786,25 +778,22 @@ def _replay(graph: torch.fx.Graph, m: _Match, frame: _Frame) -> tuple[object, ob
                 scaled_after_fill |= not (isinstance(factor, (int, float)) and factor > 0)
             continue
         if call.op == "add":
-            other = _unwrapped(other, m)
+            other = unwrapped_mask(call, step.chain)
             if _tensor(other) is None:
                 continue  # a constant shift: softmax does not see it
-            other = moved.operand(other, step)
+            other = moved.operand(bool_as_bias(graph, other, _tensor(frame.q).dtype), step)
             value = other if zero else make_node(graph, "call_function", torch.add, (value, other))
             zero, only_minus_inf_fills = False, False
             continue
         # where / masked_fill: the condition under which the score is kept
-        fill = scalar(other)
+        fill = fill_value(call, other, _tensor(step.chain).dtype)
         if math.isfinite(fill):
             # finfo(float32).min does not fit bfloat16 (it would round to -inf); any fill this
             # large acts the same, so the mask uses the largest negative q's dtype holds.
             fill = max(fill, torch.finfo(_tensor(frame.q).dtype).min)
-        if call.op == "masked_fill":
-            cond = make_node(graph, "call_function", torch.logical_not, (call["mask"],))
-        elif call["input"] is step.chain:
-            cond = call["condition"]
-        else:
-            cond = make_node(graph, "call_function", torch.logical_not, (call["condition"],))
+        cond = unwrapped_mask(call, step.chain)
+        if call.op == "masked_fill" or call["input"] is not step.chain:
+            cond = make_node(graph, "call_function", torch.logical_not, (cond,))
         cond = moved.operand(cond, step)
         only_minus_inf_fills &= fill == -math.inf
         keep = (

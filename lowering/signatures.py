@@ -137,6 +137,18 @@ _FUNCTIONS: dict[object, tuple[str, Signature]] = {
             out=None,
         ),
     ),
+    # A fill value as DistilBERT writes it: torch.tensor(torch.finfo(scores.dtype).min).
+    torch.tensor: (
+        "tensor",
+        _sig(
+            "data",
+            kw=("dtype", "device", "requires_grad", "pin_memory"),
+            dtype=None,
+            device=None,
+            requires_grad=False,
+            pin_memory=False,
+        ),
+    ),
     torch._C._nn.linear: ("linear", _sig("input", "weight", "bias", bias=None)),
     torch._C._nn.scaled_dot_product_attention: (
         "sdpa",
