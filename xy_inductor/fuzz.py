@@ -295,7 +295,12 @@ def _manual_body(b: _Builder, inputs: dict, c: dict, block: bool = False) -> Non
         k, v = "k", "v"
     # q side: a scale on q (T5 folds it into the weights; some code scales q first)
     if b.chance(0.25):
-        b.emit(f"q = q * {_scale_literal(b, c['d'])}")
+        b.emit(
+            b.pick(
+                f"q = q * {_scale_literal(b, c['d'])}",
+                "q = q / math.sqrt(q.shape[-1])",  # DistilBERT (transformers 4.x)
+            )
+        )
     # k side: kᵀ in any spelling, copies around it, a scale after it
     nd = 4 if layout in ("4d",) else 3
     if nd == 4:
@@ -384,11 +389,25 @@ def _manual_body(b: _Builder, inputs: dict, c: dict, block: bool = False) -> Non
                 )
             )
         elif step == "fill":
-            fill = b.pick("float('-inf')", "torch.finfo(s.dtype).min", "-math.inf")
+            fills = ["float('-inf')", "torch.finfo(s.dtype).min", "-math.inf"]
+            fills.append("torch.full((), -float('inf'), dtype=q.dtype, device=q.device)")  # _sfdp
+            if "double()" not in "\n".join(b.lines):  # torch.tensor(finfo(float64).min) raises
+                fills.append("torch.tensor(torch.finfo(s.dtype).min)")  # DistilBERT 4.30-4.44
+            fill = b.pick(*fills)
             keep = "keep"
             if layout == "bart" and inputs["keep"].dim() == 4:
                 b.emit(f"s = s.view(B, H, Lq, -1).masked_fill(~keep, {fill})")
                 b.emit("s = s.view(B * H, Lq, -1)")
+                continue
+            if b.chance(0.15):  # a bool mask added, 0/1 (PyTorch's test_fused_attention.py)
+                b.emit(
+                    b.pick(
+                        f"s = s + {keep}",
+                        f"s = {keep} + s",
+                        f"s += {keep}",
+                        f"s = torch.add(s, {keep}.expand_as(s))",
+                    )
+                )
                 continue
             b.emit(
                 b.pick(
@@ -397,6 +416,9 @@ def _manual_body(b: _Builder, inputs: dict, c: dict, block: bool = False) -> Non
                     f"s = torch.where({keep}, s, {fill})",
                     f"s = torch.where(~{keep}, {fill}, s)",
                     f"s = torch.masked_fill(s, ~{keep}, {fill})",
+                    # DistilBERT, PyTorch's _sfdp_pattern_15/_20: the mask expanded as the scores
+                    f"s = s.masked_fill(({keep} == 0).expand_as(s), {fill})",
+                    f"s = torch.where({keep}.expand_as(s), s, {fill})",
                 )
             )
         elif step == "cast":
