@@ -38,6 +38,7 @@ from xy_inductor.runtime.calls import (
     attention_output,
 )
 from xy_inductor.runtime.gemm_plan import rows_of
+from xy_inductor.runtime.serving import check_block_ids
 
 __all__ = [
     "DIRECT_CALLS",
@@ -489,6 +490,8 @@ def attention_varlen_impl(
     q_lens, kv = _varlen_rows(
         q, cu_seqlens_q, kv_lens, k_cache, block_table, causal or window is not None
     )
+    # Per call, beside the length reads above: the op reads its token table on the host anyway.
+    check_block_ids(block_table, kv, k_cache.shape[1], k_cache.shape[0], "xyserve.attention_varlen")
     call = VarlenAttention(q, k_cache, v_cache, q_lens, kv, block_table, causal, window, scale)
     return providers.run("attention_varlen", call)
 

@@ -16,7 +16,8 @@ layer of the step then calls ``step.run(q, k_cache, v_cache, ...)``. That is Fla
 A provider's decision for ``attention_varlen`` depends on the call's lengths and on its
 tensors' dtype, device, shapes, strides and alignment, never on their values, which is why a
 decision can be shared by layers with the same signature. A run that does not match the step
-(another token count, a block table too narrow for a row) raises, naming the argument.
+(another token count, a block table too narrow for a row, a block id that is not a block of
+the cache) raises, naming the argument.
 """
 
 from __future__ import annotations
@@ -31,13 +32,49 @@ from xy_inductor.runtime import providers
 from xy_inductor.runtime import stats as _stats
 from xy_inductor.runtime.calls import VarlenAttention
 
-__all__ = ["VarlenStep"]
+__all__ = ["VarlenStep", "check_block_ids"]
 
 _OP = "attention_varlen"
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
     return (t.dtype, t.device, tuple(t.shape), t.stride(), t.data_ptr() % 16)
+
+
+def check_block_ids(
+    block_table: torch.Tensor,
+    kv_lens: Sequence[int],
+    block_size: int,
+    num_blocks: int,
+    where: str,
+) -> None:
+    """Raise unless every block holding a row's keys, ``block_table[r, :ceil(kv_lens[r] /
+    block_size)]``, names a block of the cache (``[0, num_blocks)``).
+
+    Those are the blocks a provider may read: a windowed row or one without queries may still
+    touch them (Triton walks whole key chunks, the plan executor gathers key 0 for masked slots,
+    FIA does not document what it reads), so all of them are checked; entries past them (vLLM
+    pads its table) are never read and never checked. Without this a negative id wraps around
+    on the CPU (another block's keys, silently) and reads outside the cache on a GPU. The caller
+    has checked that ``block_table`` is wide enough for every row. One vectorised test, one
+    device-to-host read of its answer."""
+    need = [-(-m // block_size) for m in kv_lens]
+    width = max(need, default=0)
+    if width == 0:
+        return
+    device = block_table.device
+    # int64: an int32 table compared with a count of blocks past 2**31 would wrap.
+    ids = block_table[:, :width].long()
+    used = torch.arange(width, device=device) < torch.tensor(need, device=device)[:, None]
+    bad = used & ((ids < 0) | (ids >= num_blocks))
+    if not bool(bad.any()):
+        return
+    r, j = bad.nonzero()[0].tolist()
+    raise ValueError(
+        f"{where}: block_table[{r}, {j}] = {int(ids[r, j])} is not a block of the cache; "
+        f"expected ids in [0, {num_blocks}) for the {need[r]} blocks holding row {r}'s "
+        f"{kv_lens[r]} keys"
+    )
 
 
 class VarlenStep:
@@ -193,3 +230,8 @@ class VarlenStep:
                 f"{capacity} keys per row ({self.block_table.shape[1]} blocks of "
                 f"{k_cache.shape[1]})"
             )
+        # Once per layer signature, so once per step in practice (on a GPU, one read of the
+        # answer per step, never per layer). That covers every layer that reuses the decision:
+        # the cache's block count is part of the signature, and the engine fills the block table
+        # before the step and builds a new step for the next one's table.
+        check_block_ids(self.block_table, self.kv_lens, k_cache.shape[1], k_cache.shape[0], where)

@@ -81,6 +81,36 @@ def test_bad_input_is_a_clear_error(change, message):
         varlen(*change(args))
 
 
+@pytest.mark.parametrize("bad", [-1, "blocks", 2**31 + 5])
+def test_block_ids_a_row_reads_are_range_checked(bad):
+    # A negative id wrapped around on the CPU (another block's keys, silently); an id past the
+    # cache raised an IndexError from deep inside, or read out of bounds on a GPU.
+    args, _ = _inputs()
+    k = args[1]
+    table = args[5].clone()
+    bad = k.shape[0] if bad == "blocks" else bad
+    table[1, 2] = bad  # row 1 has 90 keys: blocks 0 … 5 of 16 slots
+    with pytest.raises(
+        ValueError,
+        match=(
+            f"block_table\\[1, 2\\] = {bad} is not a block of the cache; expected ids in "
+            f"\\[0, {k.shape[0]}\\) for the 6 blocks holding row 1's 90 keys"
+        ),
+    ):
+        varlen(*args[:5], table)
+
+
+def test_block_table_entries_past_a_rows_keys_are_not_checked():
+    # vLLM pads each row of its table past the row's blocks; those entries are never read.
+    args, (q, ks, vs) = _inputs()
+    table = args[5].clone()
+    table[0, 3:] = -1  # row 0 has 37 keys: blocks 0 … 2
+    table[3, 4:] = 10**9  # row 3 has 61 keys: blocks 0 … 3
+    got = varlen(*args[:5], table)
+    want = reference(q, ks, vs, Q_LENS, KV_LENS, True, None, 64**-0.5)
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
+
+
 # -- xyserve.attention_packed: a prompt batch without its padding --------------------------------
 
 packed_op = torch.ops.xyserve.attention_packed.default

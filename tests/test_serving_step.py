@@ -218,3 +218,20 @@ def test_block_table_width_is_checked_against_the_longest_row():
     step = VarlenStep(q_lens, kv_lens, table[:, :-1])
     with pytest.raises(ValueError, match="kv_len 90 but the block table holds 80 keys"):
         step.run(q, k, v)
+
+
+def test_a_step_range_checks_the_block_ids_its_rows_read():
+    # vLLM's cache layout (K and V halves of one tensor) is indexed block by block: a negative
+    # id wrapped around to the last block and gave another sequence's keys, silently.
+    q_lens, kv_lens, q, _, _, k, v, table = _step_inputs()
+    table = table.clone()
+    table[2, 4] = -1  # row 2: 75 keys in blocks 0 … 4
+    step = VarlenStep(q_lens, kv_lens, table)
+    with pytest.raises(
+        ValueError,
+        match=(
+            "VarlenStep.run: block_table\\[2, 4\\] = -1 is not a block of the cache; expected "
+            f"ids in \\[0, {k.shape[0]}\\) for the 5 blocks holding row 2's 75 keys"
+        ),
+    ):
+        step.run(q, k, v)
