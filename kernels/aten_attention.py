@@ -430,7 +430,10 @@ class PagedRows:
     ) -> None:
         table = plan.table
         causal, window = plan.causal, plan.window
-        self.key = (tuple(kv_lens), id(block_table), block_size, dtype)
+        # What the rows were derived from. The block table is held and compared by identity:
+        # an id() could be a later table's, at this one's address once it is freed.
+        self.key = (tuple(kv_lens), block_size, dtype)
+        self.block_table = block_table
         bs = block_size
         device = block_table.device
         self.empty: list[tuple[int, int]] = []  # (first query, queries) of rows seeing no key
@@ -532,9 +535,9 @@ def run_paged(
     plan.check(table.q_len, kv_lens)
     if k.shape[1] != block_size:
         raise ValueError(f"run_paged: the cache has blocks of {k.shape[1]}, not {block_size}")
-    key = (tuple(kv_lens), id(block_table), block_size, q.dtype)
+    key = (tuple(kv_lens), block_size, q.dtype)
     rows = cache.get("paged rows") if cache is not None else None
-    if rows is None or rows.key != key:
+    if rows is None or rows.block_table is not block_table or rows.key != key:
         rows = PagedRows(plan, kv_lens, block_table, block_size, q.dtype)
         if cache is not None:
             cache["paged rows"] = rows

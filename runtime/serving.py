@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-from xy_inductor.kernels.contract import Accept, OpKernel
+from xy_inductor.kernels.contract import Accept, OpKernel, Provider
 from xy_inductor.runtime import providers
 from xy_inductor.runtime import stats as _stats
 from xy_inductor.runtime.calls import VarlenAttention
@@ -123,8 +123,9 @@ class VarlenStep:
         self.causal = bool(causal)
         self.tokens = sum(self.q_lens)
         self.max_kv_len = max(self.kv_lens, default=0)
-        # Signature of a layer's tensors -> (provider name, kernel, its checker's decision).
-        self._decisions: dict[tuple, tuple[str, OpKernel, Accept]] = {}
+        # Signature of a layer's tensors -> (the provider list, the chosen provider's name, its
+        # kernel, its checker's decision).
+        self._decisions: dict[tuple, tuple[tuple[Provider, ...], str, OpKernel, Accept]] = {}
         _stats.record_varlen_step()
 
     @classmethod
@@ -161,17 +162,19 @@ class VarlenStep:
         D]``, caches ``[blocks, block_size, Hkv, D]`` (any strides), ``window`` as in the op.
         Returns ``[tokens, Hq, Dv]``."""
         key = (_tensor_key(q), _tensor_key(k_cache), _tensor_key(v_cache), window)
-        key += (id(providers.active_providers()),)
+        active = providers.active_providers()
         call = VarlenAttention(
             q, k_cache, v_cache, self.q_lens, self.kv_lens, self.block_table, self.causal,
             window, scale,
         )  # fmt: skip
-        decision = self._decisions.get(key)
-        if decision is None:
+        entry = self._decisions.get(key)
+        # The entry holds the provider list it was chosen from and is reused only for that very
+        # object: an id() in the key could match a new list at a freed list's address.
+        if entry is None or entry[0] is not active:
             self._check(q, k_cache, v_cache, window)
-            decision = self._decisions[key] = providers.choose(_OP, call)
+            entry = self._decisions[key] = (active, *providers.choose(_OP, call))
             _stats.record_varlen_step_check()
-        name, kernel, accept = decision
+        _, name, kernel, accept = entry
         _stats.record_call(_OP, name, accept.path)
         return kernel.run(call, accept)
 

@@ -18,8 +18,11 @@ from hypothesis import strategies as st
 from test_attention_plan import _layouts, reference
 
 import xy_inductor
+from xy_inductor.kernels import aten
 from xy_inductor.kernels.aten import MENU
 from xy_inductor.kernels.aten_attention import run_paged, run_plan
+from xy_inductor.kernels.contract import Accept, OpKernel, Provider
+from xy_inductor.runtime import providers
 from xy_inductor.runtime.attention_plan import plan_attention
 from xy_inductor.runtime.serving import VarlenStep
 
@@ -235,3 +238,55 @@ def test_a_step_range_checks_the_block_ids_its_rows_read():
         ),
     ):
         step.run(q, k, v)
+
+
+def _probe(out: torch.Tensor) -> Provider:
+    """A provider whose attention_varlen accepts every call and returns ``out``."""
+    kernel = OpKernel(lambda call: Accept("probe"), lambda call, accept: out)
+    return Provider("probe", lambda: None, {"attention_varlen": kernel})
+
+
+def test_a_decision_is_not_reused_under_another_provider_list_at_a_recycled_address():
+    # The step's decisions were keyed on id() of the provider list: a list freed after a layer
+    # ran, and a new one allocated at its address, got the first list's provider.
+    q_lens, kv_lens, q, _, _, k, v, table = _step_inputs()
+    step = VarlenStep(q_lens, kv_lens, table)
+    marker = torch.full((q.shape[0], 8, 64), 7.0)
+    probe = _probe(marker)
+    first = (aten.PROVIDER,)  # use_providers keeps a tuple as it is
+    with providers.use_providers(first):
+        step.run(q, k, v)
+    address = id(first)
+    del first
+    lists = []  # new lists until one lands at the freed list's address (if one can)
+    for _ in range(200):
+        lists.append((probe,))
+        if id(lists[-1]) == address:
+            break
+    with providers.use_providers(lists[-1]):
+        assert step.run(q, k, v) is marker
+
+
+def test_paged_rows_are_not_reused_for_another_block_table_at_a_recycled_address():
+    # run_paged kept the rows it derived from a block table under id(table): a table freed
+    # after a layer, and another allocated at its address, got the first table's blocks.
+    q_lens, kv_lens, q, ks, vs, k, v, table = _step_inputs()
+    plan = plan_attention(q_lens, kv_lens, causal=True, kv_heads=2, menu=_menu())
+    perm = torch.randperm(k.shape[0], generator=torch.Generator().manual_seed(1))
+    k2, v2 = k[perm.argsort()], v[perm.argsort()]  # block b of k is block perm[b] of k2
+    moved_table = perm[table.long()].to(table.dtype)
+    cache: dict = {}
+    first = table.clone()
+    run_paged(plan, q, k, v, kv_lens, block_table=first, block_size=16, scale=0.125, cache=cache)
+    address = id(first)
+    del first
+    moved = []  # new tables until one lands at the freed table's address (if one can)
+    for _ in range(200):
+        moved.append(moved_table.clone())
+        if id(moved[-1]) == address:
+            break
+    got = run_paged(
+        plan, q, k2, v2, kv_lens, block_table=moved[-1], block_size=16, scale=0.125, cache=cache
+    )
+    want = reference(q, ks, vs, q_lens, kv_lens, True, None, 0.125)
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
