@@ -18,6 +18,9 @@ tensors' dtype, device, shapes, strides and alignment, never on their values, wh
 decision can be shared by layers with the same signature. A run that does not match the step
 (another token count, a block table too narrow for a row, a block id that is not a block of
 the cache) raises, naming the argument.
+
+``SlotWrites`` is the other half of a step: where its new keys and values go in a layer's
+paged cache, worked out once per step; a negative slot is padding and is not written.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from xy_inductor.runtime import providers
 from xy_inductor.runtime import stats as _stats
 from xy_inductor.runtime.calls import VarlenAttention
 
-__all__ = ["VarlenStep", "check_block_ids"]
+__all__ = ["SlotWrites", "VarlenStep", "check_block_ids"]
 
 _OP = "attention_varlen"
 
@@ -238,3 +241,39 @@ class VarlenStep:
         # the cache's block count is part of the signature, and the engine fills the block table
         # before the step and builds a new step for the next one's table.
         check_block_ids(self.block_table, self.kv_lens, k_cache.shape[1], k_cache.shape[0], where)
+
+
+class SlotWrites:
+    """Where one step's new keys and values go in a paged cache ``[blocks, block_size, Hkv,
+    D]``: ``slot_mapping[i]`` is token i's slot, ``block * block_size + offset``. A negative slot
+    is padding, which vLLM's ``reshape_and_cache`` skips: it is not written (as an index it
+    would write into the last block, another sequence's keys). Built once per step for all its
+    layers."""
+
+    __slots__ = ("block", "offset", "tokens")
+
+    def __init__(self, slot_mapping: torch.Tensor, block_size: int) -> None:
+        if slot_mapping.dim() != 1 or slot_mapping.dtype.is_floating_point:
+            raise ValueError(
+                f"SlotWrites: slot_mapping must be a 1-D integer tensor, got "
+                f"{slot_mapping.dim()}-D {slot_mapping.dtype}"
+            )
+        slots = slot_mapping.long()
+        real = slots >= 0
+        # One device-to-host read per step (the step is built on the host; layers never read).
+        padded = slots.numel() > 0 and not bool(real.all())
+        # The tokens written when some are padding; None: all of them.
+        self.tokens: torch.Tensor | None = real.nonzero().squeeze(1) if padded else None
+        if self.tokens is not None:
+            slots = slots[self.tokens]
+        self.block = slots // block_size
+        self.offset = slots % block_size
+
+    def write(
+        self, k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> None:
+        """Write the step's ``key``/``value`` ``[tokens, Hkv, D]`` into one layer's caches."""
+        if self.tokens is not None:
+            key, value = key[self.tokens], value[self.tokens]
+        k_cache[self.block, self.offset] = key
+        v_cache[self.block, self.offset] = value

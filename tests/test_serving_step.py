@@ -24,7 +24,7 @@ from xy_inductor.kernels.aten_attention import run_paged, run_plan
 from xy_inductor.kernels.contract import Accept, OpKernel, Provider
 from xy_inductor.runtime import providers
 from xy_inductor.runtime.attention_plan import plan_attention
-from xy_inductor.runtime.serving import VarlenStep
+from xy_inductor.runtime.serving import SlotWrites, VarlenStep
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -290,3 +290,34 @@ def test_paged_rows_are_not_reused_for_another_block_table_at_a_recycled_address
     )
     want = reference(q, ks, vs, q_lens, kv_lens, True, None, 0.125)
     assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
+
+
+# -- SlotWrites: a step's new K/V into the paged cache -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "slots",
+    [[5, -1, 17, 63, -1], [-1, -1], [3, 4, 0], []],
+    ids=["some padding", "all padding", "no padding", "no tokens"],
+)
+def test_slot_writes_skip_padding_slots(slots):
+    # Slot -1 is padding (vLLM's reshape_and_cache skips it). As an index it wrote the token
+    # into the last slot of the last block: another sequence's keys, on every device but the
+    # CPU, where the backend raised instead.
+    gen = torch.Generator().manual_seed(0)
+    both = torch.randn(4, 16, 2, 16, generator=gen)  # vLLM's per-layer view: K then V
+    k, v = both[..., :8], both[..., 8:]
+    before = both.clone()
+    key = torch.randn(len(slots), 2, 8, generator=gen)
+    value = torch.randn(len(slots), 2, 8, generator=gen)
+    SlotWrites(torch.tensor(slots, dtype=torch.int32), 16).write(k, v, key, value)
+    want = before.clone()
+    for i, s in enumerate(slots):
+        if s >= 0:
+            want[s // 16, s % 16] = torch.cat([key[i], value[i]], dim=-1)
+    assert torch.equal(both, want)
+
+
+def test_slot_writes_refuse_a_slot_mapping_that_is_not_integer_slots():
+    with pytest.raises(ValueError, match="slot_mapping must be a 1-D integer tensor"):
+        SlotWrites(torch.zeros(3), 16)

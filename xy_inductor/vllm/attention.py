@@ -3,7 +3,8 @@
 - ``XyserveMetadataBuilder.build`` runs once per step and KV-cache group. It reads the step's
   rows on the host (``query_start_loc``, ``seq_lens``, ``block_table``, causal) and builds one
   ``runtime.serving.VarlenStep``: the token table of the step, checked once. It also turns
-  ``slot_mapping`` into the (block, slot) of each new token, once for all layers.
+  ``slot_mapping`` into the (block, slot) of each new token, once for all layers
+  (``runtime.serving.SlotWrites``; slot -1 is padding and is not written).
 - ``XyserveAttentionImpl.forward`` runs per layer: it writes the step's new K/V into the
   layer's cache through those slots (its own layout, below), then runs the step through the
   provider registry. The first layer's run picks the provider and its plan (token table →
@@ -41,7 +42,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
-from xy_inductor.runtime.serving import VarlenStep
+from xy_inductor.runtime.serving import SlotWrites, VarlenStep
 
 __all__ = [
     "XyserveAttentionBackend",
@@ -101,10 +102,8 @@ class XyserveAttentionMetadata:
     num_actual_tokens: int
     """Tokens of the step's rows: the first ``num_actual_tokens`` of q, k and v (vLLM may pad
     them past that)."""
-    slot_block: torch.Tensor
-    """Cache block of each new token's K/V (int64, ``[num_actual_tokens]``)."""
-    slot_offset: torch.Tensor
-    """Slot of each new token within its block."""
+    writes: SlotWrites
+    """Where the step's new K/V go in each layer's cache (padding slots skipped)."""
     block_size: int
 
 
@@ -163,19 +162,13 @@ class XyserveMetadataBuilder(AttentionMetadataBuilder[XyserveAttentionMetadata])
             cm.block_table_tensor[:rows],
             causal=bool(cm.causal),
         )
-        # vLLM pads the token count past the rows' tokens (the padding's slots are -1): the
-        # rows' tokens come first and are the ones written.
-        slots = cm.slot_mapping[: step.tokens].long()
-        if slots.device.type == "cpu" and step.tokens and int(slots.min()) < 0:
-            raise ValueError(
-                "xyserve attention backend (CUSTOM): slot_mapping has a negative slot among "
-                f"the step's {step.tokens} tokens"
-            )
+        # vLLM pads the token count past the rows' tokens: the rows' tokens come first. Any
+        # of them may still have slot -1 (a token this rank does not store), skipped on every
+        # device as vLLM's reshape_and_cache skips it.
         return XyserveAttentionMetadata(
             step=step,
             num_actual_tokens=step.tokens,
-            slot_block=slots // self.block_size,
-            slot_offset=slots % self.block_size,
+            writes=SlotWrites(cm.slot_mapping[: step.tokens], self.block_size),
             block_size=self.block_size,
         )
 
@@ -265,9 +258,7 @@ class XyserveAttentionImpl(AttentionImpl[XyserveAttentionMetadata]):
         k_cache = paged[..., : self.head_size]
         v_cache = paged[..., self.head_size :]
         if self.kv_sharing_target_layer_name is None and key is not None and value is not None:
-            block, offset = attn_metadata.slot_block, attn_metadata.slot_offset
-            k_cache[block, offset] = key[:n]
-            v_cache[block, offset] = value[:n]
+            attn_metadata.writes.write(k_cache, v_cache, key[:n], value[:n])
         out = attn_metadata.step.run(
             query[:n], k_cache, v_cache, window=self.sliding_window, scale=self.scale
         )
