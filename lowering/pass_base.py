@@ -34,8 +34,8 @@ __all__ = ["LoweringPass", "Site", "fake_value", "infer_meta", "site_name"]
 
 log = logging.getLogger("xy_inductor")
 
-# Helper modules whose code decides what every pass matches: part of each pass's uuid().
-_SHARED = ("patterns", "signatures")
+# Helper modules whose code decides what the passes match: part of each pass's uuid().
+_SHARED = ("patterns", "signatures", "score_masks")
 
 
 @dataclass(frozen=True)
@@ -252,7 +252,7 @@ class LoweringPass(ABC):
 
     def uuid(self) -> str:
         """Changes when the pass's code (its modules, base class included, and the shared
-        ``patterns``/``signatures`` helpers every pass reads through) or its options change,
+        ``patterns``/``signatures``/``score_masks`` helpers) or its options change,
         for compile caches that key on the passes that ran."""
         classes = [c for c in type(self).__mro__ if issubclass(c, LoweringPass)]
         modules = [inspect.getmodule(c) for c in classes]

@@ -14,6 +14,7 @@ the bfloat16 fill, lowered with uniform weights where eager has NaN).
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from helpers import TOLERANCE, capture, count_calls, rel_error, run
 
 import xy_inductor
-from xy_inductor.lowering import ManualAttention
+from xy_inductor.lowering import ManualAttention, score_masks
 
 ATTENTION = torch.ops.xyserve.attention.default
 
@@ -329,3 +330,13 @@ def test_mask_expanded_as_another_tensor_of_the_scores_shape_is_lowered_exactly(
     assert [s.lowered for s in ManualAttention()(gm)] == [True]
     assert not any(n.target == "expand_as" for n in gm.graph.nodes)
     torch.testing.assert_close(run(gm, inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pass_uuid_covers_score_masks(monkeypatch):
+    # Compile caches key on the pass's uuid: a change of what score_masks.py matches must show.
+    before = ManualAttention().uuid()
+    source = inspect.getsource
+    monkeypatch.setattr(
+        inspect, "getsource", lambda m: source(m) + ("# changed" if m is score_masks else "")
+    )
+    assert ManualAttention().uuid() != before
