@@ -7,11 +7,12 @@ Spellings read here beyond a plain tensor operand and a Python number:
 - ``scores.masked_fill((mask == 0).view(bs, 1, 1, k_len).expand_as(scores), fill)``: DistilBERT
   (transformers 4.x) and PyTorch's own ``_sfdp_pattern_15``/``_20`` (``fuse_attention.py``).
   The ``expand_as`` reads only the shape of the scores; the op broadcasts the mask itself.
-- fills that are 0-d tensors: ``torch.tensor(torch.finfo(scores.dtype).min)`` (DistilBERT from
-  transformers 4.30), ``torch.full((), -float("inf"), dtype=query.dtype)`` (``_sfdp``
+- fills that are 0-d tensors: ``torch.tensor(torch.finfo(scores.dtype).min)`` (DistilBERT in
+  later transformers 4.x), ``torch.full((), -float("inf"), dtype=query.dtype)`` (``_sfdp``
   patterns), ``torch.full([], finfo.min, dtype=...)`` (GPT-2 before transformers 5).
 - ``scores + bool_mask``: type promotion turns the bool into 0/1 of the scores' dtype, an
-  additive bias (``test_fused_attention.py`` adds bool masks that way), not a keep-mask.
+  additive bias, not a keep-mask (``sfdp_pattern_5_v1``/``_v2`` of PyTorch's
+  ``test_fused_attention.py``, pytorch/pytorch#100318).
 """
 
 from __future__ import annotations

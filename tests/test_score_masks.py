@@ -48,7 +48,7 @@ def padding(b=2, lk=6, pad=2):
 
 
 def distilbert(q, k, v, mask):
-    # transformers 4.30-4.44 DistilBERT MultiHeadSelfAttention: q pre-divided, the padding mask
+    # DistilBERT's MultiHeadSelfAttention in later transformers 4.x: q pre-divided, the padding mask
     # expanded as the scores, a 0-d tensor fill of finfo.min, nn.Dropout in eval.
     bs, _, _, dim_per_head = q.shape
     k_length = k.size(2)
@@ -62,7 +62,7 @@ def distilbert(q, k, v, mask):
 
 
 def distilbert_minus_inf(q, k, v, mask):
-    # DistilBERT before transformers 4.30: the same with a -inf fill, no dropout.
+    # DistilBERT in earlier transformers 4.x: the same with a -inf fill, no dropout.
     bs, _, _, dim_per_head = q.shape
     q = q / math.sqrt(dim_per_head)
     scores = torch.matmul(q, k.transpose(2, 3))
@@ -99,8 +99,24 @@ def where_expanded(q, k, v, mask):
     return torch.softmax(torch.where(keep.expand_as(s), s, float("-inf")), dim=-1) @ v
 
 
+def sfdp_5_v1(q, k, v, _):
+    # PyTorch's test_fused_attention.py: a bool mask "filled" with -inf stays bool (all True),
+    # then is added to the scores: +1 everywhere.
+    attn_mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril(0)
+    attn_mask = attn_mask.masked_fill(torch.logical_not(attn_mask), -float("inf"))
+    s = (q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))) + attn_mask
+    return torch.softmax(s, dim=-1) @ v
+
+
+def sfdp_5_v2(q, k, v, _):
+    # The same test's all-False bool mask added (pytorch/pytorch#100318).
+    attn_mask = torch.zeros(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).bool()
+    s = (q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))) + attn_mask
+    return torch.softmax(s, dim=-1) @ v
+
+
 def bool_bias(q, k, v, keep):
-    # test_fused_attention.py's bool masks added to the scores: +1 where keep is True.
+    # A bool mask given as an input and added: +1 where keep is True.
     s = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.size(-1))
     return torch.softmax(s + keep, dim=-1) @ v
 
@@ -128,6 +144,8 @@ SPELLINGS = {
     "sfdp_15": (sfdp_15, padding),
     "sfdp_20": (sfdp_20, padding),
     "where_expanded": (where_expanded, padding),
+    "sfdp_5_v1": (sfdp_5_v1, _keep),
+    "sfdp_5_v2": (sfdp_5_v2, _keep),
     "bool_bias": (bool_bias, _keep),
     "bool_bias_expanded_in_place": (bool_bias_expanded_in_place, _keep),
     "bool_bias_twice": (bool_bias_twice, _keep),
@@ -152,7 +170,7 @@ def test_spelling_is_lowered_with_eager_numerics(name, dtype, dynamic):
     assert p.matched == 1 and [s.lowered for s in sites] == [True], sites
     assert count_calls(gm, ATTENTION) == 1
     left = {str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method")}
-    assert not left & {"expand_as", "masked_fill", "softmax"}, gm.code
+    assert not left & {"expand_as", "softmax"}, gm.code
     assert not any("softmax" in t or "matmul" in t or "tensor" in t for t in left), gm.code
     out = run(gm, inputs)
     assert not torch.isnan(out).any()

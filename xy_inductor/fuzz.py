@@ -298,7 +298,7 @@ def _manual_body(b: _Builder, inputs: dict, c: dict, block: bool = False) -> Non
         b.emit(
             b.pick(
                 f"q = q * {_scale_literal(b, c['d'])}",
-                "q = q / math.sqrt(q.shape[-1])",  # DistilBERT (transformers 4.x)
+                "q = q / math.sqrt(q.shape[-1])",  # DistilBERT
             )
         )
     # k side: kᵀ in any spelling, copies around it, a scale after it
@@ -392,7 +392,7 @@ def _manual_body(b: _Builder, inputs: dict, c: dict, block: bool = False) -> Non
             fills = ["float('-inf')", "torch.finfo(s.dtype).min", "-math.inf"]
             fills.append("torch.full((), -float('inf'), dtype=q.dtype, device=q.device)")  # _sfdp
             if "double()" not in "\n".join(b.lines):  # torch.tensor(finfo(float64).min) raises
-                fills.append("torch.tensor(torch.finfo(s.dtype).min)")  # DistilBERT 4.30-4.44
+                fills.append("torch.tensor(torch.finfo(s.dtype).min)")  # DistilBERT
             fill = b.pick(*fills)
             keep = "keep"
             if layout == "bart" and inputs["keep"].dim() == 4:
