@@ -81,8 +81,8 @@ def unwrapped_mask(call: Call, chain: torch.fx.Node) -> object:
 
 def fill_value(call: Call, fill: object, scores: torch.dtype) -> float | None:
     """The number a ``where``/``masked_fill`` step writes into scores of dtype ``scores``, rounded
-    as eager rounds it; None if ``fill`` is no constant floating-point number, or if eager would
-    raise.
+    as eager rounds it; None if ``fill`` is no constant number (or one held by an integer
+    tensor), or if eager would raise.
 
     Rounding matters at the edge of the range: ``torch.where(keep, s, finfo(float32).min)`` on
     bfloat16 scores writes -inf (a fully masked row is NaN in eager), not a large finite value
@@ -121,7 +121,7 @@ def _constant(arg: object) -> tuple[float | None, torch.dtype | None]:
     """(the number, the dtype of the 0-d tensor holding it, or None for a Python number);
     (None, None) if ``arg`` is not a constant number."""
     if isinstance(arg, (int, float)) and not isinstance(arg, bool):
-        return float(arg), None
+        return _as_float(arg), None
     if op_name(arg) not in ("full", "tensor"):
         return None, None
     call = bind(arg)
@@ -136,7 +136,15 @@ def _constant(arg: object) -> tuple[float | None, torch.dtype | None]:
         number = call["data"]
     if refused is not None or isinstance(number, bool) or not isinstance(number, (int, float)):
         return None, None
-    return float(number), value.dtype
+    number = _as_float(number)
+    return (number, value.dtype) if number is not None else (None, None)
+
+
+def _as_float(number: float) -> float | None:
+    try:
+        return float(number)
+    except OverflowError:  # an int beyond float64: eager raises on it too
+        return None
 
 
 def _rounded(value: float, dtype: torch.dtype) -> float:
