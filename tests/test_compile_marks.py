@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch.fx.experimental import _config as fx_config
@@ -91,14 +93,18 @@ def test_a_failed_compile_takes_its_marks_and_settings_off():
 
     def failing(gm, example_inputs):
         seen.update({k: getattr(fx_config, k) for k in defaults})
-        seen["x"] = set(x._dynamo_dynamic_indices)
+        seen["x"] = set(x._dynamo_weak_dynamic_indices)
         raise RuntimeError("backend failed")
 
     fn = torch.compile(lambda t: t * 2, backend=failing)
-    with pytest.raises(Exception, match="backend failed"), compiling(list, [(x, (0,))]):
-        fn(x)
+    call = compiling(list, [(x, (0,))])
+    with call:
+        # The failed compile does not fail the call: Dynamo runs the frame as it is.
+        torch.testing.assert_close(fn(x), x * 2)
+    assert "backend failed" in str(call.failure)
     assert seen == {**compile_marks.SETTINGS, "x": {0}}
     assert {k: getattr(fx_config, k) for k in defaults} == defaults
+    assert torch._dynamo.config.suppress_errors is False
     assert _dynamo_attrs(x) == {"_dynamo_static_indices"} and x._dynamo_static_indices == {7}
 
 
@@ -134,3 +140,83 @@ def test_marks_that_raise_leave_the_compile_unmarked_and_the_settings_as_they_we
     assert "could not mark the sizes of a call" in caplog.text
     assert {k: getattr(fx_config, k) for k in defaults} == defaults
     assert not _dynamo_attrs(x)
+
+
+def test_a_compile_that_ends_in_another_thread_takes_its_settings_and_marks_off():
+    # Dynamo runs the callbacks around the outermost of overlapping compiles, counted
+    # process-wide. Here our call compiles (settings and marks go on), another thread's compile
+    # overlaps it, ours ends first, our call returns, and the end callback runs in the other
+    # thread later. Nothing may stay on: the settings (per thread) used to stay flipped for
+    # every later compile of this thread, and the marks on the tensors.
+    from torch._dynamo.callback import CallbackTrigger, callback_handler
+
+    compiling.registered()
+    defaults = {k: getattr(fx_config, k) for k in compile_marks.SETTINGS if hasattr(fx_config, k)}
+    x = torch.randn(3, 5)
+    opened, closed = threading.Event(), threading.Event()
+    seen_there: dict[str, object] = {}
+
+    def other() -> None:
+        with callback_handler.install_callbacks(CallbackTrigger.DYNAMO, "other"):
+            opened.set()
+            closed.wait(10)
+        seen_there.update({k: getattr(fx_config, k) for k in defaults})
+
+    thread = threading.Thread(target=other)
+    with compiling(list, [(x, (0,))]):
+        ours = callback_handler.install_callbacks(CallbackTrigger.DYNAMO, "ours")
+        ours.__enter__()
+        assert {k: getattr(fx_config, k) for k in defaults} == {
+            k: compile_marks.SETTINGS[k] for k in defaults
+        }
+        assert x._dynamo_weak_dynamic_indices == {0}
+        thread.start()
+        assert opened.wait(10)
+        ours.__exit__(None, None, None)  # no end callback: the other compile is open
+    assert {k: getattr(fx_config, k) for k in defaults} == defaults
+    assert not _dynamo_attrs(x)
+    closed.set()
+    thread.join(10)
+    assert seen_there == defaults  # the other thread's settings were never ours
+    assert {k: getattr(fx_config, k) for k in defaults} == defaults
+    assert not compile_marks._OPEN
+
+
+def test_compiles_dynamo_starts_for_other_reasons_apply_nothing():
+    # AOTAutograd's lazy backward and CUDA-graph recording also run the callbacks; a call
+    # announced in this thread is not theirs to mark.
+    from torch._dynamo.callback import CallbackTrigger, callback_handler
+
+    compiling.registered()
+    defaults = {k: getattr(fx_config, k) for k in compile_marks.SETTINGS if hasattr(fx_config, k)}
+    x = torch.randn(3, 5)
+    with (
+        compiling(list, [(x, (0,))]),
+        callback_handler.install_callbacks(CallbackTrigger.LAZY_BACKWARD, "backward"),
+    ):
+        assert {k: getattr(fx_config, k) for k in defaults} == defaults
+        assert not _dynamo_attrs(x)
+
+
+def test_a_compile_failing_under_the_settings_is_retried_without_them(reference, caplog):
+    # torch 2.13 under backed_size_oblivious can fail a trace with a fake-tensor shape error
+    # (Llama-4's MoE: TorchRuntimeError, raised out of generate()). The failing call runs as it
+    # is, and later calls compile without the settings.
+    model = hf.accelerate(wl.copy_model(reference))
+    accelerator = model._xyserve_accelerator
+    compiles = []
+
+    def picky(gm, example_inputs):
+        compiles.append(fx_config.backed_size_oblivious)
+        if fx_config.backed_size_oblivious:
+            raise RuntimeError("no symbolic sizes today")
+        return gm.forward
+
+    accelerator.compiled = torch.compile(accelerator.forward, backend=picky, dynamic=None)
+    with caplog.at_level("WARNING", logger="xy_inductor"):
+        _run_calls(model, reference, CALLS[:3])
+    # The first call's frames failed under the settings (it ran as it is, inner frames too);
+    # the calls after it compiled without them.
+    assert compiles[0] is True and compiles[-1] is False
+    assert accelerator.settings == {}
+    assert "a compile failed" in caplog.text and "without backed_size_oblivious" in caplog.text

@@ -10,9 +10,30 @@ tensor, some 25 marks, two settings set and restored.
 
 So a call only announces itself (``compiling``): it pushes a function computing its marks onto a
 per-thread stack. Dynamo runs its compile-start callbacks (``torch._dynamo.callback``) before it
-traces, under its global compile lock; ours applies the settings and the marks of the innermost
-announced call, remembering what each tensor carried before; the end callback, run when the
-compile finishes or fails, puts both back. The caller's tensors come out as they went in.
+traces a frame; ours applies the settings and the marks of the innermost call announced in that
+thread, remembering what each tensor carried before; the end callback, run when the compile
+finishes or fails, puts both back. The caller's tensors come out as they went in.
+
+Dynamo runs the callbacks only around the outermost of overlapping compiles, counted process-wide:
+a compile that starts while another is open (AOTAutograd's lazy backward, a CUDA-graph
+re-record, another thread's frame) runs no callback, and the end callback can run in another
+thread than the start. The settings are per thread (torch's config overrides are context
+variables), the marks are on tensors any thread sees. So what a start applied is kept
+process-wide (``_OPEN``) and with the call that was announced: the end callback takes the marks
+off in whatever thread it runs, and the settings if it runs in the thread that set them; the
+announced call itself, once it returns (its compile is over by then), takes off whatever is
+left. Compiles Dynamo starts for other reasons than tracing a frame apply nothing.
+
+A compile that fails (a Dynamo error while tracing, such as a fake-tensor shape error under
+``backed_size_oblivious``) does not fail the call: the end callback, run in the ``finally``
+around the compile, sees the exception in flight and sets Dynamo's ``suppress_errors`` in that
+thread until the call returns, so Dynamo runs the frame as it is (eager's answer, as
+``suppress_errors`` does), and the call reports the failure (``compiling.failure``): its caller
+compiles the next calls without the settings.
+
+Sizes are marked with ``maybe_mark_dynamic``: where the model's code needs a marked size to be a
+constant (a sliding window's length, a shape it branches on), Dynamo specialises it and the call
+compiles one more graph, instead of failing the compile with a constraint violation.
 
 Where this torch has no compile callbacks, the marks and settings are applied around the call
 instead (the way it was done before), and taken off after it.
@@ -21,11 +42,16 @@ instead (the way it was done before), and taken off after it.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch._dynamo import config as dynamo_config
+from torch._dynamo.callback import CallbackTrigger
+from torch._dynamo.exc import Unsupported, UserError
+from torch.fx.experimental import _config as fx_config
 
 __all__ = ["Marks", "compiling"]
 
@@ -48,18 +74,25 @@ def _stack(name: str) -> list:
 
 
 class _Applied:
-    """What one compile changed: the settings' previous values and each marked tensor's previous
-    ``_dynamo_*`` attributes (mark_dynamic adds to sets in place, so they are copied)."""
+    """What one compile changed: the settings' previous values (in the thread that set them) and
+    each marked tensor's previous ``_dynamo_*`` attributes (mark_dynamic adds to sets in place, so
+    they are copied)."""
 
-    def __init__(self, marks: Callable[[Any], Marks], arg: Any) -> None:
-        from torch.fx.experimental import _config as fx_config
-
-        self.config = fx_config
-        self.settings = {k: getattr(fx_config, k) for k in SETTINGS if hasattr(fx_config, k)}
+    def __init__(
+        self,
+        marks: Callable[[Any], Marks],
+        arg: Any,
+        settings: Mapping[str, object],
+        call: compiling | None = None,
+    ) -> None:
+        self.thread = threading.get_ident()
+        self.call = call
+        """The announced call whose compile this is (None: applied around a call, no compile)."""
+        self.settings = {k: getattr(fx_config, k) for k in settings if hasattr(fx_config, k)}
         self.tensors: list[tuple[torch.Tensor, dict[str, object]]] = []
         try:
             for k in self.settings:
-                setattr(fx_config, k, SETTINGS[k])
+                setattr(fx_config, k, settings[k])
             seen: set[int] = set()
             for t, dims in marks(arg):
                 if id(t) not in seen:
@@ -71,13 +104,18 @@ class _Applied:
             raise
 
     def undo(self) -> None:
-        for k, v in self.settings.items():
-            setattr(self.config, k, v)
+        """Put back what is still on: the marks from any thread, the settings only from the
+        thread that set them (another thread's overrides are its own)."""
+        if self.settings and threading.get_ident() == self.thread:
+            for k, v in self.settings.items():
+                setattr(fx_config, k, v)
+            self.settings = {}
         for t, before in self.tensors:
             for k in _dynamo_attributes(t):
                 delattr(t, k)
             for k, v in before.items():
                 setattr(t, k, v)
+        self.tensors = []
 
 
 def _dynamo_attributes(t: torch.Tensor) -> dict[str, object]:
@@ -91,7 +129,7 @@ def _dynamo_attributes(t: torch.Tensor) -> dict[str, object]:
 def _mark(t: torch.Tensor, dims: Sequence[int]) -> None:
     dynamic = {d % t.dim() for d in dims}
     for d in dynamic:
-        torch._dynamo.mark_dynamic(t, d)
+        torch._dynamo.maybe_mark_dynamic(t, d)
     # Dynamo's automatic dynamic remembers sizes per code object, across every compile of the
     # model's class in the process (a plain torch.compile of another instance, say): a 2-D mask
     # seen there makes dim 1 of our 4-D mask a symbol, which tracing with backed_size_oblivious
@@ -103,25 +141,35 @@ def _mark(t: torch.Tensor, dims: Sequence[int]) -> None:
             t.__dict__.setdefault("_dynamo_static_indices", set()).add(d)
 
 
-def _on_start(_args: object) -> None:
+_OPEN: list[_Applied] = []
+"""What the start callback of the open compile applied (at most one: Dynamo runs the callbacks
+around the outermost compile only, under its own lock)."""
+
+
+def _on_start(args: object) -> None:
     calls = _stack("calls")
-    applied = None
-    if calls:
-        try:
-            applied = _Applied(*calls[-1])
-        except Exception:
-            # Unmarked, the call traces with static sizes: more graphs, never a wrong answer;
-            # an exception here would fail the user's compile instead.
-            log.warning("xyserve: could not mark the sizes of a call", exc_info=True)
-    _stack("applied").append(applied)
+    if not calls or getattr(args, "callback_trigger", None) is not CallbackTrigger.DYNAMO:
+        return
+    call = calls[-1]
+    try:
+        applied = _Applied(*call.entry, call=call)
+    except Exception:
+        # Unmarked, the call traces with static sizes: more graphs, never a wrong answer;
+        # an exception here would fail the user's compile instead.
+        log.warning("xyserve: could not mark the sizes of a call", exc_info=True)
+        return
+    call.applied.append(applied)
+    _OPEN.append(applied)
 
 
 def _on_end(_args: object) -> None:
-    applied = _stack("applied")
-    if applied:
-        done = applied.pop()
-        if done is not None:
-            done.undo()
+    # Run in the `finally` around the compile: a failing compile's exception is in flight.
+    error = sys.exc_info()[1]
+    while _OPEN:
+        applied = _OPEN.pop()
+        if error is not None and not isinstance(error, (Unsupported, UserError)):
+            applied.call.failed(error, applied.thread)
+        applied.undo()
 
 
 def _handler() -> Any:
@@ -137,7 +185,7 @@ class compiling:
     symbolic settings are on and ``marks(arg)`` is marked while it does (module docstring).
     ``marks`` is called only then, so a call that runs compiled code pays for a push and a pop."""
 
-    __slots__ = ("eager", "entry")
+    __slots__ = ("applied", "eager", "entry", "failure", "suppress")
 
     handler: Any = False
     """Dynamo's callback handler (None: this torch has none; False: not looked up yet)."""
@@ -161,19 +209,47 @@ class compiling:
             cls.generation += 1
         return cls.generation
 
-    def __init__(self, marks: Callable[[Any], Marks], arg: Any) -> None:
-        self.entry = (marks, arg)
+    def __init__(
+        self,
+        marks: Callable[[Any], Marks],
+        arg: Any,
+        settings: Mapping[str, object] = SETTINGS,
+    ) -> None:
+        self.entry = (marks, arg, settings)
         self.eager: _Applied | None = None
+        self.applied: list[_Applied] = []
+        """What each compile of this call applied (module docstring)."""
+        self.failure: BaseException | None = None
+        """The exception a compile of this call first failed with (Dynamo then ran the frame as
+        it is: the call's answer is eager's), or None."""
+        self.suppress: bool | None = None
+        """Dynamo's ``suppress_errors`` before a failed compile of this call set it."""
 
     def __enter__(self) -> None:
         # Checked on every call: torch._dynamo.reset() clears the callbacks.
         if compiling.registered() is not None:
-            _stack("calls").append(self.entry)
+            _stack("calls").append(self)
         else:
             self.eager = _Applied(*self.entry)
 
     def __exit__(self, *exc: object) -> None:
         if self.eager is not None:
             self.eager.undo()
-        else:
-            _stack("calls").pop()
+            return
+        _stack("calls").pop()
+        # Already off where the end callback ran in this thread; otherwise (it runs later, in
+        # the thread whose compile overlapped ours) this thread's settings come off here.
+        for applied in self.applied:
+            applied.undo()
+        if self.suppress is not None:
+            dynamo_config.suppress_errors = self.suppress
+
+    def failed(self, error: BaseException, thread: int) -> None:
+        """A compile of this call, in ``thread``, is failing with ``error``: have Dynamo run the
+        frame as it is instead of raising (``suppress_errors``, which it reads after the end
+        callback; set in this thread until the call returns)."""
+        if self.failure is None:
+            self.failure = error
+        if threading.get_ident() == thread and self.suppress is None:
+            self.suppress = dynamo_config.suppress_errors
+            dynamo_config.suppress_errors = True
