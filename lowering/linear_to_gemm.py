@@ -177,6 +177,10 @@ class LinearToGemm(LoweringPass):
             return f"{x.dtype} linear: xyserve.gemm is for floating point"
         if len({t.device for t in tensors}) > 1:
             return "devices differ: " + ", ".join(str(t.device) for t in tensors)
+        out = fake_value(node)
+        if isinstance(out, torch.Tensor) and out.dtype != x.dtype:
+            # torch.autocast casts the inputs as the call runs; xyserve.gemm would not.
+            return f"its result is {out.dtype} from {x.dtype} inputs (torch.autocast)"
         return None
 
     def replacement(self, node: torch.fx.Node) -> tuple[object, tuple, dict]:
