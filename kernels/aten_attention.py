@@ -225,9 +225,7 @@ def attend_short_rows(
     with row r's keys at ``kv_start[r] : kv_start[r] + kv_len[r]``. Returns ``[B, Hq, T, Dv]``.
     """
     if sees_all:
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, scale=scale
-        )[0]
+        return fused_flash(q, k, v, False, scale)[0]
     t, length = q.shape[2], k.shape[2]
     kpos = torch.arange(length, device=q.device)[None, :] - kv_start[:, None]  # [B, L]
     qpos = (kv_len - q_len)[:, None] + torch.arange(t, device=q.device)  # [B, T]
@@ -241,18 +239,36 @@ def attend_short_rows(
         if bool(ok.all())
         else torch.zeros(ok.shape, dtype=q.dtype).masked_fill(~ok, float("-inf"))
     )
-    out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, False, attn_mask=mask, scale=scale
+    return fused_flash(q, k, v, False, scale, attn_mask=mask)[0]
+
+
+def fused_flash(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    scale: float,
+    attn_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ATen's fused CPU flash kernel (``[B, H, L, D]``): output ``[B, Hq, Lq, Dv]`` and
+    log-sum-exp. The kernel takes one head size for q, k and v; where the value head size differs
+    (DeepSeek's MLA), the smaller side is padded with zeros, which adds nothing to a score
+    (``scale`` is explicit) or to an output column kept, and the output is cut back to Dv."""
+    d, dv = q.shape[-1], v.shape[-1]
+    if dv < d:
+        v = F.pad(v, (0, d - dv))
+    elif d < dv:
+        q, k = F.pad(q, (0, dv - d)), F.pad(k, (0, dv - d))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, causal, attn_mask=attn_mask, scale=scale
     )
-    return out
+    return (out if dv == out.shape[-1] else out[..., :dv]), lse
 
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
-    """ATen's fused CPU flash kernel on one row (``[H, L, D]`` views): output and log-sum-exp.
-    It skips the causal upper triangle block by block itself and reads grouped KV heads."""
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q[None], k[None], v[None], 0.0, causal, scale=scale
-    )
+    """``fused_flash`` on one row (``[H, L, D]`` views): output and log-sum-exp. The kernel
+    skips the causal upper triangle block by block itself and reads grouped KV heads."""
+    out, lse = fused_flash(q[None], k[None], v[None], causal, scale)
     return out[0], lse[0]
 
 
@@ -556,7 +572,6 @@ def run_paged(
 
     for s0, n in rows.empty:
         out[s0 : s0 + n] = 0
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     for s0, n, blocks, offsets, mask in rows.long:
         k_row, v_row = read(blocks, offsets)
         k_row, v_row = k_row[0].transpose(0, 1), v_row[0].transpose(0, 1)  # [Hkv, L, D]
@@ -564,16 +579,15 @@ def run_paged(
         if mask is None:
             o = attend_row_fused(q_row, k_row, v_row, causal=causal, scale=scale)
         else:
-            o = flash(q_row[None], k_row[None], v_row[None], 0.0, False, attn_mask=mask,
-                      scale=scale)[0][0]  # fmt: skip
+            o = fused_flash(q_row[None], k_row[None], v_row[None], False, scale, mask)[0][0]
         out[s0 : s0 + n] = o.transpose(0, 1)
 
     for blocks, offsets, q_slots, valid, mask in rows.groups:
         k_g, v_g = read(blocks, offsets)
         q_g = q[q_slots].transpose(1, 2)  # [n, Hq, t, D]
-        got = flash(
-            q_g, k_g.transpose(1, 2), v_g.transpose(1, 2), 0.0, False, attn_mask=mask, scale=scale
-        )[0].transpose(1, 2)  # [n, t, Hq, Dv]
+        got = fused_flash(q_g, k_g.transpose(1, 2), v_g.transpose(1, 2), False, scale, mask)[
+            0
+        ].transpose(1, 2)  # [n, t, Hq, Dv]
         if q_slots.shape[1] == 1:
             out[q_slots[:, 0]] = got[:, 0].to(out.dtype)
         else:

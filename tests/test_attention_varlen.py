@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from test_attention_plan import _layouts, reference
@@ -148,6 +150,22 @@ def test_packed_rows_match_float64(provider, window, dtype):
     )
     path = "aten/rows" if provider == "aten" else "triton/plan"
     assert xy_inductor.stats().paths["attention_packed"] == {path: 1}
+
+
+@pytest.mark.parametrize("dv", [8, 96])
+@pytest.mark.parametrize("window", [None, 7])
+def test_packed_rows_with_another_value_head_size(dv, window):
+    # DeepSeek's MLA: value heads smaller than query and key heads. ATen's fused flash kernel
+    # takes one head size, and the packed path raised (Q/K/V should have the same head size).
+    (q, k, v, cu), _ = _packed()
+    v = torch.randn(v.shape[0], 2, dv, generator=torch.Generator().manual_seed(5))
+    bounds = list(itertools.pairwise(cu.tolist()))
+    with providers.use_providers([aten.PROVIDER]):
+        got = packed_op(q, k, v, cu, True, window, None)
+    want = reference(q, [k[a:b] for a, b in bounds], [v[a:b] for a, b in bounds],
+                     PACKED_LENS, PACKED_LENS, True, window, 64**-0.5)  # fmt: skip
+    assert got.shape == (q.shape[0], 8, dv)
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
 
 
 def test_packed_op_checks_and_traces():
