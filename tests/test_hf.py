@@ -65,6 +65,8 @@ def test_explain_shows_every_site_lowered(reference):
     names = {s.name for s in report.sites}
     assert "lm_head" in names and "model.layers.0.self_attn.q_proj" in names
     assert report.unlowered == []
+    assert report.routes == hf.routes(model).summary()
+    assert "hf.accelerate routes: prepared, masks, packed_prefill" in str(report)
 
 
 def test_accelerate_keeps_the_forward_signature_and_restore_undoes_it(reference):
@@ -139,7 +141,7 @@ def test_inductor_mode_does_not_recompile_on_cache_layout():
 
 def test_lower_attention_false_keeps_sdpa_and_says_so(reference):
     model = hf.accelerate(wl.copy_model(reference), lower_attention=False)
-    assert model.config._attn_implementation == hf.SDPA_IMPLEMENTATION
+    assert model.config._attn_implementation == hf.TRACED_IMPLEMENTATION
     ids, mask = wl.prompt_batch([6], reference.config.vocab_size, seed=1)
     with torch.no_grad():
         report = xy_inductor.explain(model, input_ids=ids, attention_mask=mask)
@@ -158,6 +160,7 @@ def test_padded_prefills_run_packed_with_eager_tokens(reference, cache):
     calls = ((5, 3), (9, 2, 4), (1,), (2, 1))
     expected = wl.generate_pass(reference, cache, calls, 3).outputs
     model = hf.accelerate(wl.copy_model(reference))
+    xy_inductor.reset_stats()  # the probe's op calls
     got = wl.generate_pass(model, cache, calls, 3).outputs
     for want, out in zip(expected, got, strict=True):
         torch.testing.assert_close(out, want, rtol=0, atol=0)
@@ -179,6 +182,7 @@ def test_unpadded_prefills_run_in_the_decode_graph_once_it_exists(reference, cac
     calls = ((7,), (5, 3), (12,), (4, 4), (1,))
     expected = wl.generate_pass(reference, cache, calls, 3).outputs
     model = hf.accelerate(wl.copy_model(reference), inductor=inductor)
+    xy_inductor.reset_stats()  # the probe's op calls
     first = wl.generate_pass(model, cache, calls, 3)
     second = wl.generate_pass(model, cache, calls, 3)
     for want, a, b in zip(expected, first.outputs, second.outputs, strict=True):
@@ -192,29 +196,36 @@ def test_unpadded_prefills_run_in_the_decode_graph_once_it_exists(reference, cac
     assert s.backend_compiles == 2
 
 
-def test_an_unpadded_prefill_of_another_form_stays_packed(reference):
+def test_a_prefill_of_another_form_gets_its_own_graph_and_no_guessed_positions(reference):
     # The decode graph serves a prefill only if the call has the form of the decode steps it
     # was compiled for (same keywords, scalar values, tensor ranks): here the prefill passes no
-    # position_ids, the decode steps do, so the prefill runs packed (no third graph).
+    # position_ids, the decode steps do. Without position ids it is not packed either (a
+    # packed row's positions would be the model's default ones guessed), so it runs as one
+    # padded graph of its own: two graphs in all, and the model's own logits.
     from transformers import DynamicCache
 
     model = hf.accelerate(wl.copy_model(reference))
+    xy_inductor.reset_stats()  # the probe's calls
     for n in (6, 9):
         ids, mask = wl.prompt_batch([n], reference.config.vocab_size, seed=n)
-        cache = DynamicCache(config=reference.config)
-        with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, cache=cache, logits_to_keep=1)
-            token = out.logits[:, -1:].argmax(-1)
-            mask = torch.cat([mask, mask.new_ones((1, 1))], dim=1)
-            model(
-                input_ids=token,
-                attention_mask=mask,
-                cache=cache,
-                position_ids=torch.tensor([[n]]),
-                logits_to_keep=1,
-            )
+        logits = []
+        for m in (model, reference):
+            cache = DynamicCache(config=reference.config)
+            with torch.no_grad():
+                out = m(input_ids=ids, attention_mask=mask, cache=cache, logits_to_keep=1)
+                token = out.logits[:, -1:].argmax(-1)
+                step = m(
+                    input_ids=token,
+                    attention_mask=torch.cat([mask, mask.new_ones((1, 1))], dim=1),
+                    cache=cache,
+                    position_ids=torch.tensor([[n]]),
+                    logits_to_keep=1,
+                )
+            logits.append((out.logits, step.logits))
+        for got, want in zip(*logits, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     s = xy_inductor.stats()
-    assert s.calls["attention_packed"] == {"aten": reference.config.num_hidden_layers * 2}
+    assert "attention_packed" not in s.calls
     assert s.backend_compiles == 2
 
 
@@ -225,12 +236,16 @@ def test_pack_prefill_false_runs_the_padded_batch(reference):
     got = wl.generate_pass(model, "dynamic", calls, 2).outputs
     torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
     assert "attention_packed" not in xy_inductor.stats().calls
-    assert model._xyserve_accelerator.pack_reason.startswith("disabled by option")
+    assert hf.routes(model).packed_prefill == hf.Route(
+        False, "disabled by option pack_prefill=False"
+    )
 
 
 def test_sliding_window_models_are_not_packed():
     model = hf.accelerate(wl.tiny_model("mistral"))
-    assert "sliding-window" in model._xyserve_accelerator.pack_reason
+    routes = hf.routes(model)
+    assert routes.prepared.taken and not routes.packed_prefill.taken
+    assert "DynamicSlidingWindowLayer" in routes.packed_prefill.reason
 
 
 def _hf_masks(model, mask, cache, batch):
@@ -269,7 +284,7 @@ def test_decode_masks_are_what_hugging_face_builds(reference, dtype, batch, past
     # included (Dynamo guards them), or tokens or graphs would change.
     model = hf.accelerate(wl.copy_model(reference))
     accelerator = model._xyserve_accelerator
-    assert accelerator.plain_causal
+    assert hf.routes(model).decode_mask.taken
     cache = _filled_cache(reference, batch, past)
     mask = torch.ones(batch, past + 1, dtype=dtype)
     for row, pad in enumerate(padding):
@@ -294,8 +309,8 @@ def test_decode_masks_are_left_to_hugging_face_where_they_differ(reference):
     assert accelerator._decode_mask(torch.ones(1, 12, dtype=torch.long), cache, 1, 1) is None
     assert accelerator._decode_mask(torch.ones(1, 9), cache, 1, 1) is None  # float mask
     for family in ("mistral", "qwen2"):
-        other = hf.accelerate(wl.tiny_model(family))._xyserve_accelerator
-        assert not other.plain_causal
+        other = hf.routes(hf.accelerate(wl.tiny_model(family)))
+        assert not other.decode_mask.taken and "its config sets" in other.decode_mask.reason
 
 
 def _decode_logits(model, steps: int = 2) -> torch.Tensor:

@@ -55,6 +55,9 @@ class ExplainReport:
     opaque_ops: dict[str, int] = dataclasses.field(default_factory=dict)
     """Calls of other libraries' ops, by ``namespace.op`` (vLLM's ``_C.onednn_mm`` linear
     layers, its attention and KV-cache ops...): no pass can lower them; left alone."""
+    routes: str | None = None
+    """For a model accelerated with ``hf.accelerate``: the routes it takes and why not the
+    others (``hf.routes(model).summary()``)."""
 
     @classmethod
     def from_graphs(
@@ -93,6 +96,8 @@ class ExplainReport:
             f"  {'attention':<10} {self.attention_total:>6} {self.attention_lowered:>8}",
             f"  {'linear':<10} {self.linear_total:>6} {self.linear_lowered:>8}",
         ]
+        if self.routes is not None:
+            lines.append(f"  hf.accelerate {self.routes}")
         if self.failed:
             lines.append(
                 f"  {len(self.failed)} site{'s' * (len(self.failed) != 1)} failed to lower "
@@ -165,8 +170,9 @@ def explain(model_or_fn: Callable, *args: object, **kwargs: object) -> ExplainRe
             checks.extend(check_shapes(lowered, config.max_tokens))
         return gm.forward
 
-    if accelerator is not None:
-        accelerator.trace_with(backend, args, kwargs)
-    else:
+    if accelerator is None:
         torch.compile(model_or_fn, backend=backend, dynamic=config.dynamic)(*args, **kwargs)
-    return ExplainReport.from_graphs(graphs, checks)
+        return ExplainReport.from_graphs(graphs, checks)
+    accelerator.trace_with(backend, args, kwargs)
+    report = ExplainReport.from_graphs(graphs, checks)
+    return dataclasses.replace(report, routes=accelerator.routes.summary())
