@@ -12,7 +12,7 @@ VVENV := .venv-vllm
 VPY := $(VVENV)/bin/python
 VPIP := $(VPY) -m pip --disable-pip-version-check
 
-.PHONY: demo test test-all test-vllm vllm-venv lint format bench fuzz clean
+.PHONY: demo test test-all test-vllm vllm-venv lint format bench fuzz zoo clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -87,6 +87,15 @@ N ?= 1000
 SEED ?= 0
 fuzz: $(VENV)/.test
 	$(PY) -m xy_inductor.fuzz --cases $(N) --seed $(SEED)
+
+# The transformers zoo (tests/zoo.py): every decoder-only family of transformers' causal-LM
+# mapping built tiny from its config, generate() through hf.accelerate against eager, each family
+# in a child process. Prints a Markdown table (equal / refused / wrong / crash / skipped, graphs
+# per cache); exits 1 on any wrong or crash. FAMILIES="llama opt" runs only those.
+FAMILIES ?=
+zoo: $(VENV)/.test
+	mkdir -p benchmarks/out
+	$(PY) tests/zoo.py $(FAMILIES) --json benchmarks/out/zoo.json
 
 clean:
 	rm -rf $(VENV) $(VVENV) *.egg-info .pytest_cache .ruff_cache
