@@ -49,6 +49,9 @@ SAMPLE: dict[str, Case] = {
     # builds causal masks where its config names a window (Hugging Face's builder made
     # sliding ones: wrong); its masks are built in the graph, calls differ in their keywords
     "moshi": Case({"prepared"}, {"masks"}, dynamic=4, static=3),
+    # sparse attention: the indexer's top-k key indices, folded into the mask as the model does
+    # for SDPA (they were passed on to its SDPA function, which ignores them)
+    "deepseek_v32": Case({"prepared", "masks"}, {"packed_prefill"}, dynamic=5, static=3),
     # hybrid: linear-attention layers beside attention layers, a cache of both
     "qwen3_next": Case({"prepared"}, {"packed_prefill"}, dynamic=4, static=4),
 }

@@ -5,10 +5,11 @@ prefill, ``xyserve.attention_packed``); ``"xyserve_traced"`` (``lower_attention=
 SDPA. Both take grouped KV heads as they are and never branch on the sequence length.
 
 A layer's call reaches the op only when every argument it passes is one whose meaning the op
-covers (``IGNORED``, or None). Any other argument (attention sinks ``s_aux``/``sinks``,
-soft-capping ``softcap``, T5's ``position_bias``, sparse ``indices``, …) sends the call, unchanged,
-to the function the model ran before it was accelerated: eager's answer for whatever that
-variant means, traced like the rest of the model.
+covers (``IGNORED``, or None). Sparse attention's top-k ``indices`` are folded into the mask as
+the models passing them do for SDPA. Any other argument (attention sinks ``s_aux``/``sinks``,
+soft-capping ``softcap``, T5's ``position_bias``, …) sends the call, unchanged, to the function
+the model ran before it was accelerated: eager's answer for whatever that variant means, traced
+like the rest of the model.
 """
 
 from __future__ import annotations
@@ -109,6 +110,24 @@ def _fallback(
     return eager, mask
 
 
+def _sparse_mask(mask: torch.Tensor | None, indices: torch.Tensor, keys: int) -> torch.Tensor:
+    """``mask`` with only the keys ``indices`` selects per query (``[B, S, top-k]`` key
+    positions, from a sparse-attention indexer), as DeepSeek-V3.2, GLM-MoE-DSA, dots3, HY-V4 and
+    AXK2 fold them into their mask for SDPA and eager attention, and pass them to other
+    implementations instead."""
+    batch, length = indices.shape[:2]
+    dropped = (
+        indices.new_ones((batch, length, keys), dtype=torch.bool)
+        .scatter(-1, indices.long(), False)
+        .unsqueeze(1)
+    )
+    if mask is None:
+        return ~dropped
+    if mask.dtype == torch.bool:
+        return mask & ~dropped
+    return mask.masked_fill(dropped, torch.finfo(mask.dtype).min)
+
+
 def _autocast(tensors: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor | None, ...]:
     """The tensors as SDPA sees them under ``torch.autocast``: floating ones in its dtype (SDPA is
     on autocast's lower-precision list; rotary embeddings leave q and k in float32 there)."""
@@ -131,9 +150,13 @@ def _attention(
     kwargs: dict,
     use_op: bool,
 ) -> tuple[torch.Tensor, None]:
-    variant = _variant(kwargs)
+    indices = kwargs.pop("indices", None)
     if PACKED_KEY in kwargs:
+        variant = "indices" if indices is not None else _variant(kwargs)
         return _packed(module, query, key, value, scaling, is_causal, kwargs, variant)
+    if indices is not None:
+        attention_mask = _sparse_mask(attention_mask, indices, key.shape[2])
+    variant = _variant(kwargs)
     if variant is not None:
         fallback, mask = _fallback(module, attention_mask, query.dtype)
         # As the modeling files call it: everything after the mask by keyword.
