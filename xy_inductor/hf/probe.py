@@ -107,7 +107,7 @@ def _prompts(probe: Probe, vocab: int, device: torch.device) -> tuple[torch.Tens
 
 
 def _generate(model: torch.nn.Module, probe: Probe) -> _Outcome:
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = model.config.get_text_config(decoder=True).vocab_size
     ids, mask = _prompts(probe, vocab, model.device)
     extra = {"cache_implementation": "static"} if probe.cache == "static" else {}
     with torch.no_grad():
