@@ -39,6 +39,7 @@ from xy_inductor.backend import make_backend
 from xy_inductor.compile_marks import SETTINGS, Marks, compiling
 from xy_inductor.config import XyConfig
 from xy_inductor.hf import caches
+from xy_inductor.hf.attention import FALLBACK_ATTRIBUTE
 from xy_inductor.hf.packed import PackedCall, padding_of
 from xy_inductor.hf.routes import RouteMismatch, Routes
 
@@ -426,7 +427,12 @@ class Accelerator:
             return None
         if tuple(mask.shape) != (batch, cache.get_seq_length() + 1):
             return None
-        return mask.bool()[:, None, None, :]
+        keep = mask.bool()[:, None, None, :]
+        if getattr(self.model.config, FALLBACK_ATTRIBUTE, None) != "eager":
+            return keep
+        # What transformers' eager_mask makes of it, for a model that ran eager attention.
+        dtype = self.model.dtype
+        return torch.where(keep, torch.tensor(0.0, dtype=dtype), torch.finfo(dtype).min)
 
     def _masks(self, kw: dict, cache: Any, batch: int, length: int, device: torch.device) -> Any:
         mask = kw.get("attention_mask")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 __all__ = [
@@ -262,8 +262,11 @@ def traced_forward(
 
 
 def _mask_function(*args: Any, **kwargs: Any) -> torch.Tensor | None:
-    """Hugging Face's SDPA mask, but never dropped in favour of ``is_causal`` (which would make
-    the graph branch on the query length)."""
+    """The mask the model's own implementation takes: eager's float mask for a model that ran
+    eager attention (some extend or pad it as floats before attention), else SDPA's boolean one,
+    but never dropped in favour of ``is_causal`` (the graph would branch on the query length)."""
+    if getattr(kwargs.get("config"), FALLBACK_ATTRIBUTE, None) == "eager":
+        return eager_mask(*args, **kwargs)
     kwargs["allow_is_causal_skip"] = False
     return sdpa_mask(*args, **kwargs)
 
