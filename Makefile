@@ -91,11 +91,13 @@ fuzz: $(VENV)/.test
 # The transformers zoo (tests/zoo.py): every decoder-only family of transformers' causal-LM
 # mapping built tiny from its config, generate() through hf.accelerate against eager, each family
 # in a child process. Prints a Markdown table (equal / refused / wrong / crash / skipped, graphs
-# per cache); exits 1 on any wrong or crash. FAMILIES="llama opt" runs only those.
+# per cache); exits 1 on any wrong or crash. FAMILIES="llama opt" runs only those; JOBS=2 runs
+# two families at once.
 FAMILIES ?=
+JOBS ?= 1
 zoo: $(VENV)/.test
 	mkdir -p benchmarks/out
-	$(PY) tests/zoo.py $(FAMILIES) --json benchmarks/out/zoo.json
+	$(PY) tests/zoo.py $(FAMILIES) --jobs $(JOBS) --json benchmarks/out/zoo.json
 
 clean:
 	rm -rf $(VENV) $(VVENV) *.egg-info .pytest_cache .ruff_cache

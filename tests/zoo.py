@@ -22,6 +22,7 @@ memory limit, and prints a Markdown table; ``tests/test_zoo.py`` runs a fixed sa
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import multiprocessing
 import resource
@@ -197,8 +198,9 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:300]}"
 
 
-def _child(family: str, queue: Any) -> None:
+def _child(family: str, queue: Any, threads: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+    torch.set_num_threads(threads)
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
     try:
@@ -208,12 +210,12 @@ def _child(family: str, queue: Any) -> None:
         traceback.print_exc()
 
 
-def run_isolated(family: str, timeout: float) -> Result:
-    """``run_family`` in a child process with ``MEMORY_LIMIT``; a child that dies or runs past
-    ``timeout`` seconds is a crash."""
+def run_isolated(family: str, timeout: float, threads: int) -> Result:
+    """``run_family`` in a child process with ``MEMORY_LIMIT`` and ``threads`` torch threads; a
+    child that dies or runs past ``timeout`` seconds is a crash."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=_child, args=(family, queue))
+    child = context.Process(target=_child, args=(family, queue, threads))
     child.start()
     try:
         return Result(**queue.get(timeout=timeout))
@@ -249,13 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("families", nargs="*", help="model types (default: every one)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per family")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--jobs", type=int, default=1, help="families run at once")
     args = parser.parse_args(argv)
     names = args.families or families()
-    results = []
-    for i, name in enumerate(names):
-        r = run_isolated(name, args.timeout)
-        results.append(r)
-        print(f"[{i + 1}/{len(names)}] {name}: {r.outcome} {r.detail[:120]}", flush=True)
+    threads = max(1, torch.get_num_threads() // args.jobs)
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        runs = {pool.submit(run_isolated, n, args.timeout, threads): n for n in names}
+        for done, run in enumerate(concurrent.futures.as_completed(runs), 1):
+            r = run.result()
+            print(f"[{done}/{len(names)}] {r.family}: {r.outcome} {r.detail[:120]}", flush=True)
+    results = [run.result() for run in runs]  # in the mapping's order
     print(table(results))
     if args.json:
         with open(args.json, "w") as f:
