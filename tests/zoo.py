@@ -41,6 +41,7 @@ from zoo_configs import Skip, build
 
 import xy_inductor
 from xy_inductor import hf
+from xy_inductor.workload import prompt_batch
 
 ATOL = 1e-4
 """Largest difference from eager's float32 logits that counts as equal: an exact route stays
@@ -80,18 +81,6 @@ def families() -> list[str]:
     return list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
-def _prompts(lengths: tuple[int, ...], vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros((len(lengths), width), dtype=torch.long)
-    mask = torch.zeros((len(lengths), width), dtype=torch.long)
-    for row, n in enumerate(lengths):
-        # Token ids from 3 up: 0-2 are pad, BOS and EOS in TINY.
-        ids[row, width - n :] = torch.randint(3, vocab, (n,), generator=g)
-        mask[row, width - n :] = 1
-    return ids, mask
-
-
 def generate_all(
     model: torch.nn.Module, cache: str, calls: Sequence[tuple[int, ...]] = CALLS
 ) -> Outputs:
@@ -104,7 +93,7 @@ def generate_all(
     outputs = []
     with torch.no_grad():
         for i, lengths in enumerate(calls):
-            ids, mask = _prompts(lengths, vocab, seed=i)
+            ids, mask = prompt_batch(lengths, vocab, seed=i)
             out = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
