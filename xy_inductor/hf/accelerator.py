@@ -163,7 +163,7 @@ class Accelerator:
             out = compiled(*args, **kwargs)
         if call.failure is not None and compiled is self.compiled:
             what = f"{type(call.failure).__name__}: {' '.join(str(call.failure).split())[:300]}"
-            if self.settings:
+            if settings and self.settings:
                 self.settings = {}
                 then = "later calls compile without backed_size_oblivious and duck sizing"
             else:
