@@ -26,12 +26,12 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from xy_inductor.kernels import aten
-from xy_inductor.kernels.aten_attention import run_dense, run_plan
-from xy_inductor.runtime.attention_plan import AttentionMenu, _plan, plan_attention
+from xy_inductor.kernels.aten.attention import run_dense, run_plan
+from xy_inductor.kernels.aten.menus import ATTENTION_MENU
+from xy_inductor.kernels.attention_plan import _plan, plan_attention
 
 H, D = 8, 64
-CPU_MENU = AttentionMenu(**aten.MENU)  # what the ATen provider plans with
+CPU_MENU = ATTENTION_MENU  # what the ATen provider plans with
 
 
 def median_ms(fns: list[Callable[[], object]], rounds: int, budget_s: float = 0.15) -> list[float]:

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 import xy_inductor
+from xy_inductor.kernels.gemm_plan import plan_gemm
 from xy_inductor.runtime import providers
-from xy_inductor.runtime.gemm_plan import plan_gemm
 from xy_inductor.runtime.ops import gemm_impl
 
 # (model, layer, K, N): x [M, K] @ W [N, K]ᵀ. Llama-2-7B: hidden 4096, MLP 11008 (gate and up
@@ -97,8 +97,8 @@ def compare(args: argparse.Namespace) -> list[dict]:
             plan_gemm(n, k, dtype=dtype, max_tokens=args.max_tokens) if device == "cuda" else None
         )
         if device == "cuda":
+            from xy_inductor.kernels.calls import GemmWeight
             from xy_inductor.kernels.triton import warm_up_gemm
-            from xy_inductor.runtime.calls import GemmWeight
 
             rows_served = (1, args.max_tokens)
             warm_up_gemm(
@@ -115,7 +115,7 @@ def compare(args: argparse.Namespace) -> list[dict]:
             if not err < 2e-2:
                 raise SystemExit(f"{model} {layer} M={m}: relative error {err:.2e}")
             if device == "cuda":
-                from xy_inductor.kernels.triton_gemm import triton_gemm
+                from xy_inductor.kernels.triton.gemm import triton_gemm
 
                 tile = plan.tile_for(m)
                 out = torch.empty(m, n, dtype=dtype, device=device)

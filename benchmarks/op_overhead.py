@@ -13,7 +13,7 @@ Part 1, per call (no grad), for ``gemm`` (M=1, K=N=64, then decode size K=512 N=
                                 ``torch.library.custom_op`` (how the ops were registered
                                 before), for comparison
   torch.ops.xyserve.*, C++      the registered op once the C++ CPU kernels are loaded
-                                (``runtime/native.py``; ``inductor=True`` loads them)
+                                (``kernels/aten/native.py``; ``inductor=True`` loads them)
 
 Targets: at most 2 us over the kernel from a graph run as traced, 3 us from Inductor's code.
 
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import xy_inductor
-from xy_inductor.runtime import native, ops
+from xy_inductor.runtime import ops
 
 _TWIN = {
     name: torch.library.custom_op(f"xyserve_twin::{name}", impl, mutates_args=())
@@ -116,13 +116,13 @@ def part1() -> None:
                     "custom_op twin": per_call_us(twin),
                 },
             )
-        why = native.load()
+        why = ops.load_native()
         if why is not None:
             print(f"\nC++ CPU kernels not loaded: {why}")
             return
         print(
-            "\nwith the C++ CPU kernels loaded (runtime/native.cpp), which Inductor's code and "
-            "graphs run as traced then call"
+            "\nwith the C++ CPU kernels loaded (kernels/aten/native.cpp), which Inductor's code "
+            "and graphs run as traced then call"
         )
         for title, op, kernel, _, registered, _ in cases:
             _table(

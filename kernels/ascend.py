@@ -50,21 +50,18 @@ import os
 import sys
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from xy_inductor.kernels.calls import (
+    DenseAttention,
+    GemmCall,
+    GemmWeight,
+    PackedAttention,
+    VarlenAttention,
+)
 from xy_inductor.kernels.contract import Accept, OpKernel, Provider
-
-if TYPE_CHECKING:  # the runtime's call objects, for annotations only
-    from xy_inductor.runtime.calls import (
-        DenseAttention,
-        GemmCall,
-        GemmWeight,
-        PackedAttention,
-        VarlenAttention,
-    )
 
 __all__ = [
     "BLOCK_SIZES",

@@ -23,7 +23,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["Accept", "OpKernel", "Provider"]
+from xy_inductor.kernels.attention_plan import AttentionPlan, DenseRows
+from xy_inductor.kernels.gemm_plan import GemmMenu
+
+__all__ = ["Accept", "OpKernel", "PlannedRows", "Provider"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,8 +37,19 @@ class Accept:
     """The provider's way of running it (``sdpa``, ``rows``, ``plan``, ``linear``, …); the
     registry counts calls per provider and path in ``stats().paths``."""
     decision: Any = None
-    """What the checker decided (dense rows and their plan, a task table's plan, a GEMM tile),
-    handed unchanged to the kernel."""
+    """What the checker decided, handed unchanged to the kernel: a typed object per path (a
+    ``PlannedRows``, an ``AttentionPlan``, a ``GemmTile``, a provider's own dataclass), never a
+    bare tuple; None where the path needs nothing more."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedRows:
+    """The decision of a dense attention call run as rows of a token table (path ``rows``)."""
+
+    rows: DenseRows
+    """Each sequence's queries and keys, as recognised from the call's mask."""
+    plan: AttentionPlan
+    """The provider's plan of those rows."""
 
 
 @dataclass(frozen=True)
@@ -58,3 +72,6 @@ class Provider:
     prepare: Mapping[str, Callable[[Any], int]] = field(default_factory=dict)
     """Op name to what the backend calls once per weight at compile time, before the first
     request (compile the kernels that will serve it); returns the variants it compiled."""
+    gemm_menu: GemmMenu | None = None
+    """The GEMM tiles this provider offers the SmoothGEMM planner (``plan_gemm``); None when it
+    has no GEMM kernel of its own."""

@@ -3,22 +3,21 @@
 
 Each op has a fake implementation that computes the output from the input sizes alone, so it
 traces with symbolic sizes and never reads data, and a real implementation that checks its
-arguments, wraps them in a call object (``runtime.calls``) and hands it to the provider
-registry (``providers.run``). The argument checks are shared by both and raise ``ValueError``:
-the fake implementations check with ``torch._check_value``, which also holds for symbolic
-sizes; the real ones with a plain ``if``, which costs nanoseconds instead of microseconds.
+arguments, wraps them in a call object (``kernels.calls``) and hands it to the provider
+registry (``providers.run``). Both check the arguments with the op's one validator
+(``arguments.py``), which raises a ``ValueError`` naming the argument.
 
 The ops are registered with ``torch.library`` ``define`` + ``impl`` + ``register_fake``
 (vLLM's ``direct_register_custom_op``), not ``torch.library.custom_op``, whose Python autograd
-layer costs about 10 us more on every call from Inductor's generated code
+layer adds a Python autograd step to every call from Inductor's generated code
 (``benchmarks/op_overhead.py``; pytorch/pytorch#139500). They are inference ops: their
 Autograd kernel raises a clear error when asked to record gradients, and otherwise runs the
 implementation itself, so a call crosses into Python once.
 
 ``gemm_impl``, ``attention_impl``… are the real implementations as plain functions.
 ``DIRECT_CALLS`` maps each op to its implementation: a graph that runs as traced (no Inductor)
-calls them directly, skipping the dispatcher altogether, except where C++ kernels serve the op
-(``gemm`` and ``attention`` on CPU tensors, ``native.py``), which costs less still.
+calls them directly, skipping the dispatcher altogether, except where ATen's C++ kernels serve
+the op (``gemm`` and ``attention`` on CPU tensors, ``load_native``), which costs less still.
 """
 
 from __future__ import annotations
@@ -28,16 +27,24 @@ from collections.abc import Callable
 
 import torch
 
-from xy_inductor.runtime import providers
-from xy_inductor.runtime import stats as _stats
-from xy_inductor.runtime.calls import (
+from xy_inductor.kernels.aten import native
+from xy_inductor.kernels.calls import (
     DenseAttention,
     GemmCall,
     PackedAttention,
     VarlenAttention,
     attention_output,
 )
-from xy_inductor.runtime.gemm_plan import rows_of
+from xy_inductor.kernels.gemm_plan import DEFAULT_MAX_TOKENS, rows_of
+from xy_inductor.runtime import counters, providers
+from xy_inductor.runtime.arguments import (
+    check_attention_args,
+    check_gemm_args,
+    check_gemm_fused_args,
+    check_packed_args,
+    check_symbolic,
+    check_varlen_args,
+)
 from xy_inductor.runtime.serving import check_block_ids
 
 __all__ = [
@@ -48,60 +55,13 @@ __all__ = [
     "attention_packed_impl",
     "attention_varlen",
     "attention_varlen_impl",
-    "check_attention_args",
-    "check_gemm_args",
     "gemm",
     "gemm_fused",
     "gemm_fused_impl",
     "gemm_impl",
+    "load_native",
     "stacked_rows",
 ]
-
-Check = Callable[[bool, Callable[[], str]], None]
-
-# XyConfig.max_tokens's default; ops called directly (not through the backend) use it.
-DEFAULT_MAX_TOKENS = 8192
-
-
-def _raise_unless(cond: bool, message: Callable[[], str]) -> None:
-    if not cond:
-        raise ValueError(message())
-
-
-def _same(a: torch.Tensor, b: torch.Tensor, what: str, op: str, check: Check) -> None:
-    check(a.dtype == b.dtype, lambda: f"xyserve.{op}: {what} dtypes differ: {a.dtype} vs {b.dtype}")
-    check(
-        a.device == b.device,
-        lambda: f"xyserve.{op}: {what} devices differ: {a.device} vs {b.device}",
-    )
-
-
-def check_gemm_args(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    check: Check = _raise_unless,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-) -> None:
-    check(
-        isinstance(max_tokens, int) and max_tokens >= 1,
-        lambda: f"xyserve.gemm: max_tokens must be a positive int, got {max_tokens!r}",
-    )
-    check(x.dim() >= 1, lambda: "xyserve.gemm: x must have at least 1 dim [..., K]")
-    check(weight.dim() == 2, lambda: f"xyserve.gemm: weight must be [N, K], got {weight.dim()}-D")
-    check(
-        x.shape[-1] == weight.shape[1],
-        lambda: (
-            f"xyserve.gemm: x has K={x.shape[-1]} but weight is [N, K] with K={weight.shape[1]}"
-        ),
-    )
-    _same(x, weight, "x and weight", "gemm", check)
-    if bias is not None:
-        check(
-            bias.dim() == 1 and bias.shape[0] == weight.shape[0],
-            lambda: f"xyserve.gemm: bias must be [N={weight.shape[0]}], got {tuple(bias.shape)}",
-        )
-        _same(x, bias, "x and bias", "gemm", check)
 
 
 def _note_rows(x: torch.Tensor, weight: torch.Tensor, max_tokens: int) -> None:
@@ -110,7 +70,7 @@ def _note_rows(x: torch.Tensor, weight: torch.Tensor, max_tokens: int) -> None:
         return  # M <= max_tokens, told without walking the leading sizes
     m = rows_of(x)
     if m > max_tokens:
-        _stats.record_over_max_tokens(m, weight.shape[0], k, max_tokens)
+        counters.record_over_max_tokens(m, weight.shape[0], k, max_tokens)
 
 
 def gemm_impl(
@@ -124,8 +84,7 @@ def gemm_impl(
     Returns a contiguous ``[..., N]``. Providers with a tile menu serve M = 1…``max_tokens``
     (M is the product of x's leading sizes); a larger M goes to the ATen fallback, counted.
     """
-    if not _gemm_args_ok(x, weight, bias, max_tokens):
-        check_gemm_args(x, weight, bias, max_tokens=max_tokens)  # raises, naming the argument
+    check_gemm_args(x, weight, bias, max_tokens)
     return _traced_gemm(x, weight, bias, max_tokens)
 
 
@@ -138,117 +97,14 @@ def _traced_gemm(
     return providers.run("gemm", GemmCall(x, weight, bias, max_tokens))
 
 
-def _gemm_args_ok(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_tokens: int
-) -> bool:
-    """``check_gemm_args`` as one expression, for the serving path: the checks with their
-    messages build a closure per condition, which costs microseconds on every call."""
-    return (
-        type(max_tokens) is int
-        and max_tokens >= 1
-        and x.dim() >= 1
-        and weight.dim() == 2
-        and x.shape[-1] == weight.shape[1]
-        and x.dtype == weight.dtype
-        and x.device == weight.device
-        and (
-            bias is None
-            or (
-                bias.dim() == 1
-                and bias.shape[0] == weight.shape[0]
-                and bias.dtype == x.dtype
-                and bias.device == x.device
-            )
-        )
-    )
-
-
 def _gemm_fake(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
 ):
-    check_gemm_args(x, weight, bias, torch._check_value, max_tokens)
+    check_gemm_args(x, weight, bias, max_tokens, check_symbolic)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-def check_attention_args(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    check: Check = _raise_unless,
-) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check(
-            t.dim() == 4,
-            lambda t=t, name=name: (
-                f"xyserve.attention: {name} must be [B, H, L, D], got {t.dim()}-D"
-            ),
-        )
-    _same(q, k, "q and k", "attention", check)
-    _same(q, v, "q and v", "attention", check)
-    # One condition per check: `and` on symbolic sizes would force each into a guard.
-    for other in (k, v):
-        check(
-            q.shape[0] == other.shape[0],
-            lambda: (
-                f"xyserve.attention: batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, "
-                f"v {v.shape[0]}"
-            ),
-        )
-    for dim in (1, 2):
-        check(
-            k.shape[dim] == v.shape[dim],
-            lambda: (
-                f"xyserve.attention: k {tuple(k.shape)} and v {tuple(v.shape)} must share "
-                "[B, Hkv, Lk]"
-            ),
-        )
-    check(
-        q.shape[1] % k.shape[1] == 0,
-        lambda: (
-            f"xyserve.attention: q heads ({q.shape[1]}) must be a multiple of "
-            f"kv heads ({k.shape[1]})"
-        ),
-    )
-    check(
-        q.shape[3] == k.shape[3],
-        lambda: f"xyserve.attention: q head dim {q.shape[3]} differs from k head dim {k.shape[3]}",
-    )
-    if attn_mask is None:
-        return
-    check(
-        not is_causal,
-        lambda: "xyserve.attention: give either attn_mask or is_causal=True, not both",
-    )
-    check(
-        attn_mask.dtype == torch.bool or attn_mask.dtype == q.dtype,
-        lambda: f"xyserve.attention: attn_mask must be bool or {q.dtype}, got {attn_mask.dtype}",
-    )
-    check(
-        attn_mask.dim() <= 4,
-        lambda: (
-            f"xyserve.attention: attn_mask has {attn_mask.dim()} dims; at most 4 "
-            "broadcast to [B, H, Lq, Lk]"
-        ),
-    )
-    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    for i in range(1, attn_mask.dim() + 1):
-        m = attn_mask.shape[-i]
-        # Only a literal 1 broadcasts: a symbolic size that happens to be 1 must match, or the
-        # check would turn into a guard on that size.
-        if isinstance(m, int) and m == 1:
-            continue
-        check(
-            m == target[-i],
-            lambda m=m, i=i: (
-                f"xyserve.attention: attn_mask {tuple(attn_mask.shape)} does not broadcast "
-                f"to [B, Hq, Lq, Lk] = {target} (dim -{i}: {m})"
-            ),
-        )
 
 
 def attention_impl(
@@ -267,46 +123,8 @@ def attention_impl(
     dtype. ``is_causal`` masks as ``F.scaled_dot_product_attention`` does (aligned top-left).
     ``scale`` defaults to ``D ** -0.5``. Returns ``[B, Hq, Lq, Dv]`` stored as ``[B, Lq, Hq, Dv]``.
     """
-    if not _attention_args_ok(q, k, v, attn_mask, is_causal):
-        check_attention_args(q, k, v, attn_mask, is_causal)  # raises, naming the argument
+    check_attention_args(q, k, v, attn_mask, is_causal)
     return _traced_attention(q, k, v, attn_mask, is_causal, scale)
-
-
-def _attention_args_ok(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-) -> bool:
-    """``check_attention_args`` as one expression on real tensors, for the serving path (see
-    ``_gemm_args_ok``); ``check_attention_args`` gives the message when this is False."""
-    if not (q.dim() == 4 and k.dim() == 4 and v.dim() == 4):
-        return False
-    # One unpacking per tensor: each ``.shape[i]`` builds a torch.Size, which adds up on a
-    # path every decode layer takes.
-    b, hq, lq, d = q.shape
-    bk, hk, lk, dk = k.shape
-    bv, hv, lv, _ = v.shape
-    if not (
-        q.dtype == k.dtype == v.dtype
-        and q.device == k.device == v.device
-        and b == bk == bv
-        and hk == hv
-        and lk == lv
-        and hq % hk == 0
-        and d == dk
-    ):
-        return False
-    if attn_mask is None:
-        return True
-    if is_causal or attn_mask.dim() > 4:
-        return False
-    if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
-        return False
-    target = (b, hq, lq, lk)
-    shape = attn_mask.shape
-    return all(shape[-i] == 1 or shape[-i] == target[-i] for i in range(1, len(shape) + 1))
 
 
 def _traced_attention(
@@ -322,7 +140,7 @@ def _traced_attention(
 
 
 def _attention_fake(q, k, v, attn_mask=None, is_causal=False, scale=None):
-    check_attention_args(q, k, v, attn_mask, is_causal, torch._check_value)
+    check_attention_args(q, k, v, attn_mask, is_causal, check_symbolic)
     return attention_output(q, v)
 
 
@@ -358,20 +176,14 @@ def gemm_fused_impl(
     GEMM reads them in place (nothing is copied, so nothing can be stale); otherwise each runs
     on its own and the outputs are concatenated.
     """
-    torch._check_value(len(weights) >= 1, lambda: "xyserve.gemm_fused: no weights")
-    torch._check_value(
-        len(biases) in (0, len(weights)),
-        lambda: f"xyserve.gemm_fused: {len(biases)} biases for {len(weights)} weights",
-    )
-    for i, w in enumerate(weights):
-        check_gemm_args(x, w, biases[i] if biases else None, max_tokens=max_tokens)
+    check_gemm_fused_args(x, weights, biases, max_tokens)
     weight = stacked_rows(weights)
     bias = (stacked_rows(biases) if biases else None) if weight is not None else None
     if weight is not None and (bias is not None or not biases):
-        _stats.record_fusion(fused=True)
+        counters.record_fusion(fused=True)
         _note_rows(x, weight, max_tokens)
         return providers.run("gemm", GemmCall(x, weight, bias, max_tokens))
-    _stats.record_fusion(fused=False)
+    counters.record_fusion(fused=False)
     outs = []
     for i, w in enumerate(weights):
         _note_rows(x, w, max_tokens)
@@ -386,61 +198,8 @@ def _gemm_fused_fake(
     biases: list[torch.Tensor],
     max_tokens: int = DEFAULT_MAX_TOKENS,
 ):
-    for i, w in enumerate(weights):
-        check_gemm_args(x, w, biases[i] if biases else None, torch._check_value, max_tokens)
+    check_gemm_fused_args(x, weights, biases, max_tokens, check_symbolic)
     return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
-
-
-def check_varlen_args(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    kv_lens: torch.Tensor,
-    block_table: torch.Tensor,
-    check: Check = _raise_unless,
-) -> None:
-    op = "xyserve.attention_varlen"
-    check(q.dim() == 3, lambda: f"{op}: q must be packed [tokens, Hq, D], got {q.dim()}-D")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        check(
-            t.dim() == 4,
-            lambda t=t, name=name: (
-                f"{op}: {name} must be paged [blocks, block_size, Hkv, D], got {t.dim()}-D"
-            ),
-        )
-    _same(q, k_cache, "q and k_cache", "attention_varlen", check)
-    _same(q, v_cache, "q and v_cache", "attention_varlen", check)
-    check(
-        q.shape[1] % k_cache.shape[2] == 0,
-        lambda: f"{op}: q heads ({q.shape[1]}) must be a multiple of kv heads ({k_cache.shape[2]})",
-    )
-    check(
-        q.shape[2] == k_cache.shape[3],
-        lambda: f"{op}: q head dim {q.shape[2]} differs from k_cache head dim {k_cache.shape[3]}",
-    )
-    for name, t, dims in (
-        ("cu_seqlens_q", cu_seqlens_q, 1),
-        ("kv_lens", kv_lens, 1),
-        ("block_table", block_table, 2),
-    ):
-        check(
-            t.dim() == dims and not t.dtype.is_floating_point,
-            lambda t=t, name=name, dims=dims: (
-                f"{op}: {name} must be a {dims}-D integer tensor, got {t.dim()}-D {t.dtype}"
-            ),
-        )
-    rows = kv_lens.shape[0]
-    check(
-        cu_seqlens_q.shape[0] == rows + 1,
-        lambda: (
-            f"{op}: cu_seqlens_q needs rows + 1 = {rows + 1} entries, got {cu_seqlens_q.shape[0]}"
-        ),
-    )
-    check(
-        block_table.shape[0] == rows,
-        lambda: f"{op}: block_table has {block_table.shape[0]} rows for {rows} sequences",
-    )
 
 
 def _varlen_rows(
@@ -499,52 +258,8 @@ def attention_varlen_impl(
 def _attention_varlen_fake(
     q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_table, causal=True, window=None, scale=None
 ):
-    check_varlen_args(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_table, torch._check_value)
+    check_varlen_args(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_table, check_symbolic)
     return q.new_empty((q.shape[0], q.shape[1], v_cache.shape[3]))
-
-
-def check_packed_args(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    check: Check = _raise_unless,
-) -> None:
-    op = "xyserve.attention_packed"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check(
-            t.dim() == 3,
-            lambda t=t, name=name: f"{op}: {name} must be packed [tokens, H, D], got {t.dim()}-D",
-        )
-    _same(q, k, "q and k", "attention_packed", check)
-    _same(q, v, "q and v", "attention_packed", check)
-    for other, name in ((k, "k"), (v, "v")):
-        check(
-            other.shape[0] == q.shape[0],
-            lambda other=other, name=name: (
-                f"{op}: {name} has {other.shape[0]} tokens, q {q.shape[0]} (rows attend to "
-                "their own tokens)"
-            ),
-        )
-    check(
-        k.shape[1] == v.shape[1],
-        lambda: f"{op}: k has {k.shape[1]} heads, v {v.shape[1]}",
-    )
-    check(
-        q.shape[1] % k.shape[1] == 0,
-        lambda: f"{op}: q heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})",
-    )
-    check(
-        q.shape[2] == k.shape[2],
-        lambda: f"{op}: q head dim {q.shape[2]} differs from k head dim {k.shape[2]}",
-    )
-    check(
-        cu_seqlens.dim() == 1 and not cu_seqlens.dtype.is_floating_point,
-        lambda: (
-            f"{op}: cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dim()}-D "
-            f"{cu_seqlens.dtype}"
-        ),
-    )
 
 
 def attention_packed_impl(
@@ -577,7 +292,7 @@ def attention_packed_impl(
 
 
 def _attention_packed_fake(q, k, v, cu_seqlens, causal=True, window=None, scale=None):
-    check_packed_args(q, k, v, cu_seqlens, torch._check_value)
+    check_packed_args(q, k, v, cu_seqlens, check_symbolic)
     return q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
 
 
@@ -642,3 +357,9 @@ DIRECT_CALLS: dict[object, Callable[..., torch.Tensor]] = {
 }
 """What a graph that runs as traced calls for each op: the implementation without the
 dispatcher, and for the hot ops without re-checking what tracing checked."""
+
+
+def load_native() -> str | None:
+    """Load ATen's C++ kernels for ``gemm`` and ``attention`` (``kernels/aten/native.py``) when
+    ATen alone serves this process; None when they serve its CPU calls, else why not."""
+    return native.load(providers.default(), {"gemm": gemm_impl, "attention": attention_impl})

@@ -21,9 +21,11 @@ from contextvars import ContextVar
 
 import torch
 
+from xy_inductor.kernels.aten import native
 from xy_inductor.kernels.contract import Accept, OpKernel, Provider
-from xy_inductor.runtime import native
-from xy_inductor.runtime import stats as _stats
+from xy_inductor.kernels.gemm_plan import DEFAULT_MAX_TOKENS, GemmPlan
+from xy_inductor.kernels.gemm_plan import plan_gemm as _plan_gemm
+from xy_inductor.runtime import counters
 
 __all__ = [
     "PROVIDER_MODULES",
@@ -32,8 +34,10 @@ __all__ = [
     "Provider",
     "active_providers",
     "choose",
+    "default",
     "describe",
     "only_aten_serves",
+    "plan_gemm",
     "prepare",
     "run",
     "use_providers",
@@ -59,15 +63,17 @@ def _load(module_names: Sequence[str]) -> tuple[Provider, ...]:
 
 
 @functools.cache
-def _default() -> tuple[Provider, ...]:
+def default() -> tuple[Provider, ...]:
+    """Every available provider of ``PROVIDER_MODULES``, in order: the process's list, loaded
+    once."""
     return _load(PROVIDER_MODULES)
 
 
 def active_providers() -> tuple[Provider, ...]:
     """The providers that will be tried, in order: those set by ``use_providers`` in this
-    context, else every available provider of ``PROVIDER_MODULES``."""
+    context, else ``default()``."""
     override = _override.get()
-    return override if override is not None else _default()
+    return override if override is not None else default()
 
 
 def describe() -> list[tuple[str, str | None]]:
@@ -120,7 +126,7 @@ def choose(op: str, call: object) -> tuple[str, OpKernel, Accept]:
                 f"xyserve.{op}: the {provider.name} provider's checker returned {decision!r}; "
                 "a checker returns an Accept or the reason it declines (a str)"
             )
-        _stats.record_decline(op, provider.name, decision)
+        counters.record_decline(op, provider.name, decision)
         declined.append(f"{provider.name}: {decision}")
     raise RuntimeError(
         f"xyserve.{op}: no provider accepted the call"
@@ -133,7 +139,7 @@ def run(op: str, call: object) -> torch.Tensor:
     """Run ``op`` on ``call`` (a ``runtime.calls`` object) with the first provider whose checker
     accepts it, as that checker decided."""
     name, kernel, decision = choose(op, call)
-    _stats.record_call(op, name, decision.path)
+    counters.record_call(op, name, decision.path)
     return kernel.run(call, decision)
 
 
@@ -142,3 +148,24 @@ def prepare(op: str, what: object) -> int:
     ``runtime.calls`` object (``GemmWeight`` for ``gemm``). Returns the kernel variants
     compiled."""
     return sum(p.prepare[op](what) for p in active_providers() if op in p.prepare)
+
+
+def plan_gemm(
+    n: int,
+    k: int,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    provider: str = "triton",
+) -> GemmPlan:
+    """The SmoothGEMM tile plan of ``provider``'s menu for ``x [M, k] @ weight [n, k]ᵀ`` over
+    M = 1…``max_tokens``: ``print(plan_gemm(4096, 4096))`` shows which tile serves which M.
+    Cached: the same arguments return the same plan object."""
+    menus = {}
+    for name in PROVIDER_MODULES:
+        module_provider = importlib.import_module(name).PROVIDER
+        if module_provider.gemm_menu is not None:
+            menus[module_provider.name] = module_provider.gemm_menu
+    if provider not in menus:
+        raise ValueError(f"plan_gemm: provider must be one of {sorted(menus)}, got {provider!r}")
+    return _plan_gemm(n, k, menu=menus[provider], dtype=dtype, max_tokens=max_tokens)

@@ -30,10 +30,9 @@ from collections.abc import Sequence
 
 import torch
 
+from xy_inductor.kernels.calls import VarlenAttention
 from xy_inductor.kernels.contract import Accept, OpKernel, Provider
-from xy_inductor.runtime import providers
-from xy_inductor.runtime import stats as _stats
-from xy_inductor.runtime.calls import VarlenAttention
+from xy_inductor.runtime import counters, providers
 
 __all__ = ["SlotWrites", "VarlenStep", "check_block_ids"]
 
@@ -129,7 +128,7 @@ class VarlenStep:
         # Signature of a layer's tensors -> (the provider list, the chosen provider's name, its
         # kernel, its checker's decision).
         self._decisions: dict[tuple, tuple[tuple[Provider, ...], str, OpKernel, Accept]] = {}
-        _stats.record_varlen_step()
+        counters.record_varlen_step()
 
     @classmethod
     def from_cu_seqlens(
@@ -176,9 +175,9 @@ class VarlenStep:
         if entry is None or entry[0] is not active:
             self._check(q, k_cache, v_cache, window)
             entry = self._decisions[key] = (active, *providers.choose(_OP, call))
-            _stats.record_varlen_step_check()
+            counters.record_varlen_step_check()
         _, name, kernel, accept = entry
-        _stats.record_call(_OP, name, accept.path)
+        counters.record_call(_OP, name, accept.path)
         return kernel.run(call, accept)
 
     def _check(

@@ -1,47 +1,18 @@
-"""Counters kept by the backend and by the xyserve ops; read with ``xy_inductor.stats()``.
-
-Process-wide, like ``torch._dynamo.utils.counters``: a compiled graph can run anywhere in the
-program, so the counts cannot live on one object. ``reset_stats()`` zeroes them.
+"""``xy_inductor.stats()``: a snapshot of what the backend and the xyserve ops counted
+(``counters.py``), with the providers this process can use and whether ATen's C++ fast path
+serves it. ``reset_stats()`` zeroes the counts.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from xy_inductor.kernels.aten import native
+from xy_inductor.kernels.attention_plan import plans_built
+from xy_inductor.runtime import counters, providers
 
 __all__ = ["Stats", "reset_stats", "stats"]
-
-
-@dataclass
-class _Counters:
-    backend_compiles: int = 0
-    compile_seconds: float = 0.0
-    graphs_lowered: int = 0
-    graphs_fallback: int = 0
-    inductor_failures: int = 0
-    sites_lowered: Counter = field(default_factory=Counter)  # kind -> n
-    sites_unlowered: Counter = field(default_factory=Counter)  # kind -> n
-    sites_failed: Counter = field(default_factory=Counter)  # kind -> n
-    calls: Counter = field(default_factory=Counter)  # (op, provider, path) -> n
-    declined: Counter = field(default_factory=Counter)  # (op, provider, reason) -> n
-    fused_calls: int = 0
-    unfused_calls: int = 0
-    gemm_over_max_tokens: int = 0
-    warned_over_max: set = field(default_factory=set)  # (N, K, max_tokens) warned about
-    kernels_warmed: int = 0
-    attention_plans: int = 0
-    inductor_regions: int = 0
-    inductor_regions_compiled: int = 0
-    region_mismatches: int = 0
-    varlen_steps: int = 0
-    varlen_step_checks: int = 0
-    opaque_ops: Counter = field(default_factory=Counter)  # "namespace.op" -> calls in graphs
-    graphs_loaded: int = 0
-    artifacts_refused: Counter = field(default_factory=Counter)  # reason -> n
-
-
-_COUNTERS = _Counters()
 
 
 @dataclass(frozen=True)
@@ -94,7 +65,7 @@ class Stats:
     providers: dict[str, str | None]
     """Every provider in priority order, with why this process cannot use it (None: it can)."""
     native_kernels: str | None
-    """Why the C++ CPU kernels of ``gemm`` and ``attention`` (``runtime/native.py``) do not
+    """Why ATen's C++ CPU kernels of ``gemm`` and ``attention`` (``kernels/aten/native.py``) do not
     serve this process's CPU calls of those ops, or None when they do."""
     varlen_steps: int
     """Serving steps of ``attention_varlen`` (``runtime.serving.VarlenStep``): a token table
@@ -148,6 +119,10 @@ class Stats:
                 f"inductor regions  {self.inductor_regions} "
                 f"({self.inductor_regions_compiled} compiled, the rest reused)"
             )
+        if self.region_mismatches:
+            lines.append(
+                f"region mismatches {self.region_mismatches} calls ran their region as traced"
+            )
         if self.varlen_steps:
             lines.append(
                 f"serving steps     {self.varlen_steps} "
@@ -170,9 +145,7 @@ class Stats:
 
 def stats() -> Stats:
     """Backend compiles, lowered and fallback graphs, calls per op and provider."""
-    from xy_inductor.runtime import native, providers  # providers imports this module
-
-    c = _COUNTERS
+    c = counters.current()
     calls: dict[str, dict[str, int]] = {}
     paths: dict[str, dict[str, int]] = {}
     counted = Counter(c.calls)
@@ -200,7 +173,7 @@ def stats() -> Stats:
         unfused_calls=c.unfused_calls,
         gemm_over_max_tokens=c.gemm_over_max_tokens,
         kernels_warmed=c.kernels_warmed,
-        attention_plans=c.attention_plans,
+        attention_plans=plans_built() - c.attention_plans_before,
         inductor_regions=c.inductor_regions,
         inductor_regions_compiled=c.inductor_regions_compiled,
         region_mismatches=c.region_mismatches,
@@ -216,92 +189,5 @@ def stats() -> Stats:
 
 def reset_stats() -> None:
     """Zero every counter."""
-    from xy_inductor.runtime import native
-
-    global _COUNTERS
-    _COUNTERS = _Counters()
+    counters.reset(plans_built())
     native.reset_calls()
-
-
-def record_compile(
-    seconds: float,
-    *,
-    fallback: bool,
-    lowered: Counter,
-    unlowered: Counter,
-    inductor_failed: bool,
-    warmed: int = 0,
-    failed: Counter | None = None,
-    opaque: Counter | None = None,
-) -> None:
-    c = _COUNTERS
-    c.opaque_ops.update(opaque or {})
-    c.kernels_warmed += warmed
-    c.backend_compiles += 1
-    c.inductor_failures += inductor_failed
-    c.compile_seconds += seconds
-    if fallback:
-        c.graphs_fallback += 1
-    else:
-        c.graphs_lowered += 1
-    c.sites_lowered.update(lowered)
-    c.sites_unlowered.update(unlowered)
-    c.sites_failed.update(failed or {})
-
-
-def record_graph_loaded(opaque: Counter | None = None) -> None:
-    _COUNTERS.graphs_loaded += 1
-    _COUNTERS.opaque_ops.update(opaque or {})
-
-
-def record_artifact_refused(reason: str) -> None:
-    _COUNTERS.artifacts_refused[reason] += 1
-
-
-def record_call(op: str, provider: str, path: str) -> None:
-    _COUNTERS.calls[op, provider, path] += 1
-
-
-def record_fusion(*, fused: bool) -> None:
-    if fused:
-        _COUNTERS.fused_calls += 1
-    else:
-        _COUNTERS.unfused_calls += 1
-
-
-def record_decline(op: str, provider: str, reason: str) -> None:
-    _COUNTERS.declined[op, provider, reason] += 1
-
-
-def record_over_max_tokens(m: int, n: int, k: int, max_tokens: int) -> None:
-    c = _COUNTERS
-    c.gemm_over_max_tokens += 1
-    if (n, k, max_tokens) not in c.warned_over_max:
-        c.warned_over_max.add((n, k, max_tokens))
-        warnings.warn(
-            f"xyserve.gemm: M={m} rows is above max_tokens={max_tokens} (N={n}, K={k}); such "
-            "calls run on the ATen fallback, counted in stats().gemm_over_max_tokens. Raise "
-            "the max_tokens option to plan tiles for them.",
-            stacklevel=4,
-        )
-
-
-def record_attention_plan() -> None:
-    _COUNTERS.attention_plans += 1
-
-
-def record_regions(regions: int, compiled: int) -> None:
-    _COUNTERS.inductor_regions += regions
-    _COUNTERS.inductor_regions_compiled += compiled
-
-
-def record_region_mismatch() -> None:
-    _COUNTERS.region_mismatches += 1
-
-
-def record_varlen_step() -> None:
-    _COUNTERS.varlen_steps += 1
-
-
-def record_varlen_step_check() -> None:
-    _COUNTERS.varlen_step_checks += 1

@@ -9,8 +9,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xy_inductor.kernels.aten_attention import run_dense, run_plan
-from xy_inductor.runtime.attention_plan import (
+from xy_inductor.kernels.aten.attention import run_dense, run_plan
+from xy_inductor.kernels.attention_plan import (
     AttentionMenu,
     TokenTable,
     choose_q_tile,
@@ -279,9 +279,10 @@ def test_a_plan_keeps_what_providers_derive_from_it():
 
 def test_plans_built_are_counted_once_per_shape_class():
     import xy_inductor
-    from xy_inductor.runtime.attention_plan import _plan
+    from xy_inductor.kernels.attention_plan import _plan
 
     _plan.cache_clear()  # plans are process-wide; start from none
+    xy_inductor.reset_stats()
     plan_attention([1, 1], [1000, 2000], causal=True, menu=MENU)
     for step in range(5):  # later decode steps of the same class: no new plan
         plan_attention([1, 1], [1001 + step, 2001 + step], causal=True, menu=MENU)

@@ -11,8 +11,8 @@ import xy_inductor
 from xy_inductor import hf
 from xy_inductor import workload as wl
 from xy_inductor.kernels import aten
+from xy_inductor.kernels.attention_plan import rows_from_mask
 from xy_inductor.runtime import providers
-from xy_inductor.runtime.attention_plan import rows_from_mask
 from xy_inductor.runtime.ops import attention_impl
 
 

@@ -13,9 +13,11 @@ from helpers import capture
 
 import xy_inductor
 from xy_inductor.config import XyConfig
+from xy_inductor.kernels.gemm_plan import tile_cost
+from xy_inductor.kernels.triton.menus import GEMM_MENU
 from xy_inductor.lowering import lower_graph
-from xy_inductor.runtime.gemm_plan import MENUS, plan_gemm, tile_cost
 from xy_inductor.runtime.ops import gemm_impl
+from xy_inductor.runtime.providers import plan_gemm
 from xy_inductor.shape_guards import check_shapes
 
 # Linear shapes (N, K) of Llama-2-7B and Qwen2.5-7B, and odd ones.
@@ -35,7 +37,7 @@ def test_buckets_cover_one_to_max_tokens_without_gaps(n, k, dtype):
 
 @pytest.mark.parametrize(("n", "k"), [(4096, 4096), (22016, 4096), (37, 129)])
 def test_each_m_gets_a_tile_of_least_cost(n, k):
-    menu = MENUS["triton"]
+    menu = GEMM_MENU
     plan = plan_gemm(n, k, dtype=torch.bfloat16, max_tokens=2048)
     fitting = [t for t in menu.tiles if t.smem_bytes(2) <= menu.smem_limit]
     for m in [*range(1, 300), 511, 512, 513, 1000, 1024, 2047, 2048]:
@@ -51,7 +53,7 @@ def test_small_m_gets_small_tiles_and_large_m_large_ones():
 
 
 def test_tiles_that_do_not_fit_shared_memory_are_not_planned():
-    menu = MENUS["triton"]
+    menu = GEMM_MENU
     plan = plan_gemm(4096, 4096, dtype=torch.float32)
     for tile in plan.tiles():
         assert tile.smem_bytes(4) <= menu.smem_limit

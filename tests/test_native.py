@@ -1,4 +1,4 @@
-"""The C++ CPU kernels of xyserve.gemm and xyserve.attention (runtime/native.py): built and
+"""The C++ CPU kernels of xyserve.gemm and xyserve.attention (kernels/aten/native.py): built and
 loaded here, they must give what the Python path gives, bit for bit and in the same layout, be
 counted as ATen's calls, leave every other call to the Python path, and keep the ops' errors.
 
@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 import xy_inductor
 from xy_inductor.kernels import aten
-from xy_inductor.runtime import native, providers
+from xy_inductor.kernels.aten import native
+from xy_inductor.runtime import ops, providers
 from xy_inductor.runtime.providers import Accept, OpKernel, Provider
 
 gemm = torch.ops.xyserve.gemm.default
@@ -28,7 +29,7 @@ attention = torch.ops.xyserve.attention.default
 def _loaded():
     if native._compiler() is None:
         pytest.skip("no C++ compiler on this machine")
-    assert native.load() is None, native.status()
+    assert ops.load_native() is None, native.status()
     assert native.loaded()
 
 
@@ -255,15 +256,16 @@ def test_the_build_is_cached():
 def test_why_the_kernels_would_not_load(monkeypatch):
     from xy_inductor.kernels import ascend
 
-    assert native._why_not() is None
+    only_aten = (aten.PROVIDER,)
+    assert native._why_not(only_aten) is None
     monkeypatch.setenv("XYSERVE_NATIVE", "0")
-    assert native._why_not() == "disabled by XYSERVE_NATIVE=0"
+    assert native._why_not(only_aten) == "disabled by XYSERVE_NATIVE=0"
     monkeypatch.delenv("XYSERVE_NATIVE")
     monkeypatch.setenv("CXX", "/nonexistent/c++")
-    assert native._why_not().startswith("no C++ compiler")
+    assert native._why_not(only_aten).startswith("no C++ compiler")
     monkeypatch.delenv("CXX")
-    monkeypatch.setattr(providers, "_default", lambda: (ascend.PROVIDER, aten.PROVIDER))
-    assert native._why_not() == "providers other than ATen serve this process (ascend, aten)"
+    both = (ascend.PROVIDER, aten.PROVIDER)
+    assert native._why_not(both) == "providers other than ATen serve this process (ascend, aten)"
 
 
 def test_a_failed_build_is_a_reason_not_an_error(monkeypatch, tmp_path):
@@ -272,9 +274,9 @@ def test_a_failed_build_is_a_reason_not_an_error(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_refused", None)
     monkeypatch.setenv("XYSERVE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "false")
-    why = native.load()
+    why = ops.load_native()
     assert why is not None and why.startswith("building or loading native.cpp failed")
-    assert native.load() == why and native.status() == why  # tried once per process
+    assert ops.load_native() == why and native.status() == why  # tried once per process
     assert not list(tmp_path.glob("*.so"))
 
 

@@ -15,8 +15,8 @@ from helpers import TOLERANCE, rel_error
 
 import xy_inductor
 from xy_inductor.kernels import aten
+from xy_inductor.kernels.calls import attention_output
 from xy_inductor.runtime import providers
-from xy_inductor.runtime.calls import attention_output
 from xy_inductor.runtime.providers import Accept, OpKernel, Provider
 
 gemm = torch.ops.xyserve.gemm.default

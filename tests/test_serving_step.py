@@ -19,11 +19,11 @@ from test_attention_plan import _layouts, reference
 
 import xy_inductor
 from xy_inductor.kernels import aten
-from xy_inductor.kernels.aten import MENU
-from xy_inductor.kernels.aten_attention import run_paged, run_plan
+from xy_inductor.kernels.aten.attention import run_paged, run_plan
+from xy_inductor.kernels.aten.menus import ATTENTION_MENU
+from xy_inductor.kernels.attention_plan import plan_attention
 from xy_inductor.kernels.contract import Accept, OpKernel, Provider
 from xy_inductor.runtime import providers
-from xy_inductor.runtime.attention_plan import plan_attention
 from xy_inductor.runtime.serving import SlotWrites, VarlenStep
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -94,9 +94,7 @@ def test_paged_rows_match_float64(
 
 
 def _menu():
-    from xy_inductor.runtime.attention_plan import AttentionMenu
-
-    return AttentionMenu(**MENU)
+    return ATTENTION_MENU
 
 
 def _huge_cache(blocks: torch.Tensor, copies: int) -> torch.Tensor:

@@ -18,17 +18,19 @@ from xy_inductor import hf
 from xy_inductor import workload as wl
 from xy_inductor.kernels import aten
 from xy_inductor.kernels import triton as triton_provider
-from xy_inductor.kernels.triton_attention import menu_for, triton_attention
+from xy_inductor.kernels.aten.menus import ATTENTION_MENU
+from xy_inductor.kernels.attention_plan import AttentionMenu, plan_attention
+from xy_inductor.kernels.calls import DenseAttention
+from xy_inductor.kernels.triton.attention import triton_attention
+from xy_inductor.kernels.triton.menus import attention_menu
 from xy_inductor.runtime import providers
-from xy_inductor.runtime.attention_plan import AttentionMenu, plan_attention
-from xy_inductor.runtime.calls import DenseAttention
 from xy_inductor.runtime.providers import Accept, Provider
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def kernel_menu(group: int, workers: int, kv_chunk: int = 512) -> AttentionMenu:
-    return AttentionMenu(**menu_for(group, workers, kv_chunk))
+    return attention_menu(group, workers, kv_chunk)
 
 
 def _case(data, rows, group, head_dim, block_size, causal, window, dtype, seed, longest):
@@ -99,11 +101,11 @@ def test_a_row_with_no_keys_reads_zeros_like_sdpa():
 
 
 def test_tiles_larger_than_the_kernel_block_are_refused():
-    cpu_menu = AttentionMenu(**aten.MENU)  # tiles of 128
+    cpu_menu = ATTENTION_MENU  # tiles of 128
     plan = plan_attention([100], [100], causal=True, kv_heads=1, menu=cpu_menu)
     q = torch.randn(100, 4, 16, device=DEVICE)
     k = v = torch.randn(1, 1, 100, 16, device=DEVICE)
-    with pytest.raises(ValueError, match="plan with menu_for"):
+    with pytest.raises(ValueError, match="plan with attention_menu"):
         triton_attention(plan, q, k, v, [100], scale=0.25)
 
 
@@ -212,7 +214,7 @@ def test_tables_are_built_once_per_plan_and_shared_by_layers():
     args = tuple(a.to(DEVICE) for a in args)
     with providers.use_providers([triton_provider.PROVIDER, aten.PROVIDER]):
         first = torch.ops.xyserve.attention_varlen(*args)
-        menu = kernel_menu(2, triton_provider._menu(args[0], 2)["workers"])
+        menu = kernel_menu(2, triton_provider._menu(args[0], 2).workers)
         plan = plan_attention([5, 1, 9], [5, 40, 30], causal=True, kv_heads=2, menu=menu)
         tables, rows = (
             plan.cache[("triton", args[0].device)],

@@ -13,14 +13,14 @@ pytest.importorskip("triton")
 import xy_inductor
 from xy_inductor.kernels import aten
 from xy_inductor.kernels import triton as triton_provider
-from xy_inductor.kernels import triton_gemm as tg
+from xy_inductor.kernels.triton import gemm as tg
+from xy_inductor.kernels.calls import GemmCall
+from xy_inductor.kernels.triton.menus import GEMM_MENU
 from xy_inductor.runtime import providers
-from xy_inductor.runtime.calls import GemmCall
-from xy_inductor.runtime.gemm_plan import MENUS, plan_gemm
-from xy_inductor.runtime.providers import Accept
+from xy_inductor.runtime.providers import Accept, plan_gemm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TILES = MENUS["triton"].tiles
+TILES = GEMM_MENU.tiles
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 # Around every block_m of the menu, plus large odd values.
 SOME_M = [1, 2, 3, 7, 15, 16, 17, 31, 33, 63, 64, 65, 127, 128, 129, 255, 257, 300, 1000, 1031]
@@ -142,7 +142,7 @@ def test_provider_declines_what_it_cannot_serve(triton_first):
 
     x, w = torch.randn(4, 32, device=DEVICE), torch.randn(8, 32, device=DEVICE)
     accept = check(x, w, None, 8192)
-    assert accept == Accept("smoothgemm", MENUS["triton"].tiles[0])  # the plan's tile for M=4
+    assert accept == Accept("smoothgemm", GEMM_MENU.tiles[0])  # the plan's tile for M=4
     assert check(x.double(), w.double(), None, 8192).startswith("torch.float64")
     assert check(x, w, None, 3) == "M above max_tokens"
     unaligned = torch.randn(4 * 32 + 1, device=DEVICE)[1:].view(4, 32)

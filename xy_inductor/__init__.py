@@ -7,8 +7,10 @@
     xy_inductor.stats()                            # compiles, calls per op and provider
     xy_inductor.plan_gemm(4096, 4096)              # which GEMM tile serves which M
 
-Importing it registers ``torch.ops.xyserve.gemm`` and ``torch.ops.xyserve.attention``; the
-Hugging Face integration (``xy_inductor.hf``) imports transformers only when first used.
+Importing it registers the ``torch.ops.xyserve`` ops (``xy_inductor.runtime``). The front
+end's names (``compile``, ``XyConfig``, ``explain``, ``hf``) load on first use, so that
+importing a lower layer (``xy_inductor.kernels.aten``, ``xy_inductor.lowering``) never runs
+the front end, and ``xy_inductor.hf`` imports transformers only when first used.
 """
 
 from __future__ import annotations
@@ -17,14 +19,23 @@ import importlib
 from typing import TYPE_CHECKING
 
 from xy_inductor import runtime  # registers torch.ops.xyserve.*
-from xy_inductor.compiler import compile
-from xy_inductor.config import XyConfig
-from xy_inductor.explain import ExplainReport, explain
-from xy_inductor.runtime.gemm_plan import plan_gemm
+from xy_inductor.runtime.providers import plan_gemm
 from xy_inductor.runtime.stats import Stats, reset_stats, stats
 
 if TYPE_CHECKING:
     from xy_inductor import hf
+    from xy_inductor.compiler import compile
+    from xy_inductor.config import XyConfig
+    from xy_inductor.explainer import ExplainReport, explain
+
+# Public name -> (module, attribute or None for the module itself), imported on first access.
+_FRONT_END = {
+    "compile": ("xy_inductor.compiler", "compile"),
+    "XyConfig": ("xy_inductor.config", "XyConfig"),
+    "explain": ("xy_inductor.explainer", "explain"),
+    "ExplainReport": ("xy_inductor.explainer", "ExplainReport"),
+    "hf": ("xy_inductor.hf", None),
+}
 
 __all__ = [
     "ExplainReport",
@@ -42,6 +53,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:
-    if name == "hf":
-        return importlib.import_module("xy_inductor.hf")
-    raise AttributeError(f"module 'xy_inductor' has no attribute {name!r}")
+    if name not in _FRONT_END:
+        raise AttributeError(f"module 'xy_inductor' has no attribute {name!r}")
+    module, attribute = _FRONT_END[name]
+    value = importlib.import_module(module)
+    return value if attribute is None else getattr(value, attribute)

@@ -18,12 +18,11 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from xy_inductor.compiled_graph import XyserveGraph, call_directly
 from xy_inductor.config import BACKEND_OPTIONS, XyConfig, backend_config
+from xy_inductor.kernels.calls import GemmWeight
 from xy_inductor.lowering import lay_out_weights, lower_graph, sibling_parameters
 from xy_inductor.regions import compile_regions
-from xy_inductor.runtime import native, providers
-from xy_inductor.runtime import stats as _stats
-from xy_inductor.runtime.calls import GemmWeight
-from xy_inductor.runtime.ops import stacked_rows
+from xy_inductor.runtime import counters, providers
+from xy_inductor.runtime.ops import load_native, stacked_rows
 from xy_inductor.shape_guards import ShapeCheck, check_shapes
 
 __all__ = ["compile_graph", "fallback_reason", "make_backend", "xyserve_backend"]
@@ -94,7 +93,7 @@ def _inductor(
             cut = compile_regions(gm, example_inputs, compile_fx) if regional else None
             if cut is not None:
                 split, regions, compiled = cut
-                _stats.record_regions(regions, compiled)
+                counters.record_regions(regions, compiled)
                 return split.forward
             return compile_fx(gm, list(example_inputs))
     except (RestartAnalysis, SkipFrame):
@@ -210,7 +209,7 @@ def compile_graph(
     elif config.inductor and not _packed_prefill(gm):
         # Inductor's code calls the ops through the dispatcher: C++ kernels save the crossing
         # back into Python on every CPU call (built once per machine; None or why not).
-        native.load()
+        load_native()
         compiled = _inductor(gm, example_inputs, config.inductor_regions)
         inductor_failed = compiled is None
     inductor_compiled = compiled is not None
@@ -223,7 +222,7 @@ def compile_graph(
         log.info("xyserve: moved the weights of %d sibling groups into one buffer each", moved)
     warmed = _warm_up(gemms, config)
     seconds = time.perf_counter() - start
-    _stats.record_compile(
+    counters.record_compile(
         seconds,
         fallback=reason is not None,
         lowered=report.by_kind(lowered=True),

@@ -133,7 +133,7 @@ def explain_cmd(args: argparse.Namespace) -> int:
 
 def plan_cmd(args: argparse.Namespace) -> int:
     """Which GEMM tile serves which M for an (N, K): the SmoothGEMM plan."""
-    from xy_inductor.runtime.gemm_plan import plan_gemm
+    from xy_inductor.runtime.providers import plan_gemm
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     try:
@@ -150,10 +150,11 @@ def plan_cmd(args: argparse.Namespace) -> int:
 def providers_cmd(args: argparse.Namespace) -> int:
     """Which kernel providers this machine can run, in priority order, and why not the others;
     whether the C++ CPU kernels are built (--build builds them now, once per machine)."""
-    from xy_inductor.runtime import native, providers
+    from xy_inductor.kernels.aten import native
+    from xy_inductor.runtime import ops, providers
 
     if args.build:
-        native.load()
+        ops.load_native()
 
     listed = providers.describe()
     width = max(len(name) for name, _ in listed)

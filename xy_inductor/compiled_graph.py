@@ -41,11 +41,11 @@ import torch.fx
 
 import xy_inductor
 from xy_inductor.config import BACKEND_OPTIONS, XyConfig, backend_config
+from xy_inductor.kernels.aten import native
 from xy_inductor.lowering import pipeline_uuid
 from xy_inductor.lowering.opaque_ops import opaque_ops
-from xy_inductor.runtime import native
-from xy_inductor.runtime import stats as _stats
-from xy_inductor.runtime.ops import DIRECT_CALLS
+from xy_inductor.runtime import counters
+from xy_inductor.runtime.ops import DIRECT_CALLS, load_native
 
 try:  # torch >= 2.12 keeps the protocol here; 2.11 in aot_compile itself
     from torch._dynamo.aot_compile_types import SerializableCallable
@@ -76,7 +76,8 @@ _MAX_HEADER = 1 << 20
 # a loaded graph runs this process's, exactly as a graph lowered again would.
 _SOURCES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ("xy_inductor.lowering", None),
-    ("xy_inductor.runtime", ("ops.py", "calls.py")),
+    ("xy_inductor.runtime", ("ops.py", "arguments.py")),
+    ("xy_inductor.kernels", ("calls.py",)),
     ("xy_inductor", ("backend.py", "compiled_graph.py")),
 )
 
@@ -98,9 +99,9 @@ def call_directly(gm: torch.fx.GraphModule) -> None:
     layers. Only for graphs that run as traced: Inductor needs the ops themselves.
 
     Except ``gemm`` and ``attention`` on CPU tensors where the C++ CPU kernels load
-    (``runtime/native.py``): through the dispatcher into C++ they cost less than the Python
+    (``kernels/aten/native.py``): through the dispatcher into C++ they cost less than the Python
     implementation called directly (``benchmarks/op_overhead.py``)."""
-    in_cpp = () if native.load() is not None else native.ops()
+    in_cpp = () if load_native() is not None else native.ops()
     changed = False
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in DIRECT_CALLS:
@@ -198,7 +199,7 @@ def _stale_field(saved: dict[str, object], current: dict[str, object]) -> tuple[
 
 
 def _refused(reason: str, how: str) -> StaleArtifactError:
-    _stats.record_artifact_refused(reason)
+    counters.record_artifact_refused(reason)
     return StaleArtifactError(f"xyserve: saved graph not loaded: {how}")
 
 
@@ -295,7 +296,7 @@ class XyserveGraph(SerializableCallable):
         gm.recompile()
         runnable = _saveable_copy(gm)  # its own nodes: call_directly rewrites them
         call_directly(runnable)
-        _stats.record_graph_loaded(opaque_ops(gm))
+        counters.record_graph_loaded(opaque_ops(gm))
         log.info("xyserve: loaded a lowered graph from a compile cache")
         return cls(runnable.forward, graph=gm, config=config, loaded=True)
 

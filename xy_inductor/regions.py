@@ -29,7 +29,7 @@ import torch
 import torch.fx
 from torch.fx.passes.split_module import split_module
 
-from xy_inductor.runtime import stats as _stats
+from xy_inductor.runtime import counters
 
 __all__ = ["compile_regions", "region_of"]
 
@@ -119,7 +119,7 @@ class _Region(torch.nn.Module):
                 self.last[0] = self._values(args)
             return self.fn(*args)
         if self._values(args) != self.donor.last[0]:
-            _stats.record_region_mismatch()
+            counters.record_region_mismatch()
             return self.traced(*args)
         return self.fn(*args)
 

@@ -19,7 +19,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from xy_inductor.hf.attention import PACKED_KEY
 from xy_inductor.hf.routes import KVShape
-from xy_inductor.runtime.attention_plan import rows_from_mask
+from xy_inductor.kernels.attention_plan import rows_from_mask
 
 __all__ = ["PackedCache", "PackedCall", "padding_of"]
 

@@ -25,34 +25,19 @@ Triton is installed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
-if TYPE_CHECKING:  # the runtime's plan, for annotations only: kernels never import the runtime
-    from xy_inductor.runtime.attention_plan import AttentionPlan
+from xy_inductor.kernels.attention_plan import AttentionPlan
+from xy_inductor.kernels.triton.menus import BLOCK_M, BLOCK_N, DENSE_BLOCK
 
-__all__ = ["BLOCK_M", "BLOCK_N", "DENSE_BLOCK", "menu_for", "triton_attention"]
-
-BLOCK_M = 64  # (query, head) rows per task
-BLOCK_N = 32  # keys per inner step
-# A dense [B, Hkv, L, D] cache is passed as one block per row of this many slots (a constant,
-# so a new L never compiles a new variant).
-DENSE_BLOCK = 1 << 30
+__all__ = ["triton_attention"]
 # Columns of the task table (row, q0, tile, k0, k1, KV head, partial slot or -1) and of the
 # merge table (row, q0, tile, KV head, first slot, parts).
 TASK_COLUMNS: tl.constexpr = tl.constexpr(7)
 MERGE_COLUMNS: tl.constexpr = tl.constexpr(6)
-
-
-def menu_for(group: int, workers: int, kv_chunk: int = 512) -> dict:
-    """The planner's menu for this kernel (``q_tiles``, ``kv_chunk``, ``workers``): query tiles
-    that fill BLOCK_M with ``group`` heads."""
-    largest = max(1, BLOCK_M // group)
-    tiles = tuple(sorted({t for t in (1, 4, 16, largest) if t <= largest}))
-    return {"q_tiles": tiles, "kv_chunk": kv_chunk, "workers": workers}
 
 
 # Batch-dependent integers are never specialised: the block table's row stride (its width
@@ -315,7 +300,7 @@ def triton_attention(
     if max(table.q_tile, default=1) * group > BLOCK_M:
         raise ValueError(
             f"triton_attention: query tiles of {max(table.q_tile)} × {group} heads exceed "
-            f"BLOCK_M={BLOCK_M}; plan with menu_for(group={group}, ...)"
+            f"BLOCK_M={BLOCK_M}; plan with attention_menu(group={group}, ...)"
         )
     for name, size in (("head dim", d), ("value head dim", dv)):
         if size < 16 or size & (size - 1):

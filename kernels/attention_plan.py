@@ -38,8 +38,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from xy_inductor.runtime import stats as _stats
-
 __all__ = [
     "AttentionMenu",
     "AttentionPlan",
@@ -47,6 +45,7 @@ __all__ = [
     "TokenTable",
     "choose_q_tile",
     "plan_attention",
+    "plans_built",
     "rows_from_mask",
     "symmetric_round_robin",
 ]
@@ -238,7 +237,6 @@ def _plan(
     kv_heads: int,
     menu: AttentionMenu,
 ) -> AttentionPlan:
-    _stats.record_attention_plan()
     return _build_plan(q_lens, kv_lens, causal, window, kv_heads, menu)
 
 
@@ -313,6 +311,12 @@ def _build_plan(
         skipped=skipped,
         kv_class=_kv_class(q_lens, kv_lens, menu, causal, window),
     )
+
+
+def plans_built() -> int:
+    """Plans built in this process so far (calls that missed the per-class cache); the runtime
+    reports it in ``stats().attention_plans``."""
+    return _plan.cache_info().misses
 
 
 def plan_attention(

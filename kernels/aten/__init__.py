@@ -5,47 +5,62 @@ decides per call:
 
 - ``gemm``: ``F.linear`` (path ``linear``); ATen blocks every M itself.
 - ``attention``: on the CPU, a call big enough to be worth planning whose mask is rows of
-  padding runs each sequence at its own length (path ``rows``, ``aten_attention.run_dense``),
+  padding runs each sequence at its own length (path ``rows``, ``attention.run_dense``),
   so nothing is computed for padding; anything else is one SDPA call (path ``sdpa``).
 - ``attention_varlen``: on the CPU, each row over only the cache blocks it can see, through
-  ATen's fused flash kernel (path ``rows``, ``aten_attention.run_paged``); elsewhere the generic
-  executor over the plan's tiles (path ``plan``, ``aten_attention.run_plan``).
+  ATen's fused flash kernel (path ``rows``, ``attention.run_paged``); elsewhere the generic
+  executor over the plan's tiles (path ``plan``, ``attention.run_plan``).
 - ``attention_packed``: each packed sequence on views of its own tokens (path ``rows``,
-  ``aten_attention.run_packed``).
+  ``attention.run_packed``).
+
+Its menus are in ``menus.py``; its C++ fast path for CPU calls (``native.cpp``, built and
+loaded by ``native.py``) serves, without Python, the calls this module would run as one
+``F.linear`` or one SDPA call.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from xy_inductor.kernels.aten_attention import run_dense, run_packed, run_paged, run_plan
-from xy_inductor.kernels.contract import Accept, OpKernel, Provider
+from xy_inductor.kernels.aten.attention import run_dense, run_packed, run_paged, run_plan
+from xy_inductor.kernels.aten.menus import ATTENTION_MENU, GEMM_MENU, PLANNED_MIN_SCORES
+from xy_inductor.kernels.attention_plan import AttentionPlan
+from xy_inductor.kernels.calls import DenseAttention, GemmCall, PackedAttention, VarlenAttention
+from xy_inductor.kernels.contract import Accept, OpKernel, PlannedRows, Provider
 
-if TYPE_CHECKING:  # the runtime's call objects, for annotations only
-    from xy_inductor.runtime.calls import (
-        DenseAttention,
-        GemmCall,
-        PackedAttention,
-        VarlenAttention,
-    )
+__all__ = ["PROVIDER", "PagedRows", "SdpaCall", "provider"]
 
-__all__ = ["MENU", "PLANNED_MIN_SCORES", "PROVIDER", "provider"]
 
-# The planner's menu for the CPU executors: query tiles per row length, keys per chunk, and
-# how many tasks run at once.
-MENU = {"q_tiles": (1, 16, 64, 128), "kv_chunk": 512, "workers": 2}
+@dataclass(frozen=True, slots=True)
+class SdpaCall:
+    """The decision of a dense call run as one SDPA call (path ``sdpa``)."""
 
-# Below this many scores (B × Lq × Lk) one dense SDPA call costs less than recognising rows and
-# planning them (a tiny model's decode step); above it, skipping padding pays.
-PLANNED_MIN_SCORES = 1 << 18
+    enable_gqa: bool
+    """Query heads share KV heads: SDPA reads the Hkv heads without repeating K and V."""
+    one_query: bool
+    """Lq == 1 (decode): the output's two layouts coincide, so the cheaper layout test serves."""
+
+
+@dataclass(frozen=True, slots=True)
+class PagedRows:
+    """The decision of a CPU ``attention_varlen`` call (path ``rows``)."""
+
+    plan: AttentionPlan
+    """The plan of the call's token table."""
+    derived: dict = field(default_factory=dict)
+    """What ``run_paged`` derives from the rows (their slots and masks), kept here because a
+    serving step (``runtime.serving.VarlenStep``) hands this one decision to each of its layers,
+    so it is derived once per step."""
+
 
 _LINEAR = Accept("linear")
-# One SDPA call. The decision is (enable_gqa: query heads share kv heads, one_query: Lq == 1),
-# indexed the same way, so that the decode path builds nothing.
-_SDPA = tuple(tuple(Accept("sdpa", (gqa, one)) for one in (False, True)) for gqa in (False, True))
+# Indexed [enable_gqa][one_query], so that the decode path builds nothing.
+_SDPA = tuple(
+    tuple(Accept("sdpa", SdpaCall(gqa, one)) for one in (False, True)) for gqa in (False, True)
+)
 
 
 def check_gemm(call: GemmCall) -> Accept:
@@ -67,15 +82,16 @@ def check_attention(call: DenseAttention, planned_min_scores: int = PLANNED_MIN_
     rows = call.rows()
     if rows is None:
         return sdpa
-    return Accept("rows", (rows, call.plan(rows, **MENU)))
+    return Accept("rows", PlannedRows(rows, call.plan(rows, ATTENTION_MENU)))
 
 
 def run_attention(call: DenseAttention, accept: Accept) -> torch.Tensor:
     q, k, v = call.q, call.k, call.v
     if accept.path == "rows":
-        rows, plan = accept.decision
+        decision: PlannedRows = accept.decision
+        rows = decision.rows
         return run_dense(
-            plan,
+            decision.plan,
             q,
             k,
             v,
@@ -85,8 +101,7 @@ def run_attention(call: DenseAttention, accept: Accept) -> torch.Tensor:
             scale=call.softmax_scale,
             out=call.new_output(),
         )
-    # enable_gqa lets SDPA read the Hkv heads directly instead of repeating K and V.
-    gqa, one_query = accept.decision
+    sdpa: SdpaCall = accept.decision
     out = F.scaled_dot_product_attention(
         q,
         k,
@@ -94,13 +109,13 @@ def run_attention(call: DenseAttention, accept: Accept) -> torch.Tensor:
         attn_mask=call.attn_mask,
         is_causal=call.is_causal,
         scale=call.scale,
-        enable_gqa=gqa,
+        enable_gqa=sdpa.enable_gqa,
     )
     # The op promises the [B, Lq, H, D] memory layout of its fake implementation. Some SDPA
     # kernels write [B, H, Lq, D]; then one copy fixes it (the transpose that follows attention
     # in the model would have copied anyway). With one query both layouts are the same
     # (is_contiguous ignores size-1 dims), and is_contiguous costs a fraction of _blhd.
-    if not (out.is_contiguous() if one_query else _blhd(out)):
+    if not (out.is_contiguous() if sdpa.one_query else _blhd(out)):
         out = call.new_output().copy_(out)
     return out
 
@@ -119,20 +134,17 @@ def _blhd(out: torch.Tensor) -> bool:
 
 
 def check_attention_varlen(call: VarlenAttention) -> Accept:
-    plan = call.plan(**MENU)
+    plan = call.plan(ATTENTION_MENU)
     if call.q.device.type == "cpu":
-        # The plan, and a place for what run_paged derives from the rows (their slots and
-        # masks): a serving step (runtime.serving.VarlenStep) hands this one decision to each of
-        # its layers, so that is derived once per step.
-        return Accept("rows", (plan, {}))
+        return Accept("rows", PagedRows(plan))
     return Accept("plan", plan)
 
 
 def run_attention_varlen(call: VarlenAttention, accept: Accept) -> torch.Tensor:
     if accept.path == "rows":
-        plan, cache = accept.decision
+        paged: PagedRows = accept.decision
         return run_paged(
-            plan,
+            paged.plan,
             call.q,
             call.k_cache,
             call.v_cache,
@@ -140,7 +152,7 @@ def run_attention_varlen(call: VarlenAttention, accept: Accept) -> torch.Tensor:
             block_table=call.block_table,
             block_size=call.block_size,
             scale=call.softmax_scale,
-            cache=cache,
+            cache=paged.derived,
         )
     return run_plan(
         accept.decision,
@@ -155,7 +167,7 @@ def run_attention_varlen(call: VarlenAttention, accept: Accept) -> torch.Tensor:
 
 
 def check_attention_packed(call: PackedAttention) -> Accept:
-    return Accept("rows", call.plan(**MENU))
+    return Accept("rows", call.plan(ATTENTION_MENU))
 
 
 def run_attention_packed(call: PackedAttention, accept: Accept) -> torch.Tensor:
@@ -182,6 +194,7 @@ def provider(*, planned_min_scores: int = PLANNED_MIN_SCORES) -> Provider:
             "attention_varlen": OpKernel(check_attention_varlen, run_attention_varlen),
             "attention_packed": OpKernel(check_attention_packed, run_attention_packed),
         },
+        gemm_menu=GEMM_MENU,
     )
 
 

@@ -17,8 +17,9 @@ The cost model (``tile_cost``) is deliberately simple and explicit:
 - per-tile efficiency: a tile's time is the larger of its compute (``2·bm·bn·K`` flops at the
   tile's fraction of one worker's peak) and its traffic (``(bm + bn)·K`` elements read).
 
-The per-worker rates and efficiencies in ``MENUS`` are priors from the devices' data sheets,
-not measurements; ``benchmarks/gemm.py`` is where they get checked.
+Each provider offers its menu (``Provider.gemm_menu``, written in the provider's module); the
+per-worker rates and efficiencies in it are priors from the devices' data sheets, not
+measurements; ``benchmarks/gemm.py`` is where they get checked.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "MENUS",
+    "DEFAULT_MAX_TOKENS",
     "Bucket",
     "GemmMenu",
     "GemmPlan",
@@ -41,6 +42,11 @@ __all__ = [
     "rows_of",
     "tile_cost",
 ]
+
+
+DEFAULT_MAX_TOKENS = 8192
+"""The default of the ``max_tokens`` option (``XyConfig.max_tokens``), written once: the largest
+M the tile plans cover; the ops use it when called without one."""
 
 
 @dataclass(frozen=True)
@@ -85,33 +91,6 @@ class GemmMenu:
     """Operand traffic one worker sustains, bytes/s (L2 included)."""
     smem_limit: int = 0
     """Shared memory per worker in bytes; tiles whose buffers do not fit are skipped (0: any)."""
-
-
-# Hopper-class GPU (H100/H200: 132 SMs, ~990 dense bf16 TFLOP/s, L2-assisted operand reads).
-# Small tiles serve decode (memory-bound, padding waste dominates); large tiles serve prefill.
-_CUDA_TILES = (
-    GemmTile(16, 64, 128, num_warps=4, num_stages=4, efficiency=0.25),
-    GemmTile(32, 64, 128, num_warps=4, num_stages=4, efficiency=0.35),
-    GemmTile(64, 64, 64, num_warps=4, num_stages=4, efficiency=0.5),
-    GemmTile(64, 128, 64, num_warps=4, num_stages=4, efficiency=0.65),
-    GemmTile(128, 128, 64, num_warps=8, num_stages=3, efficiency=0.75),
-    GemmTile(128, 256, 64, num_warps=8, num_stages=3, efficiency=0.8),
-)
-
-MENUS: dict[str, GemmMenu] = {
-    "triton": GemmMenu(
-        provider="triton",
-        tiles=_CUDA_TILES,
-        workers=132,
-        flops_per_worker=990e12 / 132,
-        bytes_per_worker=3 * 4.8e12 / 132,
-        smem_limit=227 * 1024,
-    ),
-    # ATen picks its own blocking for every M: one bucket, nothing padded.
-    "aten": GemmMenu(
-        provider="aten", tiles=(), workers=1, flops_per_worker=1.0, bytes_per_worker=1.0
-    ),
-}
 
 
 def tile_cost(menu: GemmMenu, tile: GemmTile, m: int, n: int, k: int, elem_bytes: int) -> float:
@@ -206,39 +185,33 @@ def _plan(menu: GemmMenu, n: int, k: int, dtype: torch.dtype, max_tokens: int) -
     return GemmPlan(menu.provider, n, k, dtype, max_tokens, tuple(buckets))
 
 
-def plan_gemm(
-    n: int,
-    k: int,
-    *,
-    dtype: torch.dtype = torch.bfloat16,
-    max_tokens: int = 8192,
-    provider: str = "triton",
-) -> GemmPlan:
-    """The tile plan for ``x [M, k] @ weight [n, k]ᵀ`` over M = 1…``max_tokens``.
+def plan_gemm(n: int, k: int, *, menu: GemmMenu, dtype: torch.dtype, max_tokens: int) -> GemmPlan:
+    """The tile plan for ``x [M, k] @ weight [n, k]ᵀ`` over M = 1…``max_tokens`` with the tiles
+    of ``menu``.
 
-    Cached: the same arguments return the same plan object. ``print(plan_gemm(4096, 4096))``
-    shows which tile serves which M.
+    Cached: the same arguments return the same plan object; ``print`` shows which tile serves
+    which M.
     """
     for name, value in (("n", n), ("k", k), ("max_tokens", max_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"plan_gemm: {name} must be a positive int, got {value!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"plan_gemm: dtype must be a floating-point torch.dtype, got {dtype!r}")
-    if provider not in MENUS:
-        raise ValueError(f"plan_gemm: provider must be one of {sorted(MENUS)}, got {provider!r}")
-    return _plan(MENUS[provider], n, k, dtype, max_tokens)
+    if not isinstance(menu, GemmMenu):
+        raise ValueError(f"plan_gemm: menu must be a GemmMenu, got {type(menu).__name__}")
+    return _plan(menu, n, k, dtype, max_tokens)
 
 
 _served: dict[tuple, GemmPlan] = {}
 
 
-def plan_for(provider: str, n: int, k: int, dtype: torch.dtype, max_tokens: int) -> GemmPlan:
-    """``plan_gemm`` for the serving path: after the first call per (provider, N, K, dtype,
+def plan_for(menu: GemmMenu, n: int, k: int, dtype: torch.dtype, max_tokens: int) -> GemmPlan:
+    """``plan_gemm`` for the serving path: after the first call per (menu, N, K, dtype,
     max_tokens) one dict lookup, cheaper than the validated, keyword-argument entry point."""
-    key = (provider, n, k, dtype, max_tokens)
+    key = (menu, n, k, dtype, max_tokens)
     plan = _served.get(key)
     if plan is None:
-        plan = _served[key] = plan_gemm(n, k, dtype=dtype, max_tokens=max_tokens, provider=provider)
+        plan = _served[key] = plan_gemm(n, k, menu=menu, dtype=dtype, max_tokens=max_tokens)
     return plan
 
 

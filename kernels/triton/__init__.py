@@ -1,5 +1,5 @@
-"""The Triton provider: SmoothGEMM (``triton_gemm.py``) and meta-attention
-(``triton_attention.py``) on CUDA.
+"""The Triton provider: SmoothGEMM (``gemm.py``) and meta-attention (``attention.py``) on CUDA;
+its tile menus in ``menus.py``.
 
 Available when Triton is installed and a CUDA device is present. Under ``TRITON_INTERPRET=1``
 its kernels also run on CPU tensors (slowly, for tests); it is then not in the default provider
@@ -22,20 +22,19 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import TYPE_CHECKING
 
 import torch
 
-from xy_inductor.kernels.contract import Accept, OpKernel, Provider
-
-if TYPE_CHECKING:  # the runtime's call objects, for annotations only
-    from xy_inductor.runtime.calls import (
-        DenseAttention,
-        GemmCall,
-        GemmWeight,
-        PackedAttention,
-        VarlenAttention,
-    )
+from xy_inductor.kernels.attention_plan import AttentionMenu
+from xy_inductor.kernels.calls import (
+    DenseAttention,
+    GemmCall,
+    GemmWeight,
+    PackedAttention,
+    VarlenAttention,
+)
+from xy_inductor.kernels.contract import Accept, OpKernel, PlannedRows, Provider
+from xy_inductor.kernels.triton.menus import DENSE_BLOCK, GEMM_MENU, attention_menu
 
 __all__ = ["PROVIDER", "row_stride", "unavailable", "warm_up_gemm"]
 
@@ -106,11 +105,11 @@ def check_gemm(call: GemmCall) -> Accept | str:
         return "bias not contiguous"
     if call.m > call.max_tokens:
         return "M above max_tokens"
-    return Accept("smoothgemm", call.tile("triton"))
+    return Accept("smoothgemm", call.tile(GEMM_MENU))
 
 
 def run_gemm(call: GemmCall, accept: Accept) -> torch.Tensor:
-    from xy_inductor.kernels.triton_gemm import triton_gemm
+    from xy_inductor.kernels.triton.gemm import triton_gemm
 
     return triton_gemm(call.x, call.weight, call.bias, accept.decision)
 
@@ -118,12 +117,12 @@ def run_gemm(call: GemmCall, accept: Accept) -> torch.Tensor:
 def warm_up_gemm(gemm: GemmWeight) -> int:
     """Compile, before the first request, the tiles that serve the GEMM's range of M. Returns
     how many variants were compiled (or, under the interpreter, recorded)."""
-    from xy_inductor.kernels.triton_gemm import warm_up
+    from xy_inductor.kernels.triton.gemm import warm_up
 
     weight = gemm.weight
     if weight.dtype not in DTYPES or _device_reason(weight) is not None:
         return 0
-    return warm_up(gemm.tiles("triton"), weight, has_bias=gemm.has_bias)
+    return warm_up(gemm.tiles(GEMM_MENU), weight, has_bias=gemm.has_bias)
 
 
 # -- attention ---------------------------------------------------------------------------------
@@ -131,14 +130,12 @@ def warm_up_gemm(gemm: GemmWeight) -> int:
 _workers: dict[torch.device, int] = {}
 
 
-def _menu(q: torch.Tensor, kv_heads: int) -> dict:
-    from xy_inductor.kernels.triton_attention import menu_for
-
+def _menu(q: torch.Tensor, kv_heads: int) -> AttentionMenu:
     workers = _workers.get(q.device)
     if workers is None:
         props = torch.cuda.get_device_properties(q.device) if q.is_cuda else None
         workers = _workers[q.device] = props.multi_processor_count if props else 4
-    return menu_for(q.shape[1] // kv_heads, workers)
+    return attention_menu(q.shape[1] // kv_heads, workers)
 
 
 def _attention_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
@@ -163,15 +160,16 @@ def check_attention(call: DenseAttention) -> Accept | str:
     rows = call.rows()
     if rows is None:
         return "mask is not rows of padding (dense or per-head mask, window, or top-left causal)"
-    return Accept("rows", (rows, call.plan(rows, **_menu(call.q, call.k.shape[1]))))
+    return Accept("rows", PlannedRows(rows, call.plan(rows, _menu(call.q, call.k.shape[1]))))
 
 
 def run_attention(call: DenseAttention, accept: Accept) -> torch.Tensor:
-    from xy_inductor.kernels.triton_attention import triton_attention
+    from xy_inductor.kernels.triton.attention import triton_attention
 
-    rows, plan = accept.decision
+    decision: PlannedRows = accept.decision
+    rows = decision.rows
     return triton_attention(
-        plan,
+        decision.plan,
         call.q,
         call.k,
         call.v,
@@ -187,11 +185,11 @@ def check_attention_varlen(call: VarlenAttention) -> Accept | str:
     reason = _attention_reason(call.q, call.k_cache, call.v_cache)
     if reason is not None:
         return reason
-    return Accept("plan", call.plan(**_menu(call.q, call.k_cache.shape[2])))
+    return Accept("plan", call.plan(_menu(call.q, call.k_cache.shape[2])))
 
 
 def run_attention_varlen(call: VarlenAttention, accept: Accept) -> torch.Tensor:
-    from xy_inductor.kernels.triton_attention import triton_attention
+    from xy_inductor.kernels.triton.attention import triton_attention
 
     return triton_attention(
         accept.decision,
@@ -209,11 +207,11 @@ def check_attention_packed(call: PackedAttention) -> Accept | str:
     reason = _attention_reason(call.q, call.k, call.v)
     if reason is not None:
         return reason
-    return Accept("plan", call.plan(**_menu(call.q, call.k.shape[1])))
+    return Accept("plan", call.plan(_menu(call.q, call.k.shape[1])))
 
 
 def run_attention_packed(call: PackedAttention, accept: Accept) -> torch.Tensor:
-    from xy_inductor.kernels.triton_attention import DENSE_BLOCK, triton_attention
+    from xy_inductor.kernels.triton.attention import triton_attention
 
     plan = accept.decision
     key = ("triton packed table", call.q.device)
@@ -245,4 +243,5 @@ PROVIDER = Provider(
         "attention_packed": OpKernel(check_attention_packed, run_attention_packed),
     },
     prepare={"gemm": warm_up_gemm},
+    gemm_menu=GEMM_MENU,
 )

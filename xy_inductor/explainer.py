@@ -1,4 +1,5 @@
-"""``xy_inductor.explain``: which attention and linear sites xyserve lowers, and why not the others.
+"""``xy_inductor.explain`` (defined here, in ``explainer``): which attention and linear sites
+xyserve lowers, and why not the others.
 
 It traces the call with Dynamo exactly as the backend would see it and runs the lowering passes
 on a copy of each graph. The call itself runs the original, unlowered graphs: no xyserve kernel

@@ -17,16 +17,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
+from xy_inductor.kernels.gemm_plan import GemmTile
 from xy_inductor.kernels.triton import row_stride
-
-if TYPE_CHECKING:  # the runtime's tile, for annotations only: kernels never import the runtime
-    from xy_inductor.runtime.gemm_plan import GemmTile
 
 __all__ = [
     "compiled_variants",

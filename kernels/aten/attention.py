@@ -21,13 +21,11 @@ zeros, as ``F.scaled_dot_product_attention`` does.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:  # the runtime's plan, for annotations only: kernels never import the runtime
-    from xy_inductor.runtime.attention_plan import AttentionPlan
+from xy_inductor.kernels.attention_plan import AttentionPlan
 
 __all__ = ["run_dense", "run_packed", "run_paged", "run_plan"]
 

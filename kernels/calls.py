@@ -20,14 +20,14 @@ from collections.abc import Sequence
 
 import torch
 
-from xy_inductor.runtime.attention_plan import (
+from xy_inductor.kernels.attention_plan import (
     AttentionMenu,
     AttentionPlan,
     DenseRows,
     plan_attention,
     rows_from_mask,
 )
-from xy_inductor.runtime.gemm_plan import GemmTile, plan_for, rows_of
+from xy_inductor.kernels.gemm_plan import GemmMenu, GemmTile, plan_for, rows_of
 
 __all__ = [
     "DenseAttention",
@@ -67,14 +67,14 @@ class GemmCall:
         """Rows of the product: the product of x's leading sizes."""
         return rows_of(self.x)
 
-    def tile(self, provider: str) -> GemmTile | None:
-        """The tile ``provider``'s plan serves this M with; None when M is 0 or above
-        ``max_tokens`` (the plan does not cover it)."""
+    def tile(self, menu: GemmMenu) -> GemmTile | None:
+        """The tile the plan over ``menu`` (a provider's tiles) serves this M with; None when M
+        is 0 or above ``max_tokens`` (the plan does not cover it)."""
         m = self.m
         if not 1 <= m <= self.max_tokens:
             return None
         w = self.weight
-        return plan_for(provider, w.shape[0], w.shape[1], self.x.dtype, self.max_tokens).tile_for(m)
+        return plan_for(menu, w.shape[0], w.shape[1], self.x.dtype, self.max_tokens).tile_for(m)
 
 
 class GemmWeight:
@@ -99,20 +99,17 @@ class GemmWeight:
         self.rows = rows
         self.nz_weights = nz_weights
 
-    def tiles(self, provider: str) -> tuple[GemmTile, ...]:
-        """The tiles of ``provider``'s plan that serve some M in ``rows``."""
+    def tiles(self, menu: GemmMenu) -> tuple[GemmTile, ...]:
+        """The tiles of the plan over ``menu`` (a provider's tiles) that serve some M in
+        ``rows``."""
         w = self.weight
-        plan = plan_for(provider, w.shape[0], w.shape[1], w.dtype, self.max_tokens)
+        plan = plan_for(menu, w.shape[0], w.shape[1], w.dtype, self.max_tokens)
         lo, hi = max(self.rows[0], 1), min(self.rows[1], self.max_tokens)
         return tuple(
             dict.fromkeys(
                 b.tile for b in plan.buckets if b.tile is not None and b.hi >= lo and b.lo <= hi
             )
         )
-
-
-def _menu(q_tiles: Sequence[int], kv_chunk: int, workers: int) -> AttentionMenu:
-    return AttentionMenu(q_tiles=tuple(q_tiles), kv_chunk=kv_chunk, workers=workers)
 
 
 class _AttentionCall:
@@ -173,16 +170,14 @@ class DenseAttention(_AttentionCall):
             return None  # SDPA aligns is_causal top-left; a row's queries end at its last key
         return DenseRows((lq,) * b, (lq,) * b, (0,) * b, (lk,) * b, causal=self.is_causal)
 
-    def plan(
-        self, rows: DenseRows, *, q_tiles: Sequence[int], kv_chunk: int, workers: int
-    ) -> AttentionPlan:
+    def plan(self, rows: DenseRows, menu: AttentionMenu) -> AttentionPlan:
         """The plan of ``rows`` for a provider's menu (cached per shape class)."""
         return plan_attention(
             rows.q_len,
             rows.kv_len,
             causal=rows.causal,
             kv_heads=self.k.shape[1],
-            menu=_menu(q_tiles, kv_chunk, workers),
+            menu=menu,
         )
 
     def new_output(self) -> torch.Tensor:
@@ -232,7 +227,7 @@ class VarlenAttention(_AttentionCall):
     def block_size(self) -> int:
         return self.k_cache.shape[1]
 
-    def plan(self, *, q_tiles: Sequence[int], kv_chunk: int, workers: int) -> AttentionPlan:
+    def plan(self, menu: AttentionMenu) -> AttentionPlan:
         """The plan of this call's rows for a provider's menu (cached per shape class)."""
         return plan_attention(
             self.q_lens,
@@ -240,7 +235,7 @@ class VarlenAttention(_AttentionCall):
             causal=self.causal,
             window=self.window,
             kv_heads=self.k_cache.shape[2],
-            menu=_menu(q_tiles, kv_chunk, workers),
+            menu=menu,
         )
 
 
@@ -270,7 +265,7 @@ class PackedAttention(_AttentionCall):
         self.window = window
         self.scale = scale
 
-    def plan(self, *, q_tiles: Sequence[int], kv_chunk: int, workers: int) -> AttentionPlan:
+    def plan(self, menu: AttentionMenu) -> AttentionPlan:
         """The plan of these rows (queries and keys the same tokens) for a provider's menu."""
         return plan_attention(
             self.lens,
@@ -278,5 +273,5 @@ class PackedAttention(_AttentionCall):
             causal=self.causal,
             window=self.window,
             kv_heads=self.k.shape[1],
-            menu=_menu(q_tiles, kv_chunk, workers),
+            menu=menu,
         )

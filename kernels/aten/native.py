@@ -1,8 +1,8 @@
-"""C++ CPU kernels for ``xyserve.gemm`` and ``xyserve.attention`` (``native.cpp``): calls from
-Inductor's generated code without a crossing back into Python.
+"""ATen's C++ fast path for ``xyserve.gemm`` and ``xyserve.attention`` (``native.cpp``): calls
+from Inductor's generated code without a crossing back into Python.
 
-Inductor's code calls the ops through PyTorch's dispatcher; with Python kernels each call pays
-about 3.5 us to enter Python again (``benchmarks/op_overhead.py``). ``load()`` compiles
+Inductor's code calls the ops through PyTorch's dispatcher; with Python kernels each call
+enters Python again (its cost: ``benchmarks/op_overhead.py``). ``load()`` compiles
 ``native.cpp`` once per machine (cached by source, torch version and compiler, in
 ``XYSERVE_CACHE_DIR`` or ``~/.cache/xy_inductor``), and loads it, which registers its kernels
 for the ops' CPU and AutogradCPU keys. They run, in C++, the calls ATen's provider would have
@@ -11,12 +11,13 @@ to the Python implementation, registered as ``xyserve::_gemm_python`` and
 ``xyserve::_attention_python``, unchanged.
 
 The C++ kernels know the provider rules of one configuration only: ATen serving every CPU call.
-So ``load()`` refuses (returning why) when this process has any other provider, and
+So ``load()`` refuses (returning why) when the process's providers are not ATen alone, and
 ``use_providers`` blocks (``note_override``) send every call to Python while they are open.
-The backend loads them when it compiles a graph. Inductor's code calls the ops, and so do graphs
-run as traced for these two ops on CPU tensors once the kernels are loaded (``compiled_graph.
-call_directly``); other ops, and every op where the kernels do not load, are called as the Python
-implementations directly. Set ``XYSERVE_NATIVE=0`` to never load them.
+The runtime loads them (``runtime.ops.load_native``) when the backend compiles a graph.
+Inductor's code calls the ops, and so do graphs run as traced for these two ops on CPU tensors
+once the kernels are loaded (``compiled_graph.call_directly``); other ops, and every op where the
+kernels do not load, are called as the Python implementations directly. Set
+``XYSERVE_NATIVE=0`` to never load them.
 """
 
 from __future__ import annotations
@@ -30,9 +31,14 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from torch.utils import cpp_extension
+
+from xy_inductor.kernels.aten.menus import PLANNED_MIN_SCORES
+from xy_inductor.kernels.contract import Provider
 
 __all__ = ["OP_NAMES", "calls", "load", "loaded", "note_override", "ops", "reset_calls", "status"]
 
@@ -68,29 +74,33 @@ def status() -> str | None:
     return _refused or "not loaded yet (the backend loads them when it compiles a graph)"
 
 
-def load() -> str | None:
+def load(
+    providers: Sequence[Provider], python_impls: Mapping[str, Callable[..., torch.Tensor]]
+) -> str | None:
     """Build (once per machine) and load the C++ kernels; None when they are loaded, else why
-    not (logged once; the ops keep their Python kernels, which are correct, only slower)."""
+    not (logged once; the ops keep their Python kernels, which are correct, only slower).
+
+    ``providers``: the process's default provider list (the kernels load only when it is ATen
+    alone); ``python_impls``: op name to its Python implementation, which the C++ kernels call
+    for every call they do not serve themselves."""
     global _lib, _refused
     with _lock:
         if _lib is not None:
             return None
         if _refused is not None:
             return _refused
-        reason = _why_not()
+        reason = _why_not(providers)
         if reason is None:
             try:
                 path = _build()
-                _define_twins()
+                _define_twins(python_impls)
                 torch.ops.load_library(str(path))
                 lib = ctypes.CDLL(str(path))
                 lib.xyserve_native_calls.restype = ctypes.c_int64
                 lib.xyserve_native_calls.argtypes = [ctypes.c_int64]
                 lib.xyserve_native_add_overrides.argtypes = [ctypes.c_int64]
                 lib.xyserve_native_set_planned_min_scores.argtypes = [ctypes.c_int64]
-                from xy_inductor.kernels import aten
-
-                lib.xyserve_native_set_planned_min_scores(aten.PLANNED_MIN_SCORES)
+                lib.xyserve_native_set_planned_min_scores(PLANNED_MIN_SCORES)
                 lib.xyserve_native_add_overrides(_open_overrides - 1)  # releases its hold
                 _lib = lib
                 log.info("xyserve: C++ CPU kernels loaded from %s", path)
@@ -104,16 +114,11 @@ def load() -> str | None:
         return reason
 
 
-def _why_not() -> str | None:
-    from xy_inductor.runtime import providers
-
+def _why_not(providers: Sequence[Provider]) -> str | None:
     if os.environ.get("XYSERVE_NATIVE", "1") == "0":
         return "disabled by XYSERVE_NATIVE=0"
-    from xy_inductor.kernels import aten
-
-    default = providers._default()
-    if default != (aten.PROVIDER,):
-        names = ", ".join(p.name for p in default)
+    if [p.name for p in providers] != ["aten"]:
+        names = ", ".join(p.name for p in providers)
         return f"providers other than ATen serve this process ({names})"
     if _compiler() is None:
         return "no C++ compiler (set CXX, or install g++)"
@@ -131,8 +136,6 @@ def _cache_dir() -> Path:
 
 def _build() -> Path:
     """The shared library, compiled unless a build of this source for this torch is cached."""
-    from torch.utils import cpp_extension
-
     compiler = _compiler()
     assert compiler is not None
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
@@ -171,16 +174,13 @@ def _build() -> Path:
     return target
 
 
-def _define_twins() -> None:
+def _define_twins(python_impls: Mapping[str, Callable[..., torch.Tensor]]) -> None:
     global _twins
     if _twins is not None:
         return
-    from xy_inductor.runtime import ops
-
     lib = torch.library.Library("xyserve", "FRAGMENT")
-    impls = {"gemm": ops.gemm_impl, "attention": ops.attention_impl}
     for name in OP_NAMES:
-        impl = impls[name]
+        impl = python_impls[name]
         schema = str(getattr(torch.ops.xyserve, name).default._schema)
         lib.define(f"_{name}_python" + schema[schema.index("(") :])
         lib.impl(f"_{name}_python", impl, "CPU")
