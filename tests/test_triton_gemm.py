@@ -13,8 +13,8 @@ pytest.importorskip("triton")
 import xy_inductor
 from xy_inductor.kernels import aten
 from xy_inductor.kernels import triton as triton_provider
-from xy_inductor.kernels.triton import gemm as tg
 from xy_inductor.kernels.calls import GemmCall
+from xy_inductor.kernels.triton import gemm as tg
 from xy_inductor.kernels.triton.menus import GEMM_MENU
 from xy_inductor.runtime import providers
 from xy_inductor.runtime.providers import Accept, plan_gemm
