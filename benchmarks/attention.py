@@ -26,8 +26,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from xy_inductor.kernels.aten.attention import run_dense, run_plan
+from xy_inductor.kernels.aten.attention import run_dense
 from xy_inductor.kernels.aten.menus import ATTENTION_MENU
+from xy_inductor.kernels.aten.plan_executor import run_plan
 from xy_inductor.kernels.attention_plan import _plan, plan_attention
 
 H, D = 8, 64

@@ -9,7 +9,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xy_inductor.kernels.aten.attention import run_dense, run_plan
+from xy_inductor.kernels.aten.attention import run_dense
+from xy_inductor.kernels.aten.plan_executor import run_plan
 from xy_inductor.kernels.attention_plan import (
     AttentionMenu,
     TokenTable,

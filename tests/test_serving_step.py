@@ -19,8 +19,9 @@ from test_attention_plan import _layouts, reference
 
 import xy_inductor
 from xy_inductor.kernels import aten
-from xy_inductor.kernels.aten.attention import run_paged, run_plan
 from xy_inductor.kernels.aten.menus import ATTENTION_MENU
+from xy_inductor.kernels.aten.paged import run_paged
+from xy_inductor.kernels.aten.plan_executor import run_plan
 from xy_inductor.kernels.attention_plan import plan_attention
 from xy_inductor.kernels.contract import Accept, OpKernel, Provider
 from xy_inductor.runtime import providers

@@ -25,13 +25,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from xy_inductor.kernels.aten.attention import run_dense, run_packed, run_paged, run_plan
+from xy_inductor.kernels.aten.attention import run_dense, run_packed
 from xy_inductor.kernels.aten.menus import ATTENTION_MENU, GEMM_MENU, PLANNED_MIN_SCORES
+from xy_inductor.kernels.aten.paged import run_paged
+from xy_inductor.kernels.aten.plan_executor import run_plan
 from xy_inductor.kernels.attention_plan import AttentionPlan
 from xy_inductor.kernels.calls import DenseAttention, GemmCall, PackedAttention, VarlenAttention
 from xy_inductor.kernels.contract import Accept, OpKernel, PlannedRows, Provider
 
-__all__ = ["PROVIDER", "PagedRows", "SdpaCall", "provider"]
+__all__ = ["PROVIDER", "PagedPlan", "SdpaCall", "provider"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +47,7 @@ class SdpaCall:
 
 
 @dataclass(frozen=True, slots=True)
-class PagedRows:
+class PagedPlan:
     """The decision of a CPU ``attention_varlen`` call (path ``rows``)."""
 
     plan: AttentionPlan
@@ -136,13 +138,13 @@ def _blhd(out: torch.Tensor) -> bool:
 def check_attention_varlen(call: VarlenAttention) -> Accept:
     plan = call.plan(ATTENTION_MENU)
     if call.q.device.type == "cpu":
-        return Accept("rows", PagedRows(plan))
+        return Accept("rows", PagedPlan(plan))
     return Accept("plan", plan)
 
 
 def run_attention_varlen(call: VarlenAttention, accept: Accept) -> torch.Tensor:
     if accept.path == "rows":
-        paged: PagedRows = accept.decision
+        paged: PagedPlan = accept.decision
         return run_paged(
             paged.plan,
             call.q,
