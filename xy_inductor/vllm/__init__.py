@@ -13,7 +13,7 @@ attention layer writes its K/V through ``slot_mapping`` and runs the step's plan
 provider registry (ATen on the CPU, Triton on CUDA). Installed but not selected, it changes
 nothing.
 
-As vLLM's compiler (``compilation_config``), see the README's "vLLM compilation":
+As vLLM's compiler (``compilation_config``), see docs/vllm.md:
 
     LLM(model, compilation_config={"mode": 2, "backend": "xyserve"})   # options: XYSERVE_OPTIONS
 
