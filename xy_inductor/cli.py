@@ -9,6 +9,14 @@ from collections.abc import Sequence
 
 import torch
 
+from xy_inductor import bench
+from xy_inductor import workload as wl
+from xy_inductor.bench import CONFIGS
+from xy_inductor.explainer import explain
+from xy_inductor.kernels.aten import native
+from xy_inductor.runtime import ops, providers
+from xy_inductor.runtime.providers import plan_gemm
+
 __all__ = ["main"]
 
 
@@ -21,8 +29,6 @@ def _progress(total: int, desc: str):
 def demo(args: argparse.Namespace) -> int:
     """Eager vs xyserve on the built-in tiny Llama, both Hugging Face caches, and the time to
     first token of a padded prefill; with --inductor, Inductor and xyserve+Inductor too."""
-    from xy_inductor import bench
-    from xy_inductor import workload as wl
 
     calls = wl.WORKLOAD[: args.calls] if args.calls else wl.WORKLOAD
     caches = ("dynamic", "static")
@@ -61,7 +67,6 @@ def demo(args: argparse.Namespace) -> int:
 
 def bench_cmd(args: argparse.Namespace) -> int:
     """Every configuration, each in a fresh process, side by side."""
-    from xy_inductor import bench
 
     start = time.perf_counter()
     results = []
@@ -81,8 +86,6 @@ def bench_cmd(args: argparse.Namespace) -> int:
 
 
 def _family_rows(families: Sequence[str]) -> list[tuple[str, str, object]]:
-    from xy_inductor import explain
-    from xy_inductor import workload as wl
 
     rows = []
     for family in families:
@@ -106,8 +109,8 @@ def _family_rows(families: Sequence[str]) -> list[tuple[str, str, object]]:
 
 def explain_cmd(args: argparse.Namespace) -> int:
     """What xyserve lowers: the tiny Llama as generate() calls it, or model families."""
-    from xy_inductor import explain, hf
-    from xy_inductor import workload as wl
+    # hf needs transformers, an optional dependency: imported only by the commands using it
+    from xy_inductor import hf
 
     if args.family is None:
         model = hf.accelerate(wl.tiny_llama(num_hidden_layers=args.layers))
@@ -133,7 +136,6 @@ def explain_cmd(args: argparse.Namespace) -> int:
 
 def plan_cmd(args: argparse.Namespace) -> int:
     """Which GEMM tile serves which M for an (N, K): the SmoothGEMM plan."""
-    from xy_inductor.runtime.providers import plan_gemm
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     try:
@@ -150,8 +152,6 @@ def plan_cmd(args: argparse.Namespace) -> int:
 def providers_cmd(args: argparse.Namespace) -> int:
     """Which kernel providers this machine can run, in priority order, and why not the others;
     whether the C++ CPU kernels are built (--build builds them now, once per machine)."""
-    from xy_inductor.kernels.aten import native
-    from xy_inductor.runtime import ops, providers
 
     if args.build:
         ops.load_native()
@@ -168,7 +168,6 @@ def providers_cmd(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from xy_inductor.bench import CONFIGS
 
     parser = argparse.ArgumentParser(prog="xyserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
