@@ -94,7 +94,7 @@ def test_options_changed_since_saving_refuse_the_artifact(saved, monkeypatch):
 
 def test_another_xyserve_version_refuses_the_artifact(saved, monkeypatch):
     _, path = saved
-    monkeypatch.setattr(xy_inductor, "__version__", "0.0.0-other")
+    monkeypatch.setattr(compiled_graph, "VERSION", "0.0.0-other")
     with pytest.raises(
         StaleArtifactError, match=r"xyserve is '0\.1\.0', this process has '0\.0\.0-other'"
     ):
