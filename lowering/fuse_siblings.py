@@ -77,7 +77,7 @@ class FuseSiblingGemms(LoweringPass):
                 "call_function",
                 self.lowered_op(),
                 (x, weights, biases),
-                {"max_tokens": nodes[0].kwargs.get("max_tokens", self.config.max_tokens)},
+                {"max_tokens": nodes[0].kwargs.get("max_tokens", self.settings.max_tokens)},
             )
             fused.meta.update({k: v for k, v in nodes[0].meta.items() if k != "example_value"})
             parts = make_node(graph, "call_function", torch.split, (fused, sizes, -1))

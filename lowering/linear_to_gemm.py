@@ -191,11 +191,11 @@ class LinearToGemm(LoweringPass):
         return (
             self.lowered_op(),
             (linear.x, weight, linear.bias),
-            {"max_tokens": self.config.max_tokens},
+            {"max_tokens": self.settings.max_tokens},
         )
 
     def options(self) -> dict[str, object]:
-        return {"max_tokens": self.config.max_tokens}
+        return {"max_tokens": self.settings.max_tokens}
 
     def absorbed(self, node: torch.fx.Node) -> list[torch.fx.Node]:
         return list(_linear(node).absorbed)

@@ -52,6 +52,7 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from xy_inductor.lowering.options import LoweringOptions
 from xy_inductor.lowering.pass_base import LoweringPass, fake_value
 from xy_inductor.lowering.patterns import (
     is_op,
@@ -466,8 +467,8 @@ class ManualAttention(LoweringPass):
     kind = "attention"
     target = None  # a pattern rather than one call: is_site below
 
-    def __init__(self, config: object = None) -> None:
-        super().__init__(config)
+    def __init__(self, settings: LoweringOptions | None = None) -> None:
+        super().__init__(settings)
         self._last: tuple[torch.fx.Node, _Match | str, _Frame | None] | None = None
 
     def lowered_op(self) -> object:

@@ -28,7 +28,7 @@ import torch.fx
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from xy_inductor.config import XyConfig
+from xy_inductor.lowering.options import LoweringOptions
 
 __all__ = ["LoweringPass", "Site", "fake_value", "infer_meta", "site_name"]
 
@@ -121,8 +121,15 @@ class LoweringPass(ABC):
     kind: ClassVar[str]
     """The kind of site it recognises: ``attention`` or ``linear``."""
 
-    def __init__(self, config: XyConfig | None = None) -> None:
-        self.config = config if config is not None else XyConfig()
+    def __init__(self, settings: LoweringOptions | None = None) -> None:
+        if settings is None:
+            settings = LoweringOptions()
+        if not isinstance(settings, LoweringOptions):
+            raise TypeError(
+                f"{type(self).__name__} takes LoweringOptions (the front end builds them with "
+                f"XyConfig.lowering_options()), got {type(settings).__name__}"
+            )
+        self.settings = settings
         """The options the pass was built with (``options()`` names the ones it reads)."""
         self.matched = 0
         """Sites rewritten by the last run."""

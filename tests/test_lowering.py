@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import operator
+import pathlib
 
 import pytest
 import torch
@@ -11,14 +13,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from helpers import TOLERANCE, capture, count_calls, rel_error, run
 
-from xy_inductor import XyConfig
+from xy_inductor.config import XyConfig
 from xy_inductor.lowering import (
     PASSES,
     FuseSiblingGemms,
     LinearToGemm,
+    LoweringOptions,
     ManualAttention,
     SdpaToAttention,
     lower_graph,
+    pipeline_uuid,
 )
 from xy_inductor.lowering.linear_to_gemm import LINEAR
 from xy_inductor.lowering.sdpa_to_attention import SDPA
@@ -231,9 +235,9 @@ def block(x, w_q, w_o):
 def test_lowering_is_idempotent():
     args = (randn(2, 7, 16), randn(16, 16, seed=1), randn(16, 16, seed=2))
     gm, _ = capture(block, *args)
-    first = lower_graph(gm, XyConfig())
+    first = lower_graph(gm, LoweringOptions())
     code = gm.code
-    second = lower_graph(gm, XyConfig())
+    second = lower_graph(gm, LoweringOptions())
     counts = {
         "sdpa_to_attention": 1,
         "manual_attention": 0,
@@ -248,7 +252,7 @@ def test_lowering_is_idempotent():
 
 def test_disabled_pass_reports_its_sites_with_the_option():
     gm, _ = capture(block, randn(2, 7, 16), randn(16, 16, seed=1), randn(16, 16, seed=2))
-    report = lower_graph(gm, XyConfig(lower_linear=False))
+    report = lower_graph(gm, LoweringOptions(lower_linear=False))
     assert report.count("attention", lowered=True) == 1
     assert report.count("linear", lowered=False) == 2
     assert all(
@@ -262,7 +266,7 @@ def test_disabled_pass_reports_its_sites_with_the_option():
 def test_skip_reason_lists_sites_without_rewriting():
     gm, _ = capture(block, randn(2, 7, 16), randn(16, 16, seed=1), randn(16, 16, seed=2))
     code = gm.code
-    report = lower_graph(gm, XyConfig(), skip_reason="needs gradients")
+    report = lower_graph(gm, LoweringOptions(), skip_reason="needs gradients")
     assert report.fallback == "needs gradients" and gm.code == code
     assert (
         report.count("attention"),
@@ -451,13 +455,54 @@ def test_pass_uuid_changes_with_code_and_options(tmp_path, monkeypatch):
 
 
 def test_pipeline_uuid_follows_the_enabled_passes():
-    from xy_inductor.lowering import pipeline_uuid
+    base = pipeline_uuid(LoweringOptions())
+    assert pipeline_uuid(LoweringOptions()) == base
+    assert pipeline_uuid(LoweringOptions(lower_linear=False)) != base
+    assert pipeline_uuid(LoweringOptions(fuse_siblings=True)) != base
+    assert pipeline_uuid(LoweringOptions(inductor=True)) != base
 
-    base = pipeline_uuid(XyConfig())
-    assert pipeline_uuid(XyConfig()) == base
-    assert pipeline_uuid(XyConfig(lower_linear=False)) != base
-    assert pipeline_uuid(XyConfig(fuse_siblings=True)) != base
-    assert pipeline_uuid(XyConfig(inductor=True)) != base
+
+def test_lowering_takes_its_own_options_not_the_front_ends_config():
+    gm, _ = capture(block, randn(2, 7, 16), randn(16, 16, seed=1), randn(16, 16, seed=2))
+    with pytest.raises(TypeError, match=r"takes LoweringOptions .*got XyConfig"):
+        lower_graph(gm, XyConfig())
+    with pytest.raises(TypeError, match=r"takes LoweringOptions .*got XyConfig"):
+        LinearToGemm(XyConfig())
+
+
+LOWERING = pathlib.Path(__file__).resolve().parents[1] / "lowering"
+
+
+def _xy_imports(path: pathlib.Path) -> list[tuple[str, bool]]:
+    """Every xy_inductor module a file imports, at any depth (type-only imports too), and
+    whether the import sits inside a function."""
+    tree = ast.parse(path.read_text())
+    found = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if isinstance(child, ast.Import):
+                found.extend((a.name, inside) for a in child.names)
+            elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
+                if child.module == "xy_inductor":
+                    found.extend((f"xy_inductor.{a.name}", inside) for a in child.names)
+                else:
+                    found.append((child.module, inside))
+            visit(child, inside)
+
+    visit(tree, False)
+    return [(name, inside) for name, inside in found if name.split(".")[0] == "xy_inductor"]
+
+
+@pytest.mark.parametrize("path", sorted(LOWERING.glob("*.py")), ids=lambda p: p.name)
+def test_lowering_imports_nothing_of_the_front_end(path):
+    # Layers: front end -> lowering -> runtime -> kernels. Lowering may use the layers below it,
+    # at module level only: a function-level import would hide a cycle.
+    for name, in_function in _xy_imports(path):
+        layer = name.split(".")[1] if "." in name else "<package root>"
+        assert layer in ("lowering", "runtime", "kernels"), f"{path.name} imports {name}"
+        assert not in_function, f"{path.name} imports {name} inside a function"
 
 
 def graph_with_fakes(fn, *fakes):

@@ -10,8 +10,11 @@ import torch.nn.functional as F
 from helpers import TOLERANCE, capture, count_calls, rel_error, run
 
 import xy_inductor
-from xy_inductor.config import XyConfig
-from xy_inductor.lowering import ManualAttention, lower_graph
+from xy_inductor.lowering import (
+    LoweringOptions,
+    ManualAttention,
+    lower_graph,
+)
 
 ATTENTION = torch.ops.xyserve.attention.default
 SIZES = (1, 7, 37, 129)
@@ -219,9 +222,9 @@ def test_softmax_that_is_not_attention_is_not_a_site():
 def test_pipeline_counts_each_attention_once_and_is_idempotent():
     args = make_inputs("llama_eager", 7, torch.float32)
     gm, _ = capture(llama_eager, *args, dynamic=False)
-    first = lower_graph(gm, XyConfig())
+    first = lower_graph(gm, LoweringOptions())
     code = gm.code
-    second = lower_graph(gm, XyConfig())
+    second = lower_graph(gm, LoweringOptions())
     assert (first.count("attention"), first.count("attention", lowered=True)) == (1, 1)
     assert (second.count("attention"), second.count("attention", lowered=True)) == (1, 1)
     assert first.matches["manual_attention"] == 1 and second.matches["manual_attention"] == 0

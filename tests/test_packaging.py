@@ -59,9 +59,20 @@ def test_console_script_lists_its_commands():
 
 
 def test_public_names():
-    for name in ("compile", "explain", "stats", "reset_stats", "hf", "XyConfig", "ExplainReport"):
+    for name in (
+        "compile",
+        "explain",
+        "stats",
+        "reset_stats",
+        "hf",
+        "XyConfig",
+        "ExplainReport",
+        "CompileOptions",
+        "AccelerateOptions",
+    ):
         assert hasattr(xy_inductor, name), name
     assert callable(xy_inductor.hf.accelerate)
+
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOURCES = [ROOT / d for d in ("xy_inductor", "lowering", "runtime", "kernels")]

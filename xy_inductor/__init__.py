@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from xy_inductor import runtime  # registers torch.ops.xyserve.*
 from xy_inductor.compiler import compile
-from xy_inductor.config import XyConfig
+from xy_inductor.config import AccelerateOptions, CompileOptions, XyConfig
 from xy_inductor.explain import ExplainReport, explain
 from xy_inductor.runtime.gemm_plan import plan_gemm
 from xy_inductor.runtime.stats import Stats, reset_stats, stats
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from xy_inductor import hf
 
 __all__ = [
+    "AccelerateOptions",
+    "CompileOptions",
     "ExplainReport",
     "Stats",
     "XyConfig",

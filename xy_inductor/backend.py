@@ -195,7 +195,7 @@ def compile_graph(
     """Lower ``gm`` in place and return what runs it (saveable by compile caches)."""
     start = time.perf_counter()
     reason = fallback_reason(example_inputs)
-    report = lower_graph(gm, config, skip_reason=reason)
+    report = lower_graph(gm, config.lowering_options(), skip_reason=reason)
     inductor_failed = False
     compiled: CompiledFn | None = None
     # Read before Inductor, which rewrites gm; moved after it, which reads the inputs' layout.

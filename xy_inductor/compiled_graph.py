@@ -188,7 +188,7 @@ def artifact_key(config: XyConfig) -> dict[str, object]:
         "torch": torch.__version__,
         "op_schemas": _op_schemas(),
         "options": _options(config),  # before passes, which follow from it: the clearer reason
-        "passes": pipeline_uuid(config),
+        "passes": pipeline_uuid(config.lowering_options()),
         "sources": dict(_source_digests()),  # last: any reason above says more
     }
 
