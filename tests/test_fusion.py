@@ -10,7 +10,7 @@ import xy_inductor
 from xy_inductor import hf
 from xy_inductor import workload as wl
 from xy_inductor.config import XyConfig
-from xy_inductor.lowering import LoweringOptions, lower_graph
+from xy_inductor.lowering import FuseSiblingGemms, LoweringOptions, lower_graph
 from xy_inductor.runtime import providers
 
 GEMM = torch.ops.xyserve.gemm.default
@@ -34,6 +34,20 @@ def test_pass_fuses_qkv_and_gate_up(dtype):
     assert count_calls(gm, GEMM) == 2 * layers + 1  # o_proj, down_proj, lm_head
     assert report.count("linear", lowered=True) == 7 * layers + 1  # sites counted before fusing
     assert rel_error(run(gm, inputs), expected) < TOLERANCE[dtype]
+
+
+def test_fusion_uses_the_pass_hooks_and_lists_no_sites_of_its_own():
+    assert "__call__" not in vars(FuseSiblingGemms)  # the base class's match loop runs it
+    model = wl.tiny_model("llama")
+    ids, mask = wl.prompt_batch([5], model.config.vocab_size, seed=0)
+    gm, _ = capture(model, input_ids=ids, attention_mask=mask, dynamic=False)
+    lower_graph(gm, LoweringOptions())
+    fuse = FuseSiblingGemms(LoweringOptions(max_tokens=512))
+    assert fuse(gm, skip_reason="listed only") == [] and fuse.matched == 0
+    assert fuse(gm) == [] and fuse.matched == 2 * model.config.num_hidden_layers
+    fused = [n for n in gm.graph.nodes if n.target is FUSED]
+    assert {n.kwargs["max_tokens"] for n in fused} == {8192}  # the gemms' own, kept
+    assert fuse(gm) == [] and fuse.matched == 0  # a second run finds nothing left to fuse
 
 
 def test_siblings_with_other_inputs_are_not_fused():

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
+import inspect
 import operator
 import pathlib
+import re
 
 import pytest
 import torch
@@ -462,6 +465,17 @@ def test_pipeline_uuid_follows_the_enabled_passes():
     assert pipeline_uuid(LoweringOptions(inductor=True)) != base
 
 
+@pytest.mark.parametrize("pass_cls", [cls for _, cls in PASSES], ids=lambda c: c.__name__)
+def test_pass_uuid_covers_every_option_it_reads(pass_cls):
+    source = inspect.getsource(inspect.getmodule(pass_cls))
+    assert set(re.findall(r"self\.settings\.(\w+)", source)) <= set(pass_cls.reads)
+    for name in pass_cls.reads:
+        value = getattr(LoweringOptions(), name)
+        other = (not value) if isinstance(value, bool) else value // 2
+        changed = dataclasses.replace(LoweringOptions(), **{name: other})
+        assert pass_cls(changed).uuid() != pass_cls().uuid(), name
+
+
 def test_lowering_takes_its_own_options_not_the_front_ends_config():
     gm, _ = capture(block, randn(2, 7, 16), randn(16, 16, seed=1), randn(16, 16, seed=2))
     with pytest.raises(TypeError, match=r"takes LoweringOptions .*got XyConfig"):
@@ -503,6 +517,7 @@ def test_lowering_imports_nothing_of_the_front_end(path):
         layer = name.split(".")[1] if "." in name else "<package root>"
         assert layer in ("lowering", "runtime", "kernels"), f"{path.name} imports {name}"
         assert not in_function, f"{path.name} imports {name} inside a function"
+    assert "import_module" not in path.read_text(), f"{path.name} imports by name"
 
 
 def graph_with_fakes(fn, *fakes):
