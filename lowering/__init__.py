@@ -1,9 +1,10 @@
 """Lowering passes on the Dynamo graph, before AOT autograd; installed as ``xy_inductor.lowering``.
 
-One pass per file, run in the order of ``PASSES``; each counts what it rewrote and says why it
-left a site alone. The passes read ``LoweringOptions``, never the front end's config: nothing
-here imports the front end (``xy_inductor.config``, the backend, ``hf``), only the runtime below
-(the ops and defaults).
+One pass per file (the hand-written attention pass in two: its pattern and its rewrite), run in
+the order of ``PASSES``; each counts what it rewrote and says why it left a site alone. The
+passes read ``LoweringOptions``, never the front end's config: nothing here imports the front
+end (``xy_inductor.config``, the backend, ``hf``), only the runtime below (the ops and
+defaults).
 """
 
 from xy_inductor.lowering.fuse_siblings import (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -14,6 +15,7 @@ from xy_inductor.lowering import (
     LoweringOptions,
     ManualAttention,
     lower_graph,
+    manual_attention_match,
 )
 
 ATTENTION = torch.ops.xyserve.attention.default
@@ -239,3 +241,15 @@ def test_option_disables_the_pass_with_a_reason():
         compiled(*args)
     assert report.attention_lowered == 1
     assert xy_inductor.stats().sites_unlowered == {"attention": 1}
+
+
+def test_pass_uuid_covers_its_matcher(monkeypatch):
+    # The pattern lives in its own module: a change there must change the pass's uuid.
+    before = ManualAttention().uuid()
+    source = inspect.getsource
+    monkeypatch.setattr(
+        inspect,
+        "getsource",
+        lambda m: source(m) + ("# changed" if m is manual_attention_match else ""),
+    )
+    assert ManualAttention().uuid() != before
