@@ -134,7 +134,7 @@ class Accelerator:
     def _run(self, compiled: Callable, args: tuple, kwargs: dict) -> Any:
         if not self.routes.prepared.taken:
             return self._call(compiled, args, kwargs, _no_marks, None, {})
-        # Bound once: binding the call to the signature is a tenth of this wrapper's cost.
+        # Bound once: binding the call to the signature is a large part of this wrapper's cost.
         kw = None if self.varargs else self._bind(args, kwargs)
         if self.routes.packed_prefill.taken:
             packed = self._packed_prefill(compiled, kw)
@@ -415,7 +415,7 @@ class Accelerator:
         must do it. One new query at the end of a full-attention DynamicCache sees every key up
         to and including its own, so its causal mask is the padding mask: ``mask[:, None, None,
         :]`` as bool is what ``create_masks_for_generate`` returns there (values, shape, strides;
-        the probe compares them per model), in microseconds instead of tens of them."""
+        the probe compares them per model), at a fraction of the builder's cost."""
         if not (
             self.routes.decode_mask.taken
             and length == 1
