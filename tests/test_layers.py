@@ -11,8 +11,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = ("xy_inductor", "lowering", "runtime", "kernels")
-# The one options object is a leaf (it imports nothing of ours): every layer may read it.
-SHARED = {"xy_inductor.config"}
 
 
 def _layer(module: str) -> str:
@@ -77,8 +75,6 @@ ALLOWED = {
 def test_imports_run_one_way(module, path):
     layer = _layer(module)
     for imported in _imports(path):
-        if imported in SHARED:
-            continue
         assert _layer(imported) in ALLOWED[layer], f"{module} ({layer}) imports {imported}"
         if layer == "kernels" and imported not in ("xy_inductor.kernels.contract",):
             assert _family(imported) == _family(module), (
@@ -91,3 +87,41 @@ def test_the_check_sees_imports():
     assert "xy_inductor.kernels.contract" in _imports(ROOT / "kernels" / "aten.py")
     assert "xy_inductor.runtime.calls" not in _imports(ROOT / "kernels" / "aten.py")
     assert "xy_inductor.kernels.contract" in _imports(ROOT / "runtime" / "providers.py")
+
+
+# Stricter for lowering/ (the passes get LoweringOptions, never the front end's config): its
+# type-only and function-level imports count too, and the latter are refused outright.
+LOWERING = ROOT / "lowering"
+
+
+def _xy_imports(path: Path) -> list[tuple[str, bool]]:
+    """Every xy_inductor module a file imports, at any depth (type-only imports too), and
+    whether the import sits inside a function."""
+    tree = ast.parse(path.read_text())
+    found = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if isinstance(child, ast.Import):
+                found.extend((a.name, inside) for a in child.names)
+            elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
+                if child.module == "xy_inductor":
+                    found.extend((f"xy_inductor.{a.name}", inside) for a in child.names)
+                else:
+                    found.append((child.module, inside))
+            visit(child, inside)
+
+    visit(tree, False)
+    return [(name, inside) for name, inside in found if name.split(".")[0] == "xy_inductor"]
+
+
+@pytest.mark.parametrize("path", sorted(LOWERING.glob("*.py")), ids=lambda p: p.name)
+def test_lowering_imports_nothing_of_the_front_end(path):
+    # Lowering may use the runtime below it, at module level only: a function-level import
+    # would hide a cycle.
+    for name, in_function in _xy_imports(path):
+        layer = name.split(".")[1] if "." in name else "<package root>"
+        assert layer in ALLOWED["lowering"], f"{path.name} imports {name}"
+        assert not in_function, f"{path.name} imports {name} inside a function"
+    assert "import_module" not in path.read_text(), f"{path.name} imports by name"

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import ast
 import copy
-import dataclasses
-import inspect
 import operator
-import pathlib
-import re
 
 import pytest
 import torch
@@ -16,7 +11,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from helpers import TOLERANCE, capture, count_calls, rel_error, run
 
-from xy_inductor.config import XyConfig
 from xy_inductor.lowering import (
     PASSES,
     FuseSiblingGemms,
@@ -25,7 +19,6 @@ from xy_inductor.lowering import (
     ManualAttention,
     SdpaToAttention,
     lower_graph,
-    pipeline_uuid,
 )
 from xy_inductor.lowering.linear_to_gemm import LINEAR
 from xy_inductor.lowering.sdpa_to_attention import SDPA
@@ -278,12 +271,6 @@ def test_skip_reason_lists_sites_without_rewriting():
     ) == (1, 2, 0)
 
 
-def test_pass_uuid_is_stable_and_distinct():
-    assert SdpaToAttention().uuid() == SdpaToAttention().uuid()
-    assert LinearToGemm().uuid() != SdpaToAttention().uuid()
-    assert len(SdpaToAttention().uuid()) == 64
-
-
 # -- repeat_kv absorption -----------------------------------------------------------------------
 
 
@@ -420,104 +407,6 @@ def test_add_that_is_not_a_bias_is_not_folded():
     assert [s.lowered for s in sites] == [True]
     assert any(n.target is operator.add for n in gm.graph.nodes)  # the residual add stays
     assert rel_error(run(gm, inputs), expected) < TOLERANCE[torch.float32]
-
-
-def test_pass_uuid_changes_with_code_and_options(tmp_path, monkeypatch):
-    source = (
-        "import torch\n"
-        "from xy_inductor.lowering.linear_to_gemm import LinearToGemm\n"
-        "class Custom(LinearToGemm):\n"
-        "    name = 'custom'\n"
-        "    def why_not(self, node):\n"
-        "        return None  # {comment}\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-
-    def load(comment: str):
-        import importlib
-        import sys
-
-        (tmp_path / "custom_pass.py").write_text(source.format(comment=comment))
-        sys.modules.pop("custom_pass", None)
-        importlib.invalidate_caches()
-        return importlib.import_module("custom_pass").Custom
-
-    first = load("v1")().uuid()
-    assert load("v1")().uuid() == first  # same code, same uuid
-    assert load("v2")().uuid() != first  # one comment changed
-
-    class WithOptions(LinearToGemm):
-        def __init__(self, limit: int) -> None:
-            super().__init__()
-            self.limit = limit
-
-        def options(self) -> dict[str, object]:
-            return {"limit": self.limit}
-
-    assert WithOptions(1).uuid() == WithOptions(1).uuid() != WithOptions(2).uuid()
-
-
-def test_pipeline_uuid_follows_the_enabled_passes():
-    base = pipeline_uuid(LoweringOptions())
-    assert pipeline_uuid(LoweringOptions()) == base
-    assert pipeline_uuid(LoweringOptions(lower_linear=False)) != base
-    assert pipeline_uuid(LoweringOptions(fuse_siblings=True)) != base
-    assert pipeline_uuid(LoweringOptions(inductor=True)) != base
-
-
-@pytest.mark.parametrize("pass_cls", [cls for _, cls in PASSES], ids=lambda c: c.__name__)
-def test_pass_uuid_covers_every_option_it_reads(pass_cls):
-    source = inspect.getsource(inspect.getmodule(pass_cls))
-    assert set(re.findall(r"self\.settings\.(\w+)", source)) <= set(pass_cls.reads)
-    for name in pass_cls.reads:
-        value = getattr(LoweringOptions(), name)
-        other = (not value) if isinstance(value, bool) else value // 2
-        changed = dataclasses.replace(LoweringOptions(), **{name: other})
-        assert pass_cls(changed).uuid() != pass_cls().uuid(), name
-
-
-def test_lowering_takes_its_own_options_not_the_front_ends_config():
-    gm, _ = capture(block, randn(2, 7, 16), randn(16, 16, seed=1), randn(16, 16, seed=2))
-    with pytest.raises(TypeError, match=r"takes LoweringOptions .*got XyConfig"):
-        lower_graph(gm, XyConfig())
-    with pytest.raises(TypeError, match=r"takes LoweringOptions .*got XyConfig"):
-        LinearToGemm(XyConfig())
-
-
-LOWERING = pathlib.Path(__file__).resolve().parents[1] / "lowering"
-
-
-def _xy_imports(path: pathlib.Path) -> list[tuple[str, bool]]:
-    """Every xy_inductor module a file imports, at any depth (type-only imports too), and
-    whether the import sits inside a function."""
-    tree = ast.parse(path.read_text())
-    found = []
-
-    def visit(node: ast.AST, in_function: bool) -> None:
-        for child in ast.iter_child_nodes(node):
-            inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
-            if isinstance(child, ast.Import):
-                found.extend((a.name, inside) for a in child.names)
-            elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
-                if child.module == "xy_inductor":
-                    found.extend((f"xy_inductor.{a.name}", inside) for a in child.names)
-                else:
-                    found.append((child.module, inside))
-            visit(child, inside)
-
-    visit(tree, False)
-    return [(name, inside) for name, inside in found if name.split(".")[0] == "xy_inductor"]
-
-
-@pytest.mark.parametrize("path", sorted(LOWERING.glob("*.py")), ids=lambda p: p.name)
-def test_lowering_imports_nothing_of_the_front_end(path):
-    # Layers: front end -> lowering -> runtime -> kernels. Lowering may use the layers below it,
-    # at module level only: a function-level import would hide a cycle.
-    for name, in_function in _xy_imports(path):
-        layer = name.split(".")[1] if "." in name else "<package root>"
-        assert layer in ("lowering", "runtime", "kernels"), f"{path.name} imports {name}"
-        assert not in_function, f"{path.name} imports {name} inside a function"
-    assert "import_module" not in path.read_text(), f"{path.name} imports by name"
 
 
 def graph_with_fakes(fn, *fakes):
