@@ -22,7 +22,7 @@ $(VENV)/.torch: $(VENV)/.created
 	$(PIP) install -q torch==2.13.0
 	touch $@
 
-# `xyserve providers --build` compiles the C++ CPU kernels (runtime/native.cpp, about 10 s, cached
+# `xyserve providers --build` compiles the C++ CPU kernels (kernels/aten/native.cpp, cached
 # per machine and torch version) at install rather than during the first compile.
 $(VENV)/.hf: $(VENV)/.torch pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[hf]"

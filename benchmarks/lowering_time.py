@@ -53,7 +53,7 @@ def main() -> None:
     for _ in range(5):
         graph = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
         start = time.perf_counter()
-        report = lower_graph(graph, XyConfig())
+        report = lower_graph(graph, XyConfig().lowering_options())
         times.append(time.perf_counter() - start)
     print(
         f"{args.layers} layers, {nodes} graph nodes: "

@@ -1,7 +1,10 @@
 """Lowering passes on the Dynamo graph, before AOT autograd; installed as ``xy_inductor.lowering``.
 
-One pass per file, run in the order of ``PASSES``; each counts what it rewrote and says why it
-left a site alone.
+One pass per file (the hand-written attention pass in two: its pattern and its rewrite), run in
+the order of ``PASSES``; each counts what it rewrote and says why it left a site alone. The
+passes read ``LoweringOptions``, never the front end's config: nothing here imports the front
+end (``xy_inductor.config``, the backend, ``hf``), only the runtime below (the ops and
+defaults).
 """
 
 from xy_inductor.lowering.fuse_siblings import (
@@ -11,6 +14,7 @@ from xy_inductor.lowering.fuse_siblings import (
 )
 from xy_inductor.lowering.linear_to_gemm import LinearToGemm
 from xy_inductor.lowering.manual_attention import ManualAttention
+from xy_inductor.lowering.options import LoweringOptions
 from xy_inductor.lowering.pass_base import LoweringPass, Site
 from xy_inductor.lowering.pipeline import PASSES, GraphReport, lower_graph, pipeline_uuid
 from xy_inductor.lowering.sdpa_to_attention import SdpaToAttention
@@ -25,6 +29,7 @@ __all__ = [
     "FuseSiblingGemms",
     "GraphReport",
     "LinearToGemm",
+    "LoweringOptions",
     "LoweringPass",
     "ManualAttention",
     "SdpaToAttention",

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 import torch
 import torch.fx
 
-from xy_inductor.lowering.pass_base import LoweringPass, Site, fake_value
+from xy_inductor.lowering.options import LoweringOptions
+from xy_inductor.lowering.pass_base import LoweringPass, fake_value
 from xy_inductor.lowering.patterns import is_weight, make_node
 from xy_inductor.runtime.ops import stacked_rows
 
@@ -32,60 +33,61 @@ def _gemm_op() -> object:
 
 
 class FuseSiblingGemms(LoweringPass):
+    """A site is a group of sibling ``gemm`` nodes, anchored at its first; each node of the
+    group is taken over by its part of the fused GEMM's output."""
+
     name = "fuse_siblings"
     kind = "linear"
     target = None
+    reads = ("max_tokens",)
+    counted = False  # it regroups sites that linear_to_gemm listed already
+
+    def __init__(self, settings: LoweringOptions | None = None) -> None:
+        super().__init__(settings)
+        self._groups: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+        """Each group of two or more sibling gemms by its first node, read by ``start``."""
 
     def lowered_op(self) -> object:
         return torch.ops.xyserve.gemm_fused.default
 
-    def is_site(self, node: torch.fx.Node) -> bool:
-        return False  # it regroups sites that linear_to_gemm already counted
-
-    def why_not(self, node: torch.fx.Node) -> str | None:
-        return None
-
-    def replacement(self, node: torch.fx.Node) -> tuple[object, tuple, dict]:
-        raise NotImplementedError  # groups, not single sites: see __call__
-
-    def __call__(self, gm: torch.fx.GraphModule, skip_reason: str | None = None) -> list[Site]:
-        self.matched = 0
-        if skip_reason is not None:
-            return []
+    def start(self, gm: torch.fx.GraphModule) -> None:
         groups: dict[tuple, list[torch.fx.Node]] = {}
         for node in gm.graph.nodes:
             key = _group_key(node)
             if key is not None:
                 groups.setdefault(key, []).append(node)
-        for nodes in groups.values():
-            if len(nodes) >= 2:
-                self._fuse(gm.graph, nodes)
-                self.matched += 1
-        if self.matched:
-            gm.graph.lint()
-            gm.recompile()
-        return []
+        self._groups = {nodes[0]: nodes for nodes in groups.values() if len(nodes) >= 2}
 
-    def _fuse(self, graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:
-        x = nodes[0].args[0]
+    def is_site(self, node: torch.fx.Node) -> bool:
+        return node in self._groups
+
+    def is_lowered(self, node: torch.fx.Node) -> bool:
+        return False  # a group is a site only while its gemms are apart
+
+    def why_not(self, node: torch.fx.Node) -> str | None:
+        return None  # _group_key admitted every node of the group
+
+    def replacement(self, node: torch.fx.Node) -> dict[torch.fx.Node, torch.fx.Node]:
+        nodes = self._groups[node]
+        graph = node.graph
+        x = node.args[0]
         weights = [n.args[1] for n in nodes]
-        biases = [n.args[2] for n in nodes] if nodes[0].args[2] is not None else []
+        biases = [n.args[2] for n in nodes] if node.args[2] is not None else []
         sizes = [fake_value(w).shape[0] for w in weights]
-        with graph.inserting_before(nodes[0]):
-            fused = make_node(
-                graph,
-                "call_function",
-                self.lowered_op(),
-                (x, weights, biases),
-                {"max_tokens": nodes[0].kwargs.get("max_tokens", self.config.max_tokens)},
-            )
-            fused.meta.update({k: v for k, v in nodes[0].meta.items() if k != "example_value"})
-            parts = make_node(graph, "call_function", torch.split, (fused, sizes, -1))
-            for i, node in enumerate(nodes):
-                part = make_node(graph, "call_function", operator.getitem, (parts, i))
-                node.replace_all_uses_with(part)
-        for node in nodes:
-            graph.erase_node(node)
+        max_tokens = node.kwargs.get("max_tokens", self.settings.max_tokens)
+        fused = make_node(
+            graph,
+            "call_function",
+            self.lowered_op(),
+            (x, weights, biases),
+            {"max_tokens": max_tokens},
+        )
+        fused.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
+        parts = make_node(graph, "call_function", torch.split, (fused, sizes, -1))
+        return {
+            n: make_node(graph, "call_function", operator.getitem, (parts, i))
+            for i, n in enumerate(nodes)
+        }
 
 
 def _group_key(node: torch.fx.Node) -> tuple | None:

@@ -146,6 +146,7 @@ class LinearToGemm(LoweringPass):
     name = "linear_to_gemm"
     kind = "linear"
     target = LINEAR
+    reads = ("max_tokens",)
 
     def lowered_op(self) -> object:
         return torch.ops.xyserve.gemm.default
@@ -191,11 +192,8 @@ class LinearToGemm(LoweringPass):
         return (
             self.lowered_op(),
             (linear.x, weight, linear.bias),
-            {"max_tokens": self.config.max_tokens},
+            {"max_tokens": self.settings.max_tokens},
         )
-
-    def options(self) -> dict[str, object]:
-        return {"max_tokens": self.config.max_tokens}
 
     def absorbed(self, node: torch.fx.Node) -> list[torch.fx.Node]:
         return list(_linear(node).absorbed)

@@ -15,12 +15,13 @@ is never left half rewritten.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import inspect
 import logging
 import re
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from types import ModuleType
 from typing import ClassVar
 
 import torch
@@ -28,14 +29,14 @@ import torch.fx
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from xy_inductor.config import XyConfig
+from xy_inductor.lowering.options import LoweringOptions
 
 __all__ = ["LoweringPass", "Site", "fake_value", "infer_meta", "site_name"]
 
 log = logging.getLogger("xy_inductor")
 
-# Helper modules whose code decides what the passes match: part of each pass's uuid().
-_SHARED = ("patterns", "signatures", "score_masks")
+# What a pass's uuid() follows: the modules of this package (the lowering's own code).
+_PACKAGE = __name__.rpartition(".")[0] + "."
 
 
 @dataclass(frozen=True)
@@ -120,10 +121,23 @@ class LoweringPass(ABC):
     """Short name, shown by ``explain``."""
     kind: ClassVar[str]
     """The kind of site it recognises: ``attention`` or ``linear``."""
+    reads: ClassVar[tuple[str, ...]] = ()
+    """The fields of ``LoweringOptions`` the pass reads (``self.settings.<name>``): each is part
+    of ``uuid()``, so a saved graph made with another value is not taken for this pass's."""
+    counted: ClassVar[bool] = True
+    """Whether its sites are listed (``explain``, ``stats()``). False for a pass that regroups
+    sites another pass listed already, which would count them twice."""
 
-    def __init__(self, config: XyConfig | None = None) -> None:
-        self.config = config if config is not None else XyConfig()
-        """The options the pass was built with (``options()`` names the ones it reads)."""
+    def __init__(self, settings: LoweringOptions | None = None) -> None:
+        if settings is None:
+            settings = LoweringOptions()
+        if not isinstance(settings, LoweringOptions):
+            raise TypeError(
+                f"{type(self).__name__} takes LoweringOptions (the front end builds them with "
+                f"XyConfig.lowering_options()), got {type(settings).__name__}"
+            )
+        self.settings = settings
+        """The options the pass was built with; it reads only those named in ``reads``."""
         self.matched = 0
         """Sites rewritten by the last run."""
 
@@ -148,10 +162,19 @@ class LoweringPass(ABC):
         """None when the site can be lowered, else the reason it cannot."""
 
     @abstractmethod
-    def replacement(self, node: torch.fx.Node) -> tuple[object, tuple, dict] | torch.fx.Node:
+    def replacement(
+        self, node: torch.fx.Node
+    ) -> tuple[object, tuple, dict] | torch.fx.Node | dict[torch.fx.Node, torch.fx.Node]:
         """What replaces the site: a call (target, args, kwargs), or a node the method made
-        itself. Runs with the graph's insertion point just before ``anchor(node)``, so helper
+        itself; for a site whose values several nodes compute (a group of sibling GEMMs), each
+        of those nodes with the node that takes it over, ``anchor(node)`` the first of them in
+        the graph. Runs with the graph's insertion point just before ``anchor(node)``, so helper
         nodes it makes (``patterns.make_node``) go there."""
+
+    def start(self, gm: torch.fx.GraphModule) -> None:
+        """Called before a run looks at the first node: a pass that matches groups of nodes
+        rather than single ones reads the whole graph here."""
+        return None
 
     def anchor(self, node: torch.fx.Node) -> torch.fx.Node:
         """The node whose value the replacement takes over (the site itself, unless the site
@@ -168,6 +191,7 @@ class LoweringPass(ABC):
         self.matched = 0
         sites = []
         erased: set[torch.fx.Node] = set()
+        self.start(gm)
         for node in list(gm.graph.nodes):
             if node in erased:
                 continue  # absorbed by an earlier site's rewrite
@@ -196,7 +220,7 @@ class LoweringPass(ABC):
         if self.matched:
             gm.graph.lint()
             gm.recompile()
-        return sites
+        return sites if self.counted else []
 
     def _failed(self, node: torch.fx.Node, stage: str, error: Exception) -> Site:
         name = _safe_site_name(node)
@@ -216,27 +240,32 @@ class LoweringPass(ABC):
         try:
             with graph.inserting_before(anchor):
                 made = self.replacement(node)
-                if isinstance(made, torch.fx.Node):
-                    new = made
+                if isinstance(made, dict):
+                    replaced = made
+                elif isinstance(made, torch.fx.Node):
+                    replaced = {anchor: made}
                 else:
                     target, args, kwargs = made
                     new = graph.call_function(target, args, kwargs)
                     value = infer_meta("call_function", target, args, kwargs)
                     if value is not None:
                         new.meta["example_value"] = value
-            _check_same_value(anchor, new)
-            value = new.meta.get("example_value")
-            new.meta = dict(anchor.meta)  # source location and module path, for explain
-            if value is not None:
-                new.meta["example_value"] = value
+                    replaced = {anchor: new}
+            for old, new in replaced.items():
+                _check_same_value(old, new)
+                value = new.meta.get("example_value")
+                new.meta = dict(old.meta)  # source location and module path, for explain
+                if value is not None:
+                    new.meta["example_value"] = value
         except BaseException:
             while anchor.prev is not before:  # newest first: each is used only by newer ones
                 graph.erase_node(anchor.prev)
             raise
-        anchor.replace_all_uses_with(new)
-        graph.erase_node(anchor)
-        erased = {anchor}
-        pending = list(dict.fromkeys(d for d in absorbed if d is not anchor))
+        for old, new in replaced.items():
+            old.replace_all_uses_with(new)
+            graph.erase_node(old)
+        erased = set(replaced)
+        pending = list(dict.fromkeys(d for d in absorbed if d not in erased))
         while True:  # users before what they use, whatever order absorbed() gave
             dead = [d for d in pending if not d.users]
             if not dead:
@@ -247,20 +276,46 @@ class LoweringPass(ABC):
             pending = [d for d in pending if d not in erased]
 
     def options(self) -> dict[str, object]:
-        """Settings that change what the pass does; part of ``uuid()``."""
-        return {}
+        """Settings that change what the pass does (by default the options named in
+        ``reads``); part of ``uuid()``."""
+        return {name: getattr(self.settings, name) for name in self.reads}
 
     def uuid(self) -> str:
-        """Changes when the pass's code (its modules, base class included, and the shared
-        ``patterns``/``signatures``/``score_masks`` helpers) or its options change,
-        for compile caches that key on the passes that ran."""
+        """Changes when the pass's code or its options change, for compile caches that key on
+        the passes that ran. Its code: the modules of its classes (the base included) and every
+        lowering module they use, found by following what each imports (``_lowering_modules``),
+        so a helper split off a pass is covered without being listed."""
         classes = [c for c in type(self).__mro__ if issubclass(c, LoweringPass)]
-        modules = [inspect.getmodule(c) for c in classes]
-        modules += [importlib.import_module(f"xy_inductor.lowering.{m}") for m in _SHARED]
+        modules = _lowering_modules([inspect.getmodule(c) for c in classes])
         parts = dict.fromkeys(inspect.getsource(m) for m in modules)
         parts[type(self).__qualname__] = None
         parts[repr(sorted(self.options().items()))] = None
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def _lowering_modules(start: list[ModuleType | None]) -> list[ModuleType]:
+    """``start`` and, transitively, every module of this package whose functions, classes or
+    module objects they hold (what each imported), in a fixed order."""
+    found: dict[str, ModuleType] = {}
+    todo = [m for m in start if m is not None]
+    while todo:
+        module = todo.pop()
+        if module.__name__ in found:
+            continue
+        found[module.__name__] = module
+        for value in vars(module).values():
+            if isinstance(value, ModuleType):
+                name = value.__name__
+            elif isinstance(value, type) or inspect.isfunction(value):
+                name = value.__module__
+            else:
+                continue  # constants, loggers, ops: the code that made them is covered
+            if isinstance(name, str) and name.startswith(_PACKAGE) and name in sys.modules:
+                todo.append(sys.modules[name])
+    # The start modules first (a pass's own, then its bases'), the rest by name.
+    first = [m.__name__ for m in start if m is not None]
+    names = list(dict.fromkeys([*first, *sorted(found)]))
+    return [found[n] for n in names]
 
 
 def _safe_site_name(node: torch.fx.Node) -> str:

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 import torch.fx
 
-from xy_inductor.config import XyConfig
 from xy_inductor.lowering.fuse_siblings import FuseSiblingGemms
 from xy_inductor.lowering.linear_to_gemm import LinearToGemm
 from xy_inductor.lowering.manual_attention import ManualAttention
 from xy_inductor.lowering.opaque_ops import opaque_ops
+from xy_inductor.lowering.options import LoweringOptions
 from xy_inductor.lowering.pass_base import LoweringPass, Site
 from xy_inductor.lowering.sdpa_to_attention import SdpaToAttention
 from xy_inductor.runtime import providers
@@ -34,7 +34,7 @@ __all__ = [
 
 log = logging.getLogger("xy_inductor")
 
-# (XyConfig flag that enables the pass, pass class), in the order they run. The SDPA pass
+# (LoweringOptions flag that enables the pass, pass class), in the order they run. The SDPA pass
 # comes first: it counts every xyserve.attention node as a lowered site, so attention that the
 # manual pass lowers afterwards is counted once (and again, once, on a second run).
 PASSES: tuple[tuple[str, type[LoweringPass]], ...] = (
@@ -54,9 +54,9 @@ LEFT_TO_INDUCTOR = (
 )
 
 
-def gemms_left_to_inductor(config: XyConfig) -> bool:
-    """Whether the GEMM passes stand down for this config in this process (see above)."""
-    return config.inductor and providers.only_aten_serves("gemm")
+def gemms_left_to_inductor(options: LoweringOptions) -> bool:
+    """Whether the GEMM passes stand down for these options in this process (see above)."""
+    return options.inductor and providers.only_aten_serves("gemm")
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class GraphReport:
 
 
 def lower_graph(
-    gm: torch.fx.GraphModule, config: XyConfig, *, skip_reason: str | None = None
+    gm: torch.fx.GraphModule, options: LoweringOptions, *, skip_reason: str | None = None
 ) -> GraphReport:
     """Run the enabled passes on ``gm`` in place. With ``skip_reason``, only list the sites.
 
@@ -93,11 +93,16 @@ def lower_graph(
     graph check, say), the graph is restored to what Dynamo traced and runs as traced, its
     sites listed with the exception as the reason: lowering never fails a compile.
     """
+    if not isinstance(options, LoweringOptions):
+        raise TypeError(
+            "lower_graph takes LoweringOptions (the front end builds them with "
+            f"XyConfig.lowering_options()), got {type(options).__name__}"
+        )
     if skip_reason is not None:
-        return _run_passes(gm, config, skip_reason)
+        return _run_passes(gm, options, skip_reason)
     original = copy.deepcopy(gm.graph)
     try:
-        return _run_passes(gm, config, None)
+        return _run_passes(gm, options, None)
     except Exception as e:
         text = str(e).strip().splitlines()[0] if str(e).strip() else ""
         reason = (
@@ -107,22 +112,24 @@ def lower_graph(
         log.debug("xyserve: traceback of the failure above", exc_info=e)
         gm.graph = original
         gm.recompile()
-        listed = _run_passes(gm, config, reason)
+        listed = _run_passes(gm, options, reason)
         failed = tuple(
             Site(s.kind, s.name, False, reason, s.pass_name, failed=True) for s in listed.sites
         )
         return GraphReport(failed, listed.matches, reason, listed.opaque)
 
 
-def _run_passes(gm: torch.fx.GraphModule, config: XyConfig, skip_reason: str | None) -> GraphReport:
+def _run_passes(
+    gm: torch.fx.GraphModule, options: LoweringOptions, skip_reason: str | None
+) -> GraphReport:
     opaque = opaque_ops(gm)
     sites: list[Site] = []
     matches: dict[str, int] = {}
-    to_inductor = gemms_left_to_inductor(config)
+    to_inductor = gemms_left_to_inductor(options)
     for flag, pass_cls in PASSES:
-        lowering_pass = pass_cls(config)
+        lowering_pass = pass_cls(options)
         reason = skip_reason or (
-            None if getattr(config, flag) else f"disabled by option {flag}=False"
+            None if getattr(options, flag) else f"disabled by option {flag}=False"
         )
         if reason is None and to_inductor and flag in _GEMM_PASSES:
             reason = LEFT_TO_INDUCTOR
@@ -131,8 +138,9 @@ def _run_passes(gm: torch.fx.GraphModule, config: XyConfig, skip_reason: str | N
     return GraphReport(tuple(sites), matches, skip_reason, opaque)
 
 
-def pipeline_uuid(config: XyConfig) -> str:
-    """Identifies the enabled passes and their code, for caches of compiled graphs."""
-    parts = [f"{flag}:{cls(config).uuid()}" for flag, cls in PASSES if getattr(config, flag)]
-    parts.append(f"inductor:{config.inductor}:gemms-to-inductor:{gemms_left_to_inductor(config)}")
+def pipeline_uuid(options: LoweringOptions) -> str:
+    """Identifies the enabled passes, their code and options, for caches of compiled graphs."""
+    parts = [f"{flag}:{cls(options).uuid()}" for flag, cls in PASSES if getattr(options, flag)]
+    to_inductor = gemms_left_to_inductor(options)
+    parts.append(f"inductor:{options.inductor}:gemms-to-inductor:{to_inductor}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()

@@ -21,7 +21,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-__all__ = ["Call", "Signature", "bind", "describe", "is_call", "op_name"]
+__all__ = ["Call", "Signature", "bind", "describe", "op_name"]
 
 
 @dataclass(frozen=True)
@@ -355,8 +355,3 @@ def bind(node: object) -> Call | None:
             else:
                 error = error or f"{describe(node)} is missing its argument {name}"
     return Call(node, op, args, error, sig)
-
-
-def is_call(node: object, *ops: str) -> bool:
-    """Whether ``node`` calls one of the named canonical ops, in any spelling."""
-    return op_name(node) in ops

@@ -111,7 +111,7 @@ def use_providers(providers: Sequence[Provider]) -> Iterator[None]:
 
 
 def choose(op: str, call: object) -> tuple[str, OpKernel, Accept]:
-    """The provider that runs ``op`` on ``call`` (a ``runtime.calls`` object): the first whose
+    """The provider that runs ``op`` on ``call`` (a ``kernels.calls`` object): the first whose
     checker accepts it, with that kernel and the checker's decision; declines are counted."""
     declined = []
     for provider in active_providers():
@@ -136,7 +136,7 @@ def choose(op: str, call: object) -> tuple[str, OpKernel, Accept]:
 
 
 def run(op: str, call: object) -> torch.Tensor:
-    """Run ``op`` on ``call`` (a ``runtime.calls`` object) with the first provider whose checker
+    """Run ``op`` on ``call`` (a ``kernels.calls`` object) with the first provider whose checker
     accepts it, as that checker decided."""
     name, kernel, decision = choose(op, call)
     counters.record_call(op, name, decision.path)
@@ -145,7 +145,7 @@ def run(op: str, call: object) -> torch.Tensor:
 
 def prepare(op: str, what: object) -> int:
     """Let every active provider prepare for ``op`` (see ``Provider.prepare``); ``what`` is a
-    ``runtime.calls`` object (``GemmWeight`` for ``gemm``). Returns the kernel variants
+    ``kernels.calls`` object (``GemmWeight`` for ``gemm``). Returns the kernel variants
     compiled."""
     return sum(p.prepare[op](what) for p in active_providers() if op in p.prepare)
 

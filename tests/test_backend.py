@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
+import textwrap
+
 import pytest
 import torch
 import torch.nn as nn
@@ -9,8 +14,16 @@ import torch.nn.functional as F
 from helpers import TOLERANCE, capture, count_calls, rel_error
 
 import xy_inductor
-from xy_inductor.config import BACKEND_OPTIONS, XyConfig
+from xy_inductor.config import (
+    BACKEND_OPTIONS,
+    AccelerateOptions,
+    CompileOptions,
+    XyConfig,
+    accelerate_options,
+    backend_config,
+)
 from xy_inductor.kernels.contract import Accept, OpKernel, Provider
+from xy_inductor.lowering import LoweringOptions
 from xy_inductor.lowering.pipeline import LEFT_TO_INDUCTOR, lower_graph
 from xy_inductor.runtime import providers
 
@@ -98,7 +111,7 @@ def test_inductor_option_keeps_attention_opaque_and_leaves_linears_to_inductor()
             x = randn(2, length, 64, seed=length)
             assert rel_error(compiled(x), model(x)) < TOLERANCE[torch.float32]
         gm, _ = capture(model, x)
-        report = lower_graph(gm, XyConfig(inductor=True))
+        report = lower_graph(gm, LoweringOptions(inductor=True))
     s = xy_inductor.stats()
     assert s.backend_compiles == 1 and s.inductor_failures == 0
     # Inductor's generated code called the attention op, which ran on the ATen provider; with
@@ -174,7 +187,7 @@ def test_bad_option_value_is_rejected():
     with pytest.raises(ValueError, match="option 'inductor' expects True or False, got 'yes'"):
         xy_inductor.compile(make_block(), inductor="yes")
     with pytest.raises(ValueError, match="option 'dynamic' expects True, False or None, got 1"):
-        XyConfig(dynamic=1)
+        CompileOptions(dynamic=1)
 
 
 def test_unknown_option_through_torch_compile_names_it():
@@ -207,7 +220,6 @@ def test_backend_options_are_the_config_fields_without_front_end_ones():
         "lower_linear",
         "fuse_siblings",
         "max_tokens",
-        "pack_prefill",
         "ascend_nz_weights",
         "inductor",
         "inductor_regions",
@@ -218,6 +230,54 @@ def test_backend_options_are_the_config_fields_without_front_end_ones():
 def test_max_tokens_must_be_a_positive_int(value):
     with pytest.raises(ValueError, match="option 'max_tokens' expects a positive int"):
         XyConfig(max_tokens=value)
+
+
+def test_each_entry_point_refuses_an_option_it_would_ignore():
+    with pytest.raises(
+        ValueError,
+        match=r"'pack_prefill' is an xy_inductor\.hf\.accelerate option, not an xy_inductor\.",
+    ):
+        xy_inductor.compile(make_block(), pack_prefill=False)
+    with pytest.raises(ValueError, match=r"'pack_prefill' is an .* option, not a backend option"):
+        backend_config({"pack_prefill": False})
+    with pytest.raises(
+        ValueError, match=r"'dynamic' is not an .* option: accelerate marks the sizes"
+    ):
+        accelerate_options({"dynamic": True})
+    assert accelerate_options({"fullgraph": True, "inductor": True}) == (
+        XyConfig(inductor=True),
+        AccelerateOptions(fullgraph=True),
+    )
+
+
+@pytest.mark.parametrize("cls", [XyConfig, CompileOptions, AccelerateOptions, LoweringOptions])
+def test_option_classes_are_frozen_validated_and_documented(cls):
+    options = cls()
+    name = dataclasses.fields(cls)[-1].name  # a bool in each
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(options, name, getattr(options, name))
+    with pytest.raises(ValueError, match=f"option '{name}' expects True or False, got 'yes'"):
+        cls(**{name: "yes"})
+    # Every field is followed by its docstring.
+    (body,) = ast.parse(textwrap.dedent(inspect.getsource(cls))).body
+    statements = body.body
+    for i, statement in enumerate(statements):
+        if isinstance(statement, ast.AnnAssign):
+            after = statements[i + 1] if i + 1 < len(statements) else None
+            documented = isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+            assert documented, f"{cls.__name__}.{statement.target.id} has no docstring"
+
+
+def test_lowering_options_are_built_from_the_config_with_one_default_each():
+    assert XyConfig().lowering_options() == LoweringOptions()
+    config = XyConfig(max_tokens=512, fuse_siblings=True, inductor=True, ascend_nz_weights=True)
+    assert config.lowering_options() == LoweringOptions(
+        max_tokens=512, fuse_siblings=True, inductor=True
+    )
+    # The config's lowering fields default to LoweringOptions' (the one place they are written).
+    for field in dataclasses.fields(LoweringOptions):
+        assert getattr(XyConfig(), field.name) == field.default
+    assert AccelerateOptions().fullgraph == CompileOptions().fullgraph
 
 
 def test_options_reach_the_backend_through_torch_compile():
@@ -239,7 +299,10 @@ def test_explain_reports_sites_without_running_xyserve_kernels():
     assert (report.attention_total, report.attention_lowered) == (1, 1)
     assert (report.linear_total, report.linear_lowered) == (3, 3)
     assert report.graphs == 1 and report.unlowered == [] and report.fallbacks == []
-    assert {s.name for s in report.sites} == {"q", "kv", "o", "test_backend.py:34"}
+    # The SDPA call has no module of its own: it is named by its line in this file.
+    lines, first = inspect.getsourcelines(Block.forward)
+    sdpa = first + next(i for i, text in enumerate(lines) if "scaled_dot_product" in text)
+    assert {s.name for s in report.sites} == {"q", "kv", "o", f"test_backend.py:{sdpa}"}
     s = xy_inductor.stats()
     assert s.calls == {} and s.backend_compiles == 0  # explain neither runs nor counts kernels
     text = str(report)

@@ -19,7 +19,9 @@ import xy_inductor
 import xy_inductor.lowering
 from xy_inductor import backend, compiled_graph
 from xy_inductor.compiled_graph import StaleArtifactError, XyserveGraph, artifact_key
-from xy_inductor.config import OPTIONS_ENV, XyConfig, backend_config
+from xy_inductor.config import BACKEND_OPTIONS, OPTIONS_ENV, XyConfig, backend_config
+from xy_inductor.lowering import LinearToGemm
+from xy_inductor.lowering.opaque_ops import KNOWN_OPAQUE
 
 
 class Block(torch.nn.Module):
@@ -94,7 +96,7 @@ def test_options_changed_since_saving_refuse_the_artifact(saved, monkeypatch):
 
 def test_another_xyserve_version_refuses_the_artifact(saved, monkeypatch):
     _, path = saved
-    monkeypatch.setattr(xy_inductor, "__version__", "0.0.0-other")
+    monkeypatch.setattr(compiled_graph, "VERSION", "0.0.0-other")
     with pytest.raises(
         StaleArtifactError, match=r"xyserve is '0\.1\.0', this process has '0\.0\.0-other'"
     ):
@@ -103,8 +105,6 @@ def test_another_xyserve_version_refuses_the_artifact(saved, monkeypatch):
 
 
 def test_another_pass_list_refuses_the_artifact(saved, monkeypatch):
-    from xy_inductor.lowering import LinearToGemm
-
     _, path = saved
     monkeypatch.setattr(LinearToGemm, "uuid", lambda self: "changed")
     with pytest.raises(StaleArtifactError, match="passes"):
@@ -217,6 +217,14 @@ def test_a_cut_off_artifact_is_refused(saved):
         XyserveGraph.deserialize_compile_artifacts(data[:-100])
     assert xy_inductor.stats().artifacts_refused == {"graph": 1}
     assert XyserveGraph.deserialize_compile_artifacts(data).loaded
+
+
+def test_the_key_hashes_the_backend_options_only():
+    # Options of other scopes (torch.compile's dynamic/fullgraph, hf.accelerate's pack_prefill)
+    # change nothing in a compiled graph: a key holding them would refuse graphs for nothing.
+    options = artifact_key(XyConfig(max_tokens=512))["options"]
+    assert tuple(options) == BACKEND_OPTIONS and options["max_tokens"] == 512
+    assert artifact_key(XyConfig())["xyserve"] == compiled_graph.VERSION == xy_inductor.__version__
 
 
 def test_the_key_covers_every_lowering_source_and_the_op_definitions():
@@ -344,7 +352,5 @@ def test_other_libraries_ops_are_counted_by_name_in_explain_and_stats():
 
 
 def test_vllm_ops_are_named_with_what_they_are():
-    from xy_inductor.lowering.opaque_ops import KNOWN_OPAQUE
-
     assert "oneDNN handle" in KNOWN_OPAQUE["_C.onednn_mm"]
     assert "attention backend" in KNOWN_OPAQUE["vllm.unified_attention_with_output"]

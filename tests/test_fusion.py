@@ -10,7 +10,8 @@ import xy_inductor
 from xy_inductor import hf
 from xy_inductor import workload as wl
 from xy_inductor.config import XyConfig
-from xy_inductor.lowering import lower_graph
+from xy_inductor.lowering import FuseSiblingGemms, LoweringOptions, lower_graph
+from xy_inductor.runtime import providers
 
 GEMM = torch.ops.xyserve.gemm.default
 FUSED = torch.ops.xyserve.gemm_fused.default
@@ -26,7 +27,7 @@ def test_pass_fuses_qkv_and_gate_up(dtype):
     ids, mask = wl.prompt_batch([7, 4], model.config.vocab_size, seed=0)
     gm, inputs = capture(model, input_ids=ids, attention_mask=mask, dynamic=False)
     expected = run(gm, inputs)
-    report = lower_graph(gm, XyConfig(fuse_siblings=True))
+    report = lower_graph(gm, LoweringOptions(fuse_siblings=True))
     layers = model.config.num_hidden_layers
     assert report.matches["fuse_siblings"] == 2 * layers  # q/k/v and gate/up in each layer
     assert count_calls(gm, FUSED) == 2 * layers
@@ -35,12 +36,26 @@ def test_pass_fuses_qkv_and_gate_up(dtype):
     assert rel_error(run(gm, inputs), expected) < TOLERANCE[dtype]
 
 
+def test_fusion_uses_the_pass_hooks_and_lists_no_sites_of_its_own():
+    assert "__call__" not in vars(FuseSiblingGemms)  # the base class's match loop runs it
+    model = wl.tiny_model("llama")
+    ids, mask = wl.prompt_batch([5], model.config.vocab_size, seed=0)
+    gm, _ = capture(model, input_ids=ids, attention_mask=mask, dynamic=False)
+    lower_graph(gm, LoweringOptions())
+    fuse = FuseSiblingGemms(LoweringOptions(max_tokens=512))
+    assert fuse(gm, skip_reason="listed only") == [] and fuse.matched == 0
+    assert fuse(gm) == [] and fuse.matched == 2 * model.config.num_hidden_layers
+    fused = [n for n in gm.graph.nodes if n.target is FUSED]
+    assert {n.kwargs["max_tokens"] for n in fused} == {8192}  # the gemms' own, kept
+    assert fuse(gm) == [] and fuse.matched == 0  # a second run finds nothing left to fuse
+
+
 def test_siblings_with_other_inputs_are_not_fused():
     # o_proj and down_proj read different tensors: nothing to fuse there.
     model = wl.tiny_model("gpt2")  # one Conv1D per input: c_attn already fused by the model
     ids, mask = wl.prompt_batch([6], model.config.vocab_size, seed=0)
     gm, _ = capture(model, input_ids=ids, attention_mask=mask, dynamic=False)
-    report = lower_graph(gm, XyConfig(fuse_siblings=True))
+    report = lower_graph(gm, LoweringOptions(fuse_siblings=True))
     assert report.matches["fuse_siblings"] == 0 and count_calls(gm, FUSED) == 0
 
 
@@ -54,8 +69,6 @@ def test_fused_weights_are_never_stale(inductor, monkeypatch):
     if inductor:
         # As on a machine where a GEMM provider other than ATen serves them: only then do the
         # GEMM passes run under Inductor (pipeline.LEFT_TO_INDUCTOR).
-        from xy_inductor.runtime import providers
-
         monkeypatch.setattr(providers, "only_aten_serves", lambda op: False)
     reference = wl.tiny_model("llama")
     model = hf.accelerate(wl.copy_model(reference), fuse_siblings=True, inductor=inductor)

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from helpers import capture
 
 import xy_inductor
-from xy_inductor.config import XyConfig
 from xy_inductor.kernels.gemm_plan import tile_cost
 from xy_inductor.kernels.triton.menus import GEMM_MENU
-from xy_inductor.lowering import lower_graph
+from xy_inductor.lowering import LoweringOptions, lower_graph
+from xy_inductor.lowering.linear_to_gemm import LinearToGemm
 from xy_inductor.runtime.ops import gemm_impl
 from xy_inductor.runtime.providers import plan_gemm
 from xy_inductor.shape_guards import check_shapes
@@ -128,12 +128,13 @@ def test_bad_max_tokens_in_the_op_is_a_clear_error():
 
 def test_lowering_writes_max_tokens_into_each_gemm_and_its_uuid():
     gm, _ = capture(nn.Linear(8, 4).eval(), torch.randn(3, 8))
-    lower_graph(gm, XyConfig(max_tokens=512))
+    lower_graph(gm, LoweringOptions(max_tokens=512))
     gemms = [n for n in gm.graph.nodes if n.target is torch.ops.xyserve.gemm.default]
     assert [n.kwargs["max_tokens"] for n in gemms] == [512]
-    from xy_inductor.lowering.linear_to_gemm import LinearToGemm
-
-    assert LinearToGemm(XyConfig(max_tokens=512)).uuid() != LinearToGemm(XyConfig()).uuid()
+    assert (
+        LinearToGemm(LoweringOptions(max_tokens=512)).uuid()
+        != LinearToGemm(LoweringOptions()).uuid()
+    )
 
 
 # -- symbolic shape guards --------------------------------------------------------------------
@@ -152,7 +153,7 @@ def _checks(x: torch.Tensor, max_tokens: int, mark=None):
     if mark is not None:
         mark(x)
     gm, _ = capture(_Block().eval(), x, dynamic=None if mark else True)
-    lower_graph(gm, XyConfig(max_tokens=max_tokens))
+    lower_graph(gm, LoweringOptions(max_tokens=max_tokens))
     return check_shapes(gm, max_tokens)
 
 
@@ -178,7 +179,7 @@ def test_mark_dynamic_bounds_inside_max_tokens_are_covered():
 
 def test_static_sizes_are_numbers():
     gm, _ = capture(_Block().eval(), torch.randn(2, 5, 32), dynamic=False)
-    lower_graph(gm, XyConfig())
+    lower_graph(gm, LoweringOptions())
     (check,) = check_shapes(gm, 16)
     assert (check.expr, check.lo, check.hi, check.covered) == ("10", 10, 10, True)
 
@@ -190,7 +191,7 @@ def test_attention_lengths_are_reported():
     q = torch.randn(1, 2, 7, 8)
     k = v = torch.randn(1, 2, 9, 8)
     gm, _ = capture(attn, q, k, v)
-    lower_graph(gm, XyConfig())
+    lower_graph(gm, LoweringOptions())
     checks = check_shapes(gm, 8192)
     assert [(c.op, c.size, c.covered) for c in checks] == [
         ("attention", "Lq", None),

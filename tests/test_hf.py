@@ -10,6 +10,7 @@ import torch
 import xy_inductor
 from xy_inductor import hf
 from xy_inductor import workload as wl
+from xy_inductor.compile_marks import compiling
 
 # A shorter version of the workload: batch 1 with prompt lengths that include 1, then
 # left-padded batches of 2 and 3.
@@ -97,6 +98,14 @@ def test_accelerate_rejects_bad_input(reference):
         hf.accelerate(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="unknown xyserve option 'inductr'"):
         hf.accelerate(wl.copy_model(reference), inductr=True)
+
+
+def test_accelerate_refuses_options_it_would_ignore(reference):
+    with pytest.raises(ValueError, match=r"'dynamic' is not an .*: accelerate marks the sizes"):
+        hf.accelerate(wl.copy_model(reference), dynamic=True)
+    model = hf.accelerate(wl.copy_model(reference), pack_prefill=False, fullgraph=True)
+    options = xy_inductor.AccelerateOptions(pack_prefill=False, fullgraph=True)
+    assert model._xyserve_accelerator.options == options
 
 
 def test_accelerated_forward_matches_eager_logits(reference):
@@ -381,8 +390,6 @@ def test_the_deprecated_cache_keyword_is_prepared_like_the_new_one(reference, na
 def test_a_zero_length_cache_compiles_correctly_where_no_decode_graph_takes_it(reference):
     # Robustness: should Dynamo hold no graph for the zero-length prefill (a case _decode_serves
     # is meant to rule out), the call compiles one and still answers exactly.
-    from xy_inductor.compile_marks import compiling
-
     model = hf.accelerate(wl.copy_model(reference))
     accelerator = model._xyserve_accelerator
     calls = ((7,), (1,), (4, 4))

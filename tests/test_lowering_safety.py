@@ -4,7 +4,7 @@ Arguments are bound before a pattern reads them (keywords it does not understand
 alone, with that reason), a failure while lowering one site leaves that site as traced (counted,
 explained, never a failed compile), every attention site is counted, and the spellings real
 models use are lowered with eager's numerics. Each confirmed defect of the issue has its test
-here; each failed on the code before the fix.
+here (the binding itself in ``test_signatures.py``); each failed on the code before the fix.
 """
 
 from __future__ import annotations
@@ -19,8 +19,15 @@ import torch.nn.functional as F
 from helpers import capture, count_calls, run
 
 import xy_inductor
-from xy_inductor import XyConfig
-from xy_inductor.lowering import LinearToGemm, ManualAttention, SdpaToAttention, lower_graph
+from xy_inductor.lowering import (
+    LinearToGemm,
+    LoweringOptions,
+    ManualAttention,
+    SdpaToAttention,
+    lower_graph,
+)
+from xy_inductor.lowering.patterns import make_node
+from xy_inductor.lowering.signatures import bind
 
 GEMM = torch.ops.xyserve.gemm.default
 ATTENTION = torch.ops.xyserve.attention.default
@@ -213,8 +220,6 @@ def llama_like(q, k, v, m):
 
 
 def test_an_exception_while_rewriting_leaves_the_site_as_traced(monkeypatch, caplog):
-    from xy_inductor.lowering.patterns import make_node
-
     def broken(self, node):
         # Build part of a replacement, then fail: nothing of it may stay in the graph.
         make_node(node.graph, "call_function", torch.neg, (node.args[0],))
@@ -226,7 +231,7 @@ def test_an_exception_while_rewriting_leaves_the_site_as_traced(monkeypatch, cap
     gm, _inputs = capture(llama_like, q, k, v, m, dynamic=False)
     code = gm.code
     with caplog.at_level(logging.WARNING, logger="xy_inductor"):
-        report = lower_graph(gm, XyConfig())
+        report = lower_graph(gm, LoweringOptions())
     (site,) = [s for s in report.sites if s.kind == "attention"]
     assert site.failed and not site.lowered and "RuntimeError: boom in replacement" in site.reason
     assert gm.code == code, "no half-rewritten graph"
@@ -267,7 +272,7 @@ def test_a_pass_that_raises_after_its_sites_restores_the_traced_graph(monkeypatc
     m = randn(1, 1, 5, 6, seed=4)
     gm, _inputs = capture(llama_like, q, k, v, m, dynamic=False)
     code = gm.code
-    report = lower_graph(gm, XyConfig())
+    report = lower_graph(gm, LoweringOptions())
     assert report.fallback and "graph lint failed" in report.fallback
     assert all(s.failed and not s.lowered for s in report.sites)
     assert gm.code == code and count_calls(gm, ATTENTION) == 0
@@ -341,7 +346,7 @@ def test_attention_sites_left_alone_are_counted_with_a_true_reason(fn, extra, dt
     q, k, v = qkv(dtype=dtype)
     gm, inputs = capture(fn, q, k, v, *extra, dynamic=False)
     code, expected = gm.code, run(gm, inputs)
-    report = lower_graph(gm, XyConfig())
+    report = lower_graph(gm, LoweringOptions())
     sites = [s for s in report.sites if s.kind == "attention"]
     assert len(sites) == 1 and not sites[0].lowered and not sites[0].failed, sites
     assert reason in sites[0].reason, sites[0].reason
@@ -438,72 +443,9 @@ def test_spellings_seen_in_models_are_lowered_with_eager_numerics(name, dtype, d
 
 
 def test_sdpa_keywords_it_does_not_know_are_refused():
-    from xy_inductor.lowering.signatures import bind
-
     gm, _ = capture(lambda q: F.scaled_dot_product_attention(q, q, q), qkv()[0], dynamic=False)
     (node,) = [n for n in gm.graph.nodes if n.target is torch._C._nn.scaled_dot_product_attention]
     node.kwargs = {**node.kwargs, "window": 4}
     assert "window" in bind(node).error
     (site,) = SdpaToAttention()(gm)
     assert not site.lowered and "window" in site.reason
-
-
-# -- binding -------------------------------------------------------------------------------------
-
-
-def _node(graph, op, target, args, kwargs=None):
-    return graph.create_node(op, target, args, kwargs or {})
-
-
-def test_calls_bind_the_same_positional_or_keyword():
-    from xy_inductor.lowering.signatures import bind
-
-    g = torch.fx.Graph()
-    x, m = g.placeholder("x"), g.placeholder("m")
-    spellings = [
-        (
-            ("call_function", F.softmax, (x, -1), {}),
-            ("call_function", F.softmax, (), {"input": x, "dim": -1}),
-        ),
-        (
-            ("call_method", "permute", (x, 0, 1, 3, 2), {}),
-            ("call_method", "permute", (x,), {"dims": (0, 1, 3, 2)}),
-        ),
-        (
-            ("call_method", "permute", (x, [0, 1, 3, 2]), {}),
-            ("call_method", "permute", (x, 0, 1, 3, 2), {}),
-        ),
-        (("call_function", torch.bmm, (x, m), {}), ("call_function", torch.bmm, (x,), {"mat2": m})),
-        (
-            ("call_method", "swapaxes", (x, -1, -2), {}),
-            ("call_method", "swapaxes", (x,), {"axis0": -1, "axis1": -2}),
-        ),
-        (
-            ("call_function", torch.dropout, (x, 0.1, False), {}),
-            ("call_function", torch.dropout, (x,), {"p": 0.1, "train": False}),
-        ),
-    ]
-    for a, b in spellings:
-        ca, cb = bind(_node(g, *a)), bind(_node(g, *b))
-        assert ca.op == cb.op and ca.args == cb.args and ca.error is None and cb.error is None
-
-
-@pytest.mark.parametrize(
-    ("target", "args", "kwargs", "reason"),
-    [
-        (torch.add, "xm", {"alpha": 0.5}, "alpha=0.5"),
-        (torch.div, "xm", {"rounding_mode": "floor"}, "rounding_mode='floor'"),
-        (torch.matmul, "xm", {"out": "m"}, "out="),
-        (torch.add, "xm", {"beta": 2}, "keyword beta="),
-        (torch.add, "xmx", {}, "positional arguments"),
-    ],
-)
-def test_arguments_a_pattern_does_not_understand_are_named(target, args, kwargs, reason):
-    from xy_inductor.lowering.signatures import bind
-
-    g = torch.fx.Graph()
-    nodes = {"x": g.placeholder("x"), "m": g.placeholder("m")}
-    kwargs = {k: nodes.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
-    call = bind(_node(g, "call_function", target, tuple(nodes[a] for a in args), kwargs))
-    refused = call.refuse("input", "other")
-    assert refused is not None and reason in refused, refused

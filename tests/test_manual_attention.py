@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -10,8 +11,12 @@ import torch.nn.functional as F
 from helpers import TOLERANCE, capture, count_calls, rel_error, run
 
 import xy_inductor
-from xy_inductor.config import XyConfig
-from xy_inductor.lowering import ManualAttention, lower_graph
+from xy_inductor.lowering import (
+    LoweringOptions,
+    ManualAttention,
+    lower_graph,
+    manual_attention_match,
+)
 
 ATTENTION = torch.ops.xyserve.attention.default
 SIZES = (1, 7, 37, 129)
@@ -219,9 +224,9 @@ def test_softmax_that_is_not_attention_is_not_a_site():
 def test_pipeline_counts_each_attention_once_and_is_idempotent():
     args = make_inputs("llama_eager", 7, torch.float32)
     gm, _ = capture(llama_eager, *args, dynamic=False)
-    first = lower_graph(gm, XyConfig())
+    first = lower_graph(gm, LoweringOptions())
     code = gm.code
-    second = lower_graph(gm, XyConfig())
+    second = lower_graph(gm, LoweringOptions())
     assert (first.count("attention"), first.count("attention", lowered=True)) == (1, 1)
     assert (second.count("attention"), second.count("attention", lowered=True)) == (1, 1)
     assert first.matches["manual_attention"] == 1 and second.matches["manual_attention"] == 0
@@ -236,3 +241,15 @@ def test_option_disables_the_pass_with_a_reason():
         compiled(*args)
     assert report.attention_lowered == 1
     assert xy_inductor.stats().sites_unlowered == {"attention": 1}
+
+
+def test_pass_uuid_covers_its_matcher(monkeypatch):
+    # The pattern lives in its own module: a change there must change the pass's uuid.
+    before = ManualAttention().uuid()
+    source = inspect.getsource
+    monkeypatch.setattr(
+        inspect,
+        "getsource",
+        lambda m: source(m) + ("# changed" if m is manual_attention_match else ""),
+    )
+    assert ManualAttention().uuid() != before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import pathlib
 import subprocess
 import sys
@@ -58,6 +59,37 @@ def test_console_script_lists_its_commands():
 
 
 def test_public_names():
-    for name in ("compile", "explain", "stats", "reset_stats", "hf", "XyConfig", "ExplainReport"):
+    for name in (
+        "compile",
+        "explain",
+        "stats",
+        "reset_stats",
+        "hf",
+        "XyConfig",
+        "ExplainReport",
+        "CompileOptions",
+        "AccelerateOptions",
+    ):
         assert hasattr(xy_inductor, name), name
     assert callable(xy_inductor.hf.accelerate)
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SOURCES = [ROOT / d for d in ("xy_inductor", "lowering", "runtime", "kernels")]
+
+
+def test_no_submodule_imports_the_package_root():
+    # xy_inductor/__init__.py imports the backend: a submodule reading a name of the package
+    # root (its __version__, say) closes a cycle through it. Submodules are imported by name.
+    submodules = {p.stem for d in SOURCES for p in d.glob("*.py")}
+    submodules |= {p.name for d in SOURCES for p in d.iterdir() if (p / "__init__.py").exists()}
+    submodules |= {d.name for d in SOURCES}
+    for path in (p for d in SOURCES for p in d.rglob("*.py")):
+        if path == ROOT / "xy_inductor" / "__init__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                assert "xy_inductor" not in [a.name for a in node.names], path
+            elif isinstance(node, ast.ImportFrom) and node.module == "xy_inductor":
+                for alias in node.names:
+                    assert alias.name in submodules, f"{path}: from xy_inductor import {alias.name}"

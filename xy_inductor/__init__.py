@@ -25,19 +25,23 @@ from xy_inductor.runtime.stats import Stats, reset_stats, stats
 if TYPE_CHECKING:
     from xy_inductor import hf
     from xy_inductor.compiler import compile
-    from xy_inductor.config import XyConfig
+    from xy_inductor.config import AccelerateOptions, CompileOptions, XyConfig
     from xy_inductor.explainer import ExplainReport, explain
 
 # Public name -> (module, attribute or None for the module itself), imported on first access.
 _FRONT_END = {
     "compile": ("xy_inductor.compiler", "compile"),
     "XyConfig": ("xy_inductor.config", "XyConfig"),
+    "CompileOptions": ("xy_inductor.config", "CompileOptions"),
+    "AccelerateOptions": ("xy_inductor.config", "AccelerateOptions"),
     "explain": ("xy_inductor.explainer", "explain"),
     "ExplainReport": ("xy_inductor.explainer", "ExplainReport"),
     "hf": ("xy_inductor.hf", None),
 }
 
 __all__ = [
+    "AccelerateOptions",
+    "CompileOptions",
     "ExplainReport",
     "Stats",
     "XyConfig",

@@ -83,12 +83,13 @@ def _inductor(
 
     The lowered graph is correct as it is, so an Inductor failure costs speed, not the call.
     """
+    # Imported here: only inductor=True needs Inductor, and importing it is slow.
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
     try:
-        # Inductor's size asserts re-check every input on every call (about 60 a decode step,
-        # weights included), which Dynamo's guards have just checked. vLLM turns them off too.
+        # Inductor's size asserts re-check every input on every call (weights included), which
+        # Dynamo's guards have just checked. vLLM turns them off too.
         with inductor_config.patch(size_asserts=False):
             cut = compile_regions(gm, example_inputs, compile_fx) if regional else None
             if cut is not None:
@@ -111,8 +112,9 @@ def _inductor(
 
 def _packed_prefill(gm: torch.fx.GraphModule) -> bool:
     """Whether ``gm`` is a packed prefill (``hf.accelerate``): its time is in GEMMs and
-    attention, which Inductor leaves to the xyserve ops, so compiling it would double Inductor's
-    compile time for the elementwise ops between them; it runs lowered as traced."""
+    attention, which Inductor leaves to the xyserve ops, so compiling the elementwise ops
+    between them would cost compile time and save little (``benchmarks/RESULTS.md``); it runs
+    lowered as traced."""
     packed = torch.ops.xyserve.attention_packed.default
     return any(n.op == "call_function" and n.target is packed for n in gm.graph.nodes)
 
@@ -194,7 +196,7 @@ def compile_graph(
     """Lower ``gm`` in place and return what runs it (saveable by compile caches)."""
     start = time.perf_counter()
     reason = fallback_reason(example_inputs)
-    report = lower_graph(gm, config, skip_reason=reason)
+    report = lower_graph(gm, config.lowering_options(), skip_reason=reason)
     inductor_failed = False
     compiled: CompiledFn | None = None
     # Read before Inductor, which rewrites gm; moved after it, which reads the inputs' layout.

@@ -11,7 +11,7 @@ import torch
 
 from xy_inductor import bench
 from xy_inductor import workload as wl
-from xy_inductor.bench import CONFIGS
+from xy_inductor.config import XyConfig
 from xy_inductor.explainer import explain
 from xy_inductor.kernels.aten import native
 from xy_inductor.runtime import ops, providers
@@ -21,7 +21,7 @@ __all__ = ["main"]
 
 
 def _progress(total: int, desc: str):
-    from tqdm import tqdm
+    from tqdm import tqdm  # optional (the hf extra): imported only by commands that show progress
 
     return tqdm(total=total, desc=desc, unit="call", file=sys.stderr, dynamic_ncols=True)
 
@@ -29,7 +29,6 @@ def _progress(total: int, desc: str):
 def demo(args: argparse.Namespace) -> int:
     """Eager vs xyserve on the built-in tiny Llama, both Hugging Face caches, and the time to
     first token of a padded prefill; with --inductor, Inductor and xyserve+Inductor too."""
-
     calls = wl.WORKLOAD[: args.calls] if args.calls else wl.WORKLOAD
     caches = ("dynamic", "static")
     configs = ("xyserve", "xyserve-inductor", "inductor-dynamic") if args.inductor else ("xyserve",)
@@ -67,7 +66,6 @@ def demo(args: argparse.Namespace) -> int:
 
 def bench_cmd(args: argparse.Namespace) -> int:
     """Every configuration, each in a fresh process, side by side."""
-
     start = time.perf_counter()
     results = []
     for cache in args.caches:
@@ -86,7 +84,6 @@ def bench_cmd(args: argparse.Namespace) -> int:
 
 
 def _family_rows(families: Sequence[str]) -> list[tuple[str, str, object]]:
-
     rows = []
     for family in families:
         for attn in ("sdpa", "eager"):
@@ -109,7 +106,8 @@ def _family_rows(families: Sequence[str]) -> list[tuple[str, str, object]]:
 
 def explain_cmd(args: argparse.Namespace) -> int:
     """What xyserve lowers: the tiny Llama as generate() calls it, or model families."""
-    # hf needs transformers, an optional dependency: imported only by the commands using it
+    # Imported here, not with the rest: xy_inductor.hf imports transformers, which only the
+    # commands that run Hugging Face models need.
     from xy_inductor import hf
 
     if args.family is None:
@@ -136,7 +134,6 @@ def explain_cmd(args: argparse.Namespace) -> int:
 
 def plan_cmd(args: argparse.Namespace) -> int:
     """Which GEMM tile serves which M for an (N, K): the SmoothGEMM plan."""
-
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     try:
         plan = plan_gemm(
@@ -152,7 +149,6 @@ def plan_cmd(args: argparse.Namespace) -> int:
 def providers_cmd(args: argparse.Namespace) -> int:
     """Which kernel providers this machine can run, in priority order, and why not the others;
     whether the C++ CPU kernels are built (--build builds them now, once per machine)."""
-
     if args.build:
         ops.load_native()
 
@@ -168,7 +164,7 @@ def providers_cmd(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-
+    """Run the ``xyserve`` command line (``argv`` as ``sys.argv[1:]``); its exit status."""
     parser = argparse.ArgumentParser(prog="xyserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help=demo.__doc__)
@@ -182,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.set_defaults(run=demo)
     p = sub.add_parser("bench", help=bench_cmd.__doc__)
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", default=list(bench.CONFIGS), choices=list(bench.CONFIGS))
     p.add_argument(
         "--caches", nargs="+", default=["dynamic", "static"], choices=["dynamic", "static"]
     )
@@ -206,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("n", type=int, help="output features (rows of the weight)")
     p.add_argument("k", type=int, help="input features")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    p.add_argument("--max-tokens", type=int, default=8192)
+    p.add_argument("--max-tokens", type=int, default=XyConfig().max_tokens)
     p.add_argument("--provider", choices=["triton", "aten"], default="triton")
     p.set_defaults(run=plan_cmd)
     p = sub.add_parser("providers", help=providers_cmd.__doc__)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import importlib.resources
 import json
 import logging
@@ -39,7 +40,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx
 
-import xy_inductor
 from xy_inductor.config import BACKEND_OPTIONS, XyConfig, backend_config
 from xy_inductor.kernels.aten import native
 from xy_inductor.lowering import pipeline_uuid
@@ -55,9 +55,29 @@ except ImportError:  # pragma: no cover - depends on the torch version
 if TYPE_CHECKING:  # Python 3.10 has it elsewhere, and annotations are only read by checkers
     from importlib.resources.abc import Traversable
 
-__all__ = ["ARTIFACT_FORMAT", "StaleArtifactError", "XyserveGraph", "artifact_key", "call_directly"]
+__all__ = [
+    "ARTIFACT_FORMAT",
+    "VERSION",
+    "StaleArtifactError",
+    "XyserveGraph",
+    "artifact_key",
+    "call_directly",
+]
 
 log = logging.getLogger("xy_inductor")
+
+
+def _installed_version() -> str:
+    """xy-inductor's version as installed (its package metadata): read here rather than from
+    ``xy_inductor.__version__``, whose module imports the backend, which imports this one."""
+    try:
+        return importlib.metadata.version("xy-inductor")
+    except importlib.metadata.PackageNotFoundError:  # sources on sys.path, never installed
+        return "unknown"
+
+
+VERSION = _installed_version()
+"""xyserve's version in a saved graph's key."""
 
 ARTIFACT_FORMAT = 2
 """Version of the saved layout: ``_MAGIC``, one line of JSON (the key and the graph's digest),
@@ -165,11 +185,11 @@ def artifact_key(config: XyConfig) -> dict[str, object]:
     """What a saved graph must have been compiled with to be loaded in this process (JSON)."""
     return {
         "format": ARTIFACT_FORMAT,
-        "xyserve": xy_inductor.__version__,
+        "xyserve": VERSION,
         "torch": torch.__version__,
         "op_schemas": _op_schemas(),
         "options": _options(config),  # before passes, which follow from it: the clearer reason
-        "passes": pipeline_uuid(config),
+        "passes": pipeline_uuid(config.lowering_options()),
         "sources": dict(_source_digests()),  # last: any reason above says more
     }
 

@@ -19,7 +19,7 @@ import torch
 import torch.fx
 
 from xy_inductor.backend import fallback_reason
-from xy_inductor.config import XyConfig
+from xy_inductor.config import CompileOptions, XyConfig
 from xy_inductor.lowering import GraphReport, Site, lower_graph
 from xy_inductor.lowering.opaque_ops import KNOWN_OPAQUE
 from xy_inductor.lowering.trace_flags import install as install_trace_flags
@@ -159,6 +159,7 @@ def explain(model_or_fn: Callable, *args: object, **kwargs: object) -> ExplainRe
         )
     accelerator = getattr(model_or_fn, "_xyserve_accelerator", None)
     config = accelerator.config if accelerator is not None else XyConfig()
+    lowering = config.lowering_options()
     install_trace_flags()  # idempotent; traces SDPA calls with symbolic flags into the graph
     graphs: list[GraphReport] = []
     checks: list[ShapeCheck] = []
@@ -166,13 +167,15 @@ def explain(model_or_fn: Callable, *args: object, **kwargs: object) -> ExplainRe
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         reason = fallback_reason(example_inputs)
         lowered = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
-        graphs.append(lower_graph(lowered, config, skip_reason=reason))
+        graphs.append(lower_graph(lowered, lowering, skip_reason=reason))
         if reason is None:
             checks.extend(check_shapes(lowered, config.max_tokens))
         return gm.forward
 
     if accelerator is None:
-        torch.compile(model_or_fn, backend=backend, dynamic=config.dynamic)(*args, **kwargs)
+        # Traced as xy_inductor.compile traces it by default.
+        dynamic = CompileOptions().dynamic
+        torch.compile(model_or_fn, backend=backend, dynamic=dynamic)(*args, **kwargs)
         return ExplainReport.from_graphs(graphs, checks)
     accelerator.trace_with(backend, args, kwargs)
     report = ExplainReport.from_graphs(graphs, checks)

@@ -726,7 +726,8 @@ def run_case(case: Case) -> CaseResult:
     def xyserve_fuzz(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         # What was lowered and why not, from a copy; the graph itself goes through the backend.
         side = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
-        reports.append(lower_graph(side, config, skip_reason=fallback_reason(example_inputs)))
+        lowering = config.lowering_options()
+        reports.append(lower_graph(side, lowering, skip_reason=fallback_reason(example_inputs)))
         return compile_graph(gm, example_inputs, config)
 
     args = [t.clone() if isinstance(t, torch.Tensor) else t for t in case.inputs.values()]

@@ -1,6 +1,6 @@
 """SmoothGEMM in Triton: ``out = x @ weight.T (+ bias)`` with fixed tiles and virtual padding.
 
-One ``@triton.jit`` kernel; each menu entry (``runtime.gemm_plan.GemmTile``) is one compiled
+One ``@triton.jit`` kernel; each menu entry (``kernels.gemm_plan.GemmTile``) is one compiled
 variant of it (the block sizes are ``tl.constexpr``). M, the token count, is a run-time argument
 marked ``do_not_specialize``: Triton would otherwise compile a new variant whenever M's
 divisibility by 16 (or M == 1) changes. The last row tile is masked on load and store, so M is

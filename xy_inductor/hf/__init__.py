@@ -21,7 +21,7 @@ import warnings
 import torch
 from transformers import PreTrainedConfig
 
-from xy_inductor.config import XyConfig
+from xy_inductor.config import accelerate_options
 from xy_inductor.hf import attention, probe
 from xy_inductor.hf.accelerator import Accelerator
 from xy_inductor.hf.attention import (
@@ -98,7 +98,9 @@ class _Saved:
 def accelerate(model: torch.nn.Module, strict: bool = True, **options: object) -> torch.nn.Module:
     """Make ``model.generate()`` (and calls of ``model``) run through xyserve, in place.
 
-    ``options`` are the fields of ``XyConfig``. The model is probed first (a few tiny greedy
+    ``options`` are the fields of ``XyConfig`` (the backend's) and of ``AccelerateOptions``
+    (``pack_prefill``, ``fullgraph``); ``dynamic`` is refused, as the wrapper marks the sizes
+    that vary between calls itself. The model is probed first (a few tiny greedy
     ``generate()`` calls, run eagerly, whose op calls count in ``stats()``), and takes only the
     routes that gave its own answers there (``routes(model)`` says which, and why not the
     others); with none, it runs as a plain ``torch.compile(backend="xyserve")``, with a warning.
@@ -117,7 +119,7 @@ def accelerate(model: torch.nn.Module, strict: bool = True, **options: object) -
                 f"xy_inductor.hf.accelerate expects a Hugging Face PreTrainedModel, got "
                 f"{type(model).__name__} (it has no .{attr})"
             )
-    config = XyConfig.from_options(options)
+    config, accelerating = accelerate_options(options)
     if getattr(model, "_xyserve_accelerator", None) is not None:
         restore(model)
     attention.register()
@@ -125,7 +127,11 @@ def accelerate(model: torch.nn.Module, strict: bool = True, **options: object) -
     implementation = ATTN_IMPLEMENTATION if config.lower_attention else TRACED_IMPLEMENTATION
     try:
         chosen = probe.decide(
-            model, config, saved.forward, functools.partial(saved.use, implementation)
+            model,
+            config,
+            accelerating,
+            saved.forward,
+            functools.partial(saved.use, implementation),
         )
     except probe.ProbeError as e:
         saved.restore()
@@ -143,7 +149,7 @@ def accelerate(model: torch.nn.Module, strict: bool = True, **options: object) -
             f"without accelerate's routes: {chosen.prepared.reason}",
             stacklevel=2,
         )
-    accelerator = Accelerator(model, config, saved.forward, chosen)
+    accelerator = Accelerator(model, config, accelerating, saved.forward, chosen)
     accelerator.saved = saved
     if getattr(model, "generation_config", None) is not None:
         # HF would otherwise wrap __call__ in its own torch.compile on CUDA.

@@ -37,7 +37,7 @@ from transformers.masking_utils import create_masks_for_generate
 
 from xy_inductor.backend import make_backend
 from xy_inductor.compile_marks import SETTINGS, Marks, compiling
-from xy_inductor.config import XyConfig
+from xy_inductor.config import AccelerateOptions, XyConfig
 from xy_inductor.hf import caches
 from xy_inductor.hf.attention import FALLBACK_ATTRIBUTE
 from xy_inductor.hf.packed import PackedCall, padding_of
@@ -57,7 +57,8 @@ _FULL_LAYERS = (DynamicLayer, StaticLayer)
 class Accelerator:
     """The state ``accelerate`` keeps on a model (as ``model._xyserve_accelerator``).
 
-    ``forward``: the model's own ``forward``; ``routes``: what its probe showed exact;
+    ``config``: the backend's options; ``options``: ``accelerate``'s own; ``forward``: the
+    model's own ``forward``; ``routes``: what its probe showed exact;
     ``run``: the callable calls go to (None: compiled with xyserve, as ``accelerate`` does; the
     probe passes the model's own ``forward``, so a route runs eagerly)."""
 
@@ -65,12 +66,14 @@ class Accelerator:
         self,
         model: torch.nn.Module,
         config: XyConfig,
+        options: AccelerateOptions,
         forward: Callable[..., Any],
         routes: Routes,
         run: Callable[..., Any] | None = None,
     ) -> None:
         self.model = model
         self.config = config
+        self.options = options
         self.forward = forward
         self.routes = routes
         self.signature = inspect.signature(forward)
@@ -107,7 +110,7 @@ class Accelerator:
         # `cumulative_length` int of a sliding-window cache layer (dynamic=False would
         # specialise every value of it: one graph per decode step).
         return torch.compile(
-            self.forward, backend=backend, dynamic=None, fullgraph=self.config.fullgraph
+            self.forward, backend=backend, dynamic=None, fullgraph=self.options.fullgraph
         )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -131,7 +134,7 @@ class Accelerator:
     def _run(self, compiled: Callable, args: tuple, kwargs: dict) -> Any:
         if not self.routes.prepared.taken:
             return self._call(compiled, args, kwargs, _no_marks, None, {})
-        # Bound once: binding the call to the signature is a tenth of this wrapper's cost.
+        # Bound once: binding the call to the signature is a large part of this wrapper's cost.
         kw = None if self.varargs else self._bind(args, kwargs)
         if self.routes.packed_prefill.taken:
             packed = self._packed_prefill(compiled, kw)
@@ -412,7 +415,7 @@ class Accelerator:
         must do it. One new query at the end of a full-attention DynamicCache sees every key up
         to and including its own, so its causal mask is the padding mask: ``mask[:, None, None,
         :]`` as bool is what ``create_masks_for_generate`` returns there (values, shape, strides;
-        the probe compares them per model), in microseconds instead of tens of them."""
+        the probe compares them per model), at a fraction of the builder's cost."""
         if not (
             self.routes.decode_mask.taken
             and length == 1

@@ -25,7 +25,7 @@ import torch
 from transformers import PreTrainedConfig
 from transformers.cache_utils import DynamicLayer
 
-from xy_inductor.config import XyConfig
+from xy_inductor.config import AccelerateOptions, XyConfig
 from xy_inductor.hf.accelerator import Accelerator
 from xy_inductor.hf.routes import KVShape, Route, Routes
 
@@ -188,7 +188,11 @@ def packable_signature(params: Mapping[str, inspect.Parameter]) -> str | None:
 
 
 def _structural(
-    model: torch.nn.Module, config: XyConfig, forward: Callable, cache: Any
+    model: torch.nn.Module,
+    config: XyConfig,
+    options: AccelerateOptions,
+    forward: Callable,
+    cache: Any,
 ) -> dict[str, Route]:
     """The routes the model's structure allows, before any is run."""
     params = inspect.signature(forward).parameters
@@ -200,7 +204,7 @@ def _structural(
     causal = plain_causal(model)
     packed = (
         "disabled by option pack_prefill=False"
-        if not config.pack_prefill
+        if not options.pack_prefill
         else "disabled by option lower_attention=False"
         if not config.lower_attention
         else packable_signature(params)
@@ -229,6 +233,7 @@ def _multimodal(config: PreTrainedConfig) -> bool:
 def _agrees(
     model: torch.nn.Module,
     config: XyConfig,
+    options: AccelerateOptions,
     forward: Callable,
     routes: Routes,
     probes: tuple[Probe, ...],
@@ -236,7 +241,7 @@ def _agrees(
 ) -> str | None:
     """Run the probes through the wrapper with ``routes``, eagerly; why they do not agree with
     the reference, or None."""
-    accelerator = Accelerator(model, config, forward, routes, run=forward)
+    accelerator = Accelerator(model, config, options, forward, routes, run=forward)
     had = "forward" in vars(model)
     previous = vars(model).get("forward")
     model.forward = accelerator.wrapper()
@@ -262,6 +267,7 @@ def _agrees(
 def decide(
     model: torch.nn.Module,
     config: XyConfig,
+    options: AccelerateOptions,
     forward: Callable,
     use: Callable[[bool], str | None],
 ) -> Routes:
@@ -283,7 +289,7 @@ def decide(
             reference.append(None)
     cache = reference[0].cache
     kv = _kv_shapes(cache)
-    allowed = _structural(model, config, forward, cache)
+    allowed = _structural(model, config, options, forward, cache)
     off = {name: Route(False, "needs the prepared route") for name in allowed}
     if any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(forward).parameters.values()):
         use(False)
@@ -293,12 +299,12 @@ def decide(
         use(False)
         return Routes(Route(False, reason), **off, kv_shapes=kv)
     every = Routes(Route(True), **allowed, kv_shapes=kv)
-    if _agrees(model, config, forward, every, probes, reference) is None:
+    if _agrees(model, config, options, forward, every, probes, reference) is None:
         return every
     chosen = Routes(
         Route(True), **{n: Route(False, r.reason) for n, r in allowed.items()}, kv_shapes=kv
     )
-    mismatch = _agrees(model, config, forward, chosen, probes, reference)
+    mismatch = _agrees(model, config, options, forward, chosen, probes, reference)
     if mismatch is not None:
         use(False)
         return Routes(Route(False, mismatch), **off, kv_shapes=kv)
@@ -306,7 +312,7 @@ def decide(
     for name, route in allowed.items():
         if route.taken:
             trial = replace(chosen, **{name: Route(True)})
-            mismatch = _agrees(model, config, forward, trial, probes, reference)
+            mismatch = _agrees(model, config, options, forward, trial, probes, reference)
             chosen = (
                 trial if mismatch is None else replace(chosen, **{name: Route(False, mismatch)})
             )
