@@ -3,7 +3,7 @@
 The front end builds it from its own config (``XyConfig.lowering_options()``); the passes never
 see that config, so ``lowering/`` imports nothing above it. The defaults here are the options'
 only defaults: ``XyConfig`` takes its lowering fields' defaults from this class, and
-``max_tokens``' from the op it is handed to (``runtime.ops.DEFAULT_MAX_TOKENS``).
+``max_tokens``' from the planner that uses it (``kernels.gemm_plan.DEFAULT_MAX_TOKENS``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from xy_inductor.runtime.ops import DEFAULT_MAX_TOKENS
+from xy_inductor.kernels.gemm_plan import DEFAULT_MAX_TOKENS
 
 __all__ = ["LoweringOptions"]
 
