@@ -82,11 +82,11 @@ bench: $(VENV)/.hf
 	$(PY) benchmarks/hf_generate.py
 
 # Differential fuzzer of the lowering: N random programs compiled with xyserve vs eager
-# (xy_inductor/fuzz.py). Prints cases, lowered, left alone by reason, and wrong (must be 0).
+# (tools/fuzz/). Prints cases, lowered, left alone by reason, and wrong (must be 0).
 N ?= 1000
 SEED ?= 0
 fuzz: $(VENV)/.test
-	$(PY) -m xy_inductor.fuzz --cases $(N) --seed $(SEED)
+	$(PY) -m tools.fuzz --cases $(N) --seed $(SEED)
 
 # The transformers zoo (tests/zoo.py): every decoder-only family of transformers' causal-LM
 # mapping built tiny from its config, generate() through hf.accelerate against eager, each family
