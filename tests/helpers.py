@@ -1,5 +1,6 @@
-"""Helpers shared by the tests: graph capture, node counts, relative errors, and the float64
-reference of attention over packed rows with its KV caches (dense and paged)."""
+"""Helpers shared by the tests: graph capture, node counts, relative errors, seeded inputs, a
+function compiled against eager, and the float64 reference of attention over packed rows with
+its KV caches (dense and paged)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from collections.abc import Callable
 
 import torch
 import torch.fx
+
+import xy_inductor
 
 
 class GraphCapture:
@@ -55,7 +58,37 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 # Per dtype: bound on the relative error against a float64 reference (DESIGN.md).
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
+    """Assert ``rel_error(out, ref)`` is within ``dtype``'s TOLERANCE."""
+    err = rel_error(out, ref)
+    assert err < TOLERANCE[dtype], err
+
+
+def randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    """Seeded standard normal values of ``shape`` in ``dtype`` (drawn in float32)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+def qkv(b=2, h=4, lq=5, lk=6, d=8, hkv=None, dtype=torch.float32):
+    """Seeded q [b, h, lq, d], k and v [b, hkv, lk, d] (hkv defaults to h)."""
+    hkv = hkv or h
+    return (
+        randn(b, h, lq, d, dtype=dtype, seed=1),
+        randn(b, hkv, lk, d, dtype=dtype, seed=2),
+        randn(b, hkv, lk, d, dtype=dtype, seed=3),
+    )
+
+
+def compiled_vs_eager(fn: Callable, *args: object, dynamic: bool = False) -> tuple:
+    """(compiled output, eager output, stats) for ``fn`` through the xyserve backend."""
+    with torch.no_grad():
+        expected = fn(*args)
+        out = torch.compile(fn, backend="xyserve", dynamic=dynamic)(*args)
+    return out, expected, xy_inductor.stats()
 
 
 # -- attention over packed rows: a float64 reference and the caches it reads --------------------
