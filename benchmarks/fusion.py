@@ -10,11 +10,9 @@ process. Several layers' worth of weights, so that decode reads them from memory
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
+from timing import measure
 
 SHAPES = [
     ("tiny q/k/v", 512, (512, 256, 256), 8),
@@ -25,14 +23,7 @@ SHAPES = [
 
 
 def median_us(fn, repeats: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+    return measure(fn, warmup=3, repeats=repeats).us
 
 
 def main() -> None:

@@ -27,11 +27,11 @@ import math
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from timing import Stopwatch, interleaved, reps_for, warm_up
 
 import xy_inductor
 from xy_inductor.kernels.gemm_plan import plan_gemm
@@ -57,31 +57,21 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def cpu_median_s(fns: list[Callable[[], object]], rounds: int, budget_s: float) -> list[float]:
-    """Median seconds per call of each fn, interleaved: each round runs every fn in turn."""
-    for fn in fns:
-        fn()
-    start = time.perf_counter()
-    fns[0]()
-    one = max(time.perf_counter() - start, 1e-6)
-    reps = max(1, min(1000, int(budget_s / (len(fns) * rounds * one))))
-    samples: list[list[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            samples[i].append((time.perf_counter() - start) / reps)
-    return [statistics.median(s) for s in samples]
+    """Median seconds per call of each fn, interleaved: each round runs every fn in turn; the
+    repeats are sized on the first fn so that the whole measurement takes about ``budget_s``."""
+    warm_up(fns)
+    reps = reps_for(fns[:1], budget_s / (len(fns) * rounds), max_reps=1000)
+    return [t.median for t in interleaved(fns, rounds=rounds, warmup=0, reps=reps)]
 
 
 def cuda_median_s(fns: list[Callable[[], object]], rounds: int) -> list[float]:
+    """Median over rounds of each fn's time by Triton's CUDA-graph timer (itself a median)."""
     from triton.testing import do_bench_cudagraph
 
-    samples: list[list[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            samples[i].append(do_bench_cudagraph(fn, rep=50, return_mode="median") / 1e3)
-    return [statistics.median(s) for s in samples]
+    def sample(fn: Callable[[], object]) -> float:
+        return do_bench_cudagraph(fn, rep=50, return_mode="median") / 1e3
+
+    return [t.median for t in interleaved(fns, rounds=rounds, warmup=0, sampler=sample)]
 
 
 def compare(args: argparse.Namespace) -> list[dict]:
@@ -253,7 +243,7 @@ def main() -> None:
         return
     if args.device == "cuda" and not any(p.name == "triton" for p in providers.active_providers()):
         raise SystemExit("--device cuda needs the Triton provider (pip install -e .[triton])")
-    started = time.perf_counter()
+    clock = Stopwatch()
     header = (
         f"{'model':<11} {'layer':<8} {'K->N':>12} {'M':>5} {'xy ms':>9} {'mm ms':>9} "
         f"{'xy TF/s':>8} {'mm TF/s':>8} {'mm/xy':>6}  served by"
@@ -266,7 +256,7 @@ def main() -> None:
     print(
         f"{args.dtype}, {args.device} ({device or platform.machine()}), torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds, "
-        f"{time.perf_counter() - started:.0f} s; mm/xy > 1 means xyserve is faster"
+        f"{clock.seconds:.0f} s; mm/xy > 1 means xyserve is faster"
     )
     if args.plot:
         plot(rows, args.plot, f"xyserve.gemm vs torch.mm, {args.dtype}, {args.device} ({device})")

@@ -13,26 +13,29 @@ alternate the variants; the difference over 15 is the cost of one decode step in
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import functools
 
 import torch
+from timing import Stopwatch, interleaved
 
 from xy_inductor import hf
 from xy_inductor import workload as wl
 
 
-def _generate_ms(
+def _generate_s(
     model: torch.nn.Module, index: int, lengths: tuple[int, ...], new: int, cache: str
 ) -> float:
     ids, mask = wl.prompt_batch(lengths, model.config.vocab_size, seed=index)
     extra = {"cache_implementation": "static"} if cache == "static" else {}
-    start = time.perf_counter()
-    with torch.no_grad():
+    with Stopwatch() as sw, torch.no_grad():
         model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, **extra
         )
-    return (time.perf_counter() - start) * 1e3
+    return sw.seconds
+
+
+def _sample(call) -> float:
+    return call()  # _generate_s times its own generate() (the prompt's set-up left out)
 
 
 def main() -> None:
@@ -52,17 +55,17 @@ def main() -> None:
     for model in variants.values():  # compile, then one warm pass
         for _ in range(2):
             for i, lengths in enumerate(wl.WORKLOAD):
-                _generate_ms(model, i, lengths, wl.NEW_TOKENS, args.cache)
-                _generate_ms(model, i, lengths, 1, args.cache)
-    times: dict[tuple[str, int, int], list[float]] = {}
-    for _ in range(args.rounds):
-        for name, model in variants.items():
-            for i, lengths in enumerate(wl.WORKLOAD):
-                for new in (wl.NEW_TOKENS, 1):
-                    times.setdefault((name, i, new), []).append(
-                        _generate_ms(model, i, lengths, new, args.cache)
-                    )
-    ms = {key: statistics.median(t) for key, t in times.items()}
+                _generate_s(model, i, lengths, wl.NEW_TOKENS, args.cache)
+                _generate_s(model, i, lengths, 1, args.cache)
+    # Side by side: every round runs each variant's calls in turn; each sample is one generate().
+    calls = {
+        (name, i, new): functools.partial(_generate_s, model, i, lengths, new, args.cache)
+        for name, model in variants.items()
+        for i, lengths in enumerate(wl.WORKLOAD)
+        for new in (wl.NEW_TOKENS, 1)
+    }
+    timings = interleaved(list(calls.values()), rounds=args.rounds, warmup=0, sampler=_sample)
+    ms = {key: t.ms for key, t in zip(calls, timings, strict=True)}
     steps = wl.NEW_TOKENS - 1
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds, "

@@ -2,8 +2,8 @@
 xyserve with inductor=True, side by side in one run (the same as ``xyserve bench``).
 
 Each configuration runs in a fresh process with a fresh Inductor cache (cold compile, as in the
-DESIGN.md baseline), and is measured against eager in that same process: steady rates are medians
-of passes alternating with eager, so the ratio column compares like with like.
+baseline of benchmarks/RESULTS.md), and is measured against eager in that same process: steady
+rates are medians of passes alternating with eager, so the ratio column compares like with like.
 
     .venv/bin/python benchmarks/hf_generate.py [--rounds 3] [--caches dynamic static]
 """

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import torch
 import torch.fx
+from timing import Stopwatch, Timing, paired
 
 import xy_inductor
 from xy_inductor import workload as wl
@@ -25,11 +24,11 @@ from xy_inductor.lowering import lower_graph
 
 
 def compile_seconds(model, backend, ids, mask) -> float:
+    """The first call of a fresh compile (Dynamo's reset before it is not timed)."""
     torch._dynamo.reset()
-    start = time.perf_counter()
-    with torch.no_grad():
+    with Stopwatch() as sw, torch.no_grad():
         torch.compile(model, backend=backend, dynamic=True)(input_ids=ids, attention_mask=mask)
-    return time.perf_counter() - start
+    return sw.seconds
 
 
 def main() -> None:
@@ -51,27 +50,29 @@ def main() -> None:
     nodes = len(gm.graph.nodes)
     times = []
     for _ in range(5):
-        graph = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
-        start = time.perf_counter()
-        report = lower_graph(graph, XyConfig().lowering_options())
-        times.append(time.perf_counter() - start)
+        graph = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))  # a fresh copy, not timed
+        with Stopwatch() as sw:
+            report = lower_graph(graph, XyConfig().lowering_options())
+        times.append(sw.seconds)
     print(
         f"{args.layers} layers, {nodes} graph nodes: "
         f"{report.count('attention', lowered=True)}/{report.count('attention')} attention and "
         f"{report.count('linear', lowered=True)}/{report.count('linear')} linear sites lowered"
     )
-    print(f"passes alone (lower_graph): median {statistics.median(times):.3f} s over 5 copies")
+    print(f"passes alone (lower_graph): median {Timing(times).median:.3f} s over 5 copies")
 
     def passthrough(gm, example_inputs):
         return gm.forward
 
-    rounds = {"pass-through": [], "xyserve": []}
-    for _ in range(3):
-        rounds["pass-through"].append(compile_seconds(model, passthrough, ids, mask))
-        rounds["xyserve"].append(
-            compile_seconds(model, xy_inductor.backend.xyserve_backend, ids, mask)
-        )
-    a, b = statistics.median(rounds["pass-through"]), statistics.median(rounds["xyserve"])
+    # Side by side, 3 rounds; each sample is compile_seconds' own measurement.
+    plain, xyserve = paired(
+        lambda: compile_seconds(model, passthrough, ids, mask),
+        lambda: compile_seconds(model, xy_inductor.backend.xyserve_backend, ids, mask),
+        rounds=3,
+        warmup=0,
+        sampler=lambda measured: measured(),
+    )
+    a, b = plain.median, xyserve.median
     print(
         f"first call incl. Dynamo tracing: pass-through {a:.2f} s, xyserve {b:.2f} s, "
         f"lowering adds {b - a:.2f} s (medians of 3)"

@@ -36,6 +36,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from timing import Stopwatch, Timing, measure
 
 import xy_inductor
 from xy_inductor.runtime import ops
@@ -49,15 +50,8 @@ _TWIN["attention"].register_fake(ops._attention_fake)
 
 
 def per_call_us(fn, n: int = 20000, repeats: int = 7) -> float:
-    for _ in range(500):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        times.append((time.perf_counter() - start) / n * 1e6)
-    return min(times)  # the least disturbed repeat: overhead is a floor, not a distribution
+    # The least disturbed repeat: overhead is a floor, not a distribution.
+    return measure(fn, warmup=500, repeats=repeats, reps=n).min * 1e6
 
 
 def _table(title: str, rows: dict[str, float]) -> None:
@@ -152,6 +146,7 @@ class _CodeTimer:
         inner = CompiledFxGraph.__call__
 
         def timed(graph, inputs):
+            # A bare clock: this runs inside the decode step being timed, so it must cost little.
             start = time.perf_counter()
             try:
                 return inner(graph, inputs)
@@ -186,24 +181,24 @@ def decode_ms(model, steps: int = 30) -> tuple[float, float, float]:
             mask = torch.cat([mask, mask.new_ones((1, 1))], dim=1)
             if timer is not None:
                 timer.seconds, timer.calls = 0.0, 0
-            start = time.perf_counter()
-            model(
-                input_ids=token,
-                attention_mask=mask,
-                cache=cache,
-                position_ids=torch.tensor([[64 + s]]),
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            times.append(time.perf_counter() - start)
+            with Stopwatch() as step:
+                model(
+                    input_ids=token,
+                    attention_mask=mask,
+                    cache=cache,
+                    position_ids=torch.tensor([[64 + s]]),
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            times.append(step.seconds)
             if timer is not None:
                 code.append(timer.seconds)
                 calls.append(timer.calls)
     if not code:
         code, calls = [0.0], [0]
     return (
-        statistics.median(times) * 1e3,
-        statistics.median(code) * 1e3,
+        Timing(times).ms,
+        Timing(code).ms,
         statistics.median(calls),
     )
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
+
+from timing import paired, time_once
 
 
 def _one(layers: int, regions: bool) -> dict[str, float]:
@@ -32,18 +32,13 @@ def _one(layers: int, regions: bool) -> dict[str, float]:
     )
     ids, mask = wl.prompt_batch((7,), model.config.vocab_size, seed=0)
 
-    def generate(new: int) -> float:
-        start = time.perf_counter()
+    def generate(new: int) -> None:
         with torch.no_grad():
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
-        return time.perf_counter() - start
 
-    compile_s = generate(1) + generate(2)
-    long, short = [], []
-    for _ in range(7):
-        long.append(generate(33))
-        short.append(generate(1))
-    step_ms = (statistics.median(long) - statistics.median(short)) / 32 * 1e3
+    compile_s = time_once(lambda: generate(1)) + time_once(lambda: generate(2))
+    long, short = paired(lambda: generate(33), lambda: generate(1), rounds=7, warmup=0)
+    step_ms = (long.median - short.median) / 32 * 1e3
     return {"compile_s": compile_s, "step_ms": step_ms}
 
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch_npu_standin as npu
+from helpers import kv_layouts, packed_reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_attention_plan import _layouts, reference
 
 import xy_inductor
 from xy_inductor import hf
@@ -56,7 +56,7 @@ def paged_batch(q_lens, kv_lens, hkv, group, d, dtype, seed, block=128):
     q = torch.randn(sum(q_lens), hkv * group, d, generator=gen).to(dtype)
     ks = [torch.randn(n, hkv, d, generator=gen).to(dtype) for n in kv_lens]
     vs = [torch.randn(n, hkv, d, generator=gen).to(dtype) for n in kv_lens]
-    _, (k, v, table) = _layouts(ks, vs, kv_lens, block, hkv, d, gen)
+    _, (k, v, table) = kv_layouts(ks, vs, kv_lens, block, hkv, d, gen)
     return q, ks, vs, k.to(dtype), v.to(dtype), table
 
 
@@ -74,7 +74,7 @@ def test_standin_tnd_paged_matches_float64(standin, dtype):
         actual_seq_lengths_kv=kv_lens, block_table=table.int(), block_size=128, num_heads=8,
         num_key_value_heads=2, scale=128**-0.5, input_layout="TND", sparse_mode=3,
     )  # fmt: skip
-    want = reference(q, ks, vs, q_lens, kv_lens, True, None, 128**-0.5)
+    want = packed_reference(q, ks, vs, q_lens, kv_lens, True, None, 128**-0.5)
     assert rel(out, want) < TOL[dtype]
 
 
@@ -92,7 +92,7 @@ def test_standin_bnsd_left_padding_matches_float64(standin):
     )  # fmt: skip
     assert out.shape == (b, lq, hq, d)
     for r, (n, m) in enumerate(((6, 9), (2, 4))):
-        want = reference(
+        want = packed_reference(
             q[r, :, lq - n :].transpose(0, 1), [k[r, :, lk - m :].transpose(0, 1)],
             [v[r, :, lk - m :].transpose(0, 1)], [n], [m], True, None, 0.125,
         )  # fmt: skip
@@ -211,7 +211,7 @@ def test_varlen_matches_float64_for_mixed_batches(data, rows, group, d, window, 
         xy_inductor.reset_stats()
         with providers.use_providers([ascend.PROVIDER, aten.PROVIDER]):
             got = varlen(q, k, v, cu, torch.tensor(kv_lens), table, True, window)
-        want = reference(q, ks, vs, q_lens, kv_lens, True, window, d**-0.5)
+        want = packed_reference(q, ks, vs, q_lens, kv_lens, True, window, d**-0.5)
         assert rel(got, want) < TOL[dtype]
         path = "ascend/tnd" if d == 128 else "ascend/bsnd"
         assert xy_inductor.stats().paths["attention_varlen"] == {path: 1}
@@ -222,7 +222,7 @@ def test_one_fia_call_serves_a_mixed_step(ascend_first):
     q, ks, vs, k, v, table = paged_batch(q_lens, kv_lens, 2, 4, 128, torch.bfloat16, seed=4)
     cu = torch.tensor([0, 37, 38, 58, 63], dtype=torch.int32)
     got = varlen(q, k, v, cu, torch.tensor(kv_lens, dtype=torch.int32), table)
-    assert rel(got, reference(q, ks, vs, q_lens, kv_lens, True, None, 128**-0.5)) < 1e-2
+    assert rel(got, packed_reference(q, ks, vs, q_lens, kv_lens, True, None, 128**-0.5)) < 1e-2
     (call,) = npu.calls
     assert call["input_layout"] == "TND" and call["paged"] and call["block_size"] == 128
     assert call["sparse_mode"] == 3 and call["q_len"] == q_lens and call["kv_len"] == kv_lens
@@ -239,7 +239,7 @@ def test_the_window_reading_is_pinned_in_one_place(ascend_first, pre_counts_self
     q, ks, vs, k, v, table = paged_batch(q_lens, kv_lens, 2, 2, 128, torch.float16, seed=5)
     cu = torch.tensor([0, 40, 41], dtype=torch.int32)
     got = varlen(q, k, v, cu, torch.tensor(kv_lens), table, True, window)
-    want = reference(q, ks, vs, q_lens, kv_lens, True, window, 128**-0.5)
+    want = packed_reference(q, ks, vs, q_lens, kv_lens, True, window, 128**-0.5)
     assert npu.calls[-1]["pre_tokens"] == window - 1 and npu.calls[-1]["sparse_mode"] == 4
     assert (rel(got, want) < TOL[torch.float16]) == (not pre_counts_self)
 

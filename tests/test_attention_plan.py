@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from helpers import kv_layouts, packed_reference, visible
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,18 +19,6 @@ from xy_inductor.kernels.attention_plan import (
 )
 
 MENU = AttentionMenu(q_tiles=(1, 16, 64), kv_chunk=32, workers=4)
-
-
-def visible(q_len: int, kv_len: int, causal: bool, window: int | None) -> torch.Tensor:
-    """[q_len, kv_len] bool: which keys each query of a row may see."""
-    qpos = torch.arange(q_len)[:, None] + kv_len - q_len
-    kpos = torch.arange(kv_len)[None, :]
-    ok = torch.ones(q_len, kv_len, dtype=torch.bool)
-    if causal:
-        ok &= kpos <= qpos
-    if window is not None:
-        ok &= kpos > qpos - window
-    return ok
 
 
 # -- token table and task table ----------------------------------------------------------------
@@ -117,46 +104,6 @@ def test_decode_steps_share_a_plan_until_a_chunk_boundary():
 # -- the CPU executor against float64 ---------------------------------------------------------
 
 
-def reference(q, ks, vs, q_lens, kv_lens, causal, window, scale):
-    """Plain float64 attention row by row: q packed [Tq, Hq, D], ks[r] [kv_len, Hkv, D]."""
-    outs, start = [], 0
-    for r, (ql, kl) in enumerate(zip(q_lens, kv_lens, strict=True)):
-        qr = q[start : start + ql].double().transpose(0, 1)
-        g = q.shape[1] // ks[r].shape[1]
-        kr = ks[r].double().transpose(0, 1).repeat_interleave(g, 0)
-        vr = vs[r].double().transpose(0, 1).repeat_interleave(g, 0)
-        s = (qr @ kr.transpose(-1, -2) * scale).masked_fill(
-            ~visible(ql, kl, causal, window), float("-inf")
-        )
-        m = s.amax(-1, keepdim=True)
-        p = torch.exp(s - torch.where(torch.isinf(m), 0, m))
-        denom = p.sum(-1, keepdim=True)
-        outs.append(((p @ vr) / torch.where(denom > 0, denom, 1)).transpose(0, 1))
-        start += ql
-    return torch.cat(outs)
-
-
-def _layouts(ks, vs, kv_lens, block_size, hkv, d, gen):
-    """The same keys as a dense [B, Hkv, L, D] cache and as a shuffled paged cache."""
-    rows, longest = len(kv_lens), max(kv_lens)
-    dense_k = torch.randn(rows, hkv, longest, d, generator=gen)  # garbage past each length
-    dense_v = torch.randn(rows, hkv, longest, d, generator=gen)
-    blocks = sum(math.ceil(kv / block_size) for kv in kv_lens) + 2
-    paged_k = torch.randn(blocks, block_size, hkv, d, generator=gen)
-    paged_v = torch.randn(blocks, block_size, hkv, d, generator=gen)
-    order = torch.randperm(blocks, generator=gen).tolist()
-    table = torch.zeros(rows, math.ceil(longest / block_size), dtype=torch.int64)
-    for r, kv in enumerate(kv_lens):
-        dense_k[r, :, :kv] = ks[r].transpose(0, 1)
-        dense_v[r, :, :kv] = vs[r].transpose(0, 1)
-        for j in range(math.ceil(kv / block_size)):
-            b = table[r, j] = order.pop()
-            n = min(block_size, kv - j * block_size)
-            paged_k[b, :n] = ks[r][j * block_size : j * block_size + n]
-            paged_v[b, :n] = vs[r][j * block_size : j * block_size + n]
-    return (dense_k, dense_v), (paged_k, paged_v, table)
-
-
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     data=st.data(),
@@ -181,13 +128,13 @@ def test_executor_matches_float64_for_random_token_tables(
     q = torch.randn(sum(q_lens), hkv * group, head_dim, generator=gen).to(dtype)
     ks = [torch.randn(kv, hkv, head_dim, generator=gen).to(dtype) for kv in kv_lens]
     vs = [torch.randn(kv, hkv, head_dim, generator=gen).to(dtype) for kv in kv_lens]
-    dense, paged = _layouts(ks, vs, kv_lens, block_size, hkv, head_dim, gen)
+    dense, paged = kv_layouts(ks, vs, kv_lens, block_size, hkv, head_dim, gen)
     menu = AttentionMenu(
         q_tiles=(1, 16, 64), kv_chunk=data.draw(st.sampled_from([32, 64])), workers=3
     )
     plan = plan_attention(q_lens, kv_lens, causal=causal, window=window, kv_heads=hkv, menu=menu)
     scale = head_dim**-0.5
-    want = reference(q, ks, vs, q_lens, kv_lens, causal, window, scale)
+    want = packed_reference(q, ks, vs, q_lens, kv_lens, causal, window, scale)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     for layout in ("dense", "paged"):
         out = torch.full((sum(q_lens), hkv * group, head_dim), float("nan")).to(dtype)  # poison
@@ -254,7 +201,7 @@ def test_dense_rows_match_float64_with_left_or_right_padding(
     for r in range(rows):
         lo, hi = q_end[r] - q_lens[r], q_end[r]
         keys = slice(kv_start[r], kv_start[r] + kv_lens[r])
-        want = reference(
+        want = packed_reference(
             q[r, :, lo:hi].transpose(0, 1), [k[r, :, keys].transpose(0, 1)],
             [v[r, :, keys].transpose(0, 1)], [q_lens[r]], [kv_lens[r]], causal, None, d**-0.5,
         )  # fmt: skip

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from test_attention_plan import _layouts, reference
+from helpers import kv_layouts, packed_reference
 
 import xy_inductor
 from xy_inductor.kernels import aten
@@ -25,7 +25,7 @@ def _inputs(dtype=torch.float32, group=4, block_size=16, seed=0):
     q = torch.randn(sum(Q_LENS), hkv * group, d, generator=gen).to(dtype)
     ks = [torch.randn(kv, hkv, d, generator=gen).to(dtype) for kv in KV_LENS]
     vs = [torch.randn(kv, hkv, d, generator=gen).to(dtype) for kv in KV_LENS]
-    _, (k, v, table) = _layouts(ks, vs, KV_LENS, block_size, hkv, d, gen)
+    _, (k, v, table) = kv_layouts(ks, vs, KV_LENS, block_size, hkv, d, gen)
     cu = torch.tensor([0, *torch.tensor(Q_LENS).cumsum(0).tolist()], dtype=torch.int32)
     args = (q, k.to(dtype), v.to(dtype), cu, torch.tensor(KV_LENS, dtype=torch.int32), table)
     return args, (q, ks, vs)
@@ -35,7 +35,7 @@ def _inputs(dtype=torch.float32, group=4, block_size=16, seed=0):
 def test_mixed_batch_matches_float64_on_the_aten_provider(window):
     args, (q, ks, vs) = _inputs()
     got = varlen(*args, True, window)
-    want = reference(q, ks, vs, Q_LENS, KV_LENS, True, window, 64**-0.5)
+    want = packed_reference(q, ks, vs, Q_LENS, KV_LENS, True, window, 64**-0.5)
     assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
     assert xy_inductor.stats().paths["attention_varlen"] == {"aten/rows": 1}
 
@@ -48,7 +48,7 @@ def test_mixed_batch_on_the_triton_kernel():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with providers.use_providers([triton_provider.PROVIDER, aten.PROVIDER]):
         got = varlen(*(a.to(device) for a in args)).cpu()
-    want = reference(q, ks, vs, Q_LENS, KV_LENS, True, None, 64**-0.5)
+    want = packed_reference(q, ks, vs, Q_LENS, KV_LENS, True, None, 64**-0.5)
     assert ((got.double() - want).norm() / want.norm()).item() < 1e-2
     assert xy_inductor.stats().paths["attention_varlen"] == {"triton/plan": 1}
 
@@ -109,7 +109,7 @@ def test_block_table_entries_past_a_rows_keys_are_not_checked():
     table[0, 3:] = -1  # row 0 has 37 keys: blocks 0 … 2
     table[3, 4:] = 10**9  # row 3 has 61 keys: blocks 0 … 3
     got = varlen(*args[:5], table)
-    want = reference(q, ks, vs, Q_LENS, KV_LENS, True, None, 64**-0.5)
+    want = packed_reference(q, ks, vs, Q_LENS, KV_LENS, True, None, 64**-0.5)
     assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
 
 
@@ -144,7 +144,7 @@ def test_packed_rows_match_float64(provider, window, dtype):
         use = providers.use_providers([aten.PROVIDER])
     with use:
         got = packed_op(q, k, v, cu, True, window, None)
-    want = reference(q, ks, vs, PACKED_LENS, PACKED_LENS, True, window, 64**-0.5)
+    want = packed_reference(q, ks, vs, PACKED_LENS, PACKED_LENS, True, window, 64**-0.5)
     assert ((got.double() - want).norm() / want.norm()).item() < (
         1e-5 if dtype == torch.float32 else 1e-2
     )
@@ -162,7 +162,7 @@ def test_packed_rows_with_another_value_head_size(dv, window):
     bounds = list(itertools.pairwise(cu.tolist()))
     with providers.use_providers([aten.PROVIDER]):
         got = packed_op(q, k, v, cu, True, window, None)
-    want = reference(q, [k[a:b] for a, b in bounds], [v[a:b] for a, b in bounds],
+    want = packed_reference(q, [k[a:b] for a, b in bounds], [v[a:b] for a, b in bounds],
                      PACKED_LENS, PACKED_LENS, True, window, 64**-0.5)  # fmt: skip
     assert got.shape == (q.shape[0], 8, dv)
     assert ((got.double() - want).norm() / want.norm()).item() < 1e-5

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import TOLERANCE, capture, count_calls, rel_error
+from helpers import TOLERANCE, capture, count_calls, randn, rel_error
 
 import xy_inductor
 from xy_inductor.config import (
@@ -53,11 +53,6 @@ class Block(nn.Module):
 def make_block(dtype=torch.float32) -> nn.Module:
     torch.manual_seed(0)
     return Block().to(dtype).eval()
-
-
-def randn(*shape, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g).to(dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,4 +1,4 @@
-"""The differential fuzzer (xy_inductor/fuzz.py): a seeded run, and every case it ever found
+"""The differential fuzzer (tools/fuzz/): a seeded run, and every case it ever found
 wrong kept as a fixed-seed regression test."""
 
 from __future__ import annotations
@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from xy_inductor.fuzz import _Builder, _keep_mask, load_case, make_case, run_case, run_fuzz
+from tools.fuzz import load_case, make_case, run_case, run_fuzz
+from tools.fuzz.case import Builder
+from tools.fuzz.grammar import keep_mask
 
 CASES = Path(__file__).parent / "fuzz_cases"
 
 # Every case the fuzzer ever found wrong or crashing, saved with its program and tensors
-# (``python -m xy_inductor.fuzz --save-failures DIR``) so that no later change of the grammar
+# (``python -m tools.fuzz --save-failures DIR``) so that no later change of the grammar
 # can turn it into another program; named <seed>-<case> after the run that found it:
 #
 # 0-7, 0-17  3-D (and 4-D) q/k/v with a mask over keys only ([Lk]): lowered, then SDPA inside
@@ -63,7 +65,7 @@ def test_rows_masked_everywhere_are_masked_in_every_head(shape):
     # zeros (the known difference) into finite values where eager is NaN, and case 3160 of
     # seed 0 was called wrong although the lowering was not.
     for seed in range(200):
-        b = _Builder(random.Random(seed), torch.float32, False)
-        keep = _keep_mask(b, torch.Generator().manual_seed(seed), 5, 6, shape, full_rows=True)
+        b = Builder(random.Random(seed), torch.float32, False)
+        keep = keep_mask(b, torch.Generator().manual_seed(seed), 5, 6, shape, full_rows=True)
         dead = ~keep.any(-1)
         assert (dead == dead[:, :1]).all(), (seed, keep)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TOLERANCE, capture, count_calls, rel_error, run
+from helpers import TOLERANCE, capture, count_calls, randn, rel_error, run
 
 import xy_inductor
 from xy_inductor.lowering import (
@@ -20,11 +20,6 @@ from xy_inductor.lowering import (
 
 ATTENTION = torch.ops.xyserve.attention.default
 SIZES = (1, 7, 37, 129)
-
-
-def randn(*shape, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g).to(dtype)
 
 
 def repeat_kv(x, n):

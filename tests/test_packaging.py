@@ -79,8 +79,8 @@ SOURCES = [ROOT / d for d in ("xy_inductor", "lowering", "runtime", "kernels")]
 
 
 def test_no_submodule_imports_the_package_root():
-    # xy_inductor/__init__.py imports the backend: a submodule reading a name of the package
-    # root (its __version__, say) closes a cycle through it. Submodules are imported by name.
+    # The package root registers the ops and loads the front end: a submodule reading a name
+    # of the root (its __version__, say) would import the front end. Submodules by name.
     submodules = {p.stem for d in SOURCES for p in d.glob("*.py")}
     submodules |= {p.name for d in SOURCES for p in d.iterdir() if (p / "__init__.py").exists()}
     submodules |= {d.name for d in SOURCES}
@@ -93,3 +93,24 @@ def test_no_submodule_imports_the_package_root():
             elif isinstance(node, ast.ImportFrom) and node.module == "xy_inductor":
                 for alias in node.names:
                     assert alias.name in submodules, f"{path}: from xy_inductor import {alias.name}"
+
+
+def test_the_package_never_imports_what_is_not_installed():
+    # tools/ (the fuzzer), tests/ and benchmarks/ stay in the repository: an import of them
+    # from the package works in a checkout and fails for every user of the installed package.
+    root = pathlib.Path(__file__).resolve().parent.parent
+    outside = {"tools", "tests", "benchmarks", "helpers", "zoo", "torch_npu_standin"}
+    found = []
+    for folder in ("xy_inductor", "lowering", "runtime", "kernels"):
+        for path in sorted((root / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                found += [
+                    f"{path.relative_to(root)}: {n}" for n in names if n.split(".")[0] in outside
+                ]
+    assert not found, found

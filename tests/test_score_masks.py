@@ -20,17 +20,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TOLERANCE, capture, count_calls, rel_error, run
+from helpers import TOLERANCE, capture, count_calls, randn, rel_error, run
 
 import xy_inductor
 from xy_inductor.lowering import ManualAttention, score_masks
 
 ATTENTION = torch.ops.xyserve.attention.default
-
-
-def randn(*shape, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g).to(dtype)
 
 
 def qkv(dtype=torch.float32, b=2, h=4, lq=5, lk=6, d=8):

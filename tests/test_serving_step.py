@@ -13,9 +13,9 @@ import math
 
 import pytest
 import torch
+from helpers import kv_layouts, packed_reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_attention_plan import _layouts, reference
 
 import xy_inductor
 from xy_inductor.kernels import aten
@@ -60,7 +60,7 @@ def _case(data, rows, group, dtype, seed, block_size):
     q = torch.randn(sum(q_lens), hkv * group, 64, generator=gen).to(dtype)
     ks = [torch.randn(kv, hkv, 64, generator=gen).to(dtype) for kv in kv_lens]
     vs = [torch.randn(kv, hkv, 64, generator=gen).to(dtype) for kv in kv_lens]
-    _, (k, v, table) = _layouts(ks, vs, kv_lens, block_size, hkv, 64, gen)
+    _, (k, v, table) = kv_layouts(ks, vs, kv_lens, block_size, hkv, 64, gen)
     return q_lens, kv_lens, q, ks, vs, k.to(dtype), v.to(dtype), table.to(torch.int32)
 
 
@@ -89,7 +89,7 @@ def test_paged_rows_match_float64(
         plan, q, k, v, kv_lens, block_table=table, block_size=block_size, scale=0.125, out=out
     )
     assert not got.isnan().any(), "an output element was not written"
-    want = reference(q, ks, vs, q_lens, kv_lens, causal, window, 0.125)
+    want = packed_reference(q, ks, vs, q_lens, kv_lens, causal, window, 0.125)
     err = ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
     assert err < TOLERANCE[dtype], f"relative error {err:.2e}"
 
@@ -119,7 +119,7 @@ def test_executors_read_only_the_blocks_of_the_step(executor):
     plan = plan_attention(q_lens, kv_lens, causal=True, kv_heads=2, menu=_menu())
     run = run_paged if executor == "rows" else run_plan
     got = run(plan, q, k, v, kv_lens, block_table=table, block_size=16, scale=0.125)
-    want = reference(q, ks, vs, q_lens, kv_lens, True, None, 0.125)
+    want = packed_reference(q, ks, vs, q_lens, kv_lens, True, None, 0.125)
     assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
 
 
@@ -132,7 +132,7 @@ def _step_inputs(dtype=torch.float32, seed=0):
     q = torch.randn(sum(q_lens), 8, 64, generator=gen).to(dtype)
     ks = [torch.randn(kv, 2, 64, generator=gen).to(dtype) for kv in kv_lens]
     vs = [torch.randn(kv, 2, 64, generator=gen).to(dtype) for kv in kv_lens]
-    _, (k, v, table) = _layouts(ks, vs, kv_lens, 16, 2, 64, gen)
+    _, (k, v, table) = kv_layouts(ks, vs, kv_lens, 16, 2, 64, gen)
     k, v = relayout(k.to(dtype), v.to(dtype), "halves")
     return q_lens, kv_lens, q, ks, vs, k, v, table.to(torch.int32)
 
@@ -143,7 +143,7 @@ def test_a_step_runs_every_layer_with_one_provider_choice(dtype, window):
     q_lens, kv_lens, q, ks, vs, k, v, table = _step_inputs(dtype)
     cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     step = VarlenStep.from_cu_seqlens(cu, torch.tensor(kv_lens, dtype=torch.int32), table)
-    want = reference(q, ks, vs, q_lens, kv_lens, True, window, 0.125)
+    want = packed_reference(q, ks, vs, q_lens, kv_lens, True, window, 0.125)
     layers = 3
     for _ in range(layers):  # each layer its own cache tensors, same signature
         got = step.run(q, k.clone(), v.clone(), window=window, scale=0.125)
@@ -177,7 +177,7 @@ def test_a_step_keeps_the_lengths_it_was_built_with():
     step = VarlenStep([*q_lens], seq_lens, table)
     seq_lens.fill_(1)
     got = step.run(q, k, v, scale=0.125)
-    want = reference(q, ks, vs, q_lens, kv_lens, True, None, 0.125)
+    want = packed_reference(q, ks, vs, q_lens, kv_lens, True, None, 0.125)
     assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
 
 
@@ -287,7 +287,7 @@ def test_paged_rows_are_not_reused_for_another_block_table_at_a_recycled_address
     got = run_paged(
         plan, q, k2, v2, kv_lens, block_table=moved[-1], block_size=16, scale=0.125, cache=cache
     )
-    want = reference(q, ks, vs, q_lens, kv_lens, True, None, 0.125)
+    want = packed_reference(q, ks, vs, q_lens, kv_lens, True, None, 0.125)
     assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
-from test_attention_plan import _layouts, reference
+from helpers import kv_layouts, packed_reference
 
 import xy_inductor
 from xy_inductor import hf
@@ -41,10 +41,10 @@ def _case(data, rows, group, head_dim, block_size, causal, window, dtype, seed, 
     q = torch.randn(sum(q_lens), hkv * group, head_dim, generator=gen).to(dtype)
     ks = [torch.randn(kv, hkv, head_dim, generator=gen).to(dtype) for kv in kv_lens]
     vs = [torch.randn(kv, hkv, head_dim, generator=gen).to(dtype) for kv in kv_lens]
-    dense, paged = _layouts(ks, vs, kv_lens, block_size, hkv, head_dim, gen)
+    dense, paged = kv_layouts(ks, vs, kv_lens, block_size, hkv, head_dim, gen)
     menu = kernel_menu(group, workers=3, kv_chunk=data.draw(st.sampled_from([32, 64])))
     plan = plan_attention(q_lens, kv_lens, causal=causal, window=window, kv_heads=hkv, menu=menu)
-    want = reference(q, ks, vs, q_lens, kv_lens, causal, window, head_dim**-0.5)
+    want = packed_reference(q, ks, vs, q_lens, kv_lens, causal, window, head_dim**-0.5)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     for layout in ("dense", "paged"):
         out = torch.full((sum(q_lens), hkv * group, head_dim), float("nan")).to(dtype)  # poison
@@ -160,12 +160,12 @@ def test_split_query_tiles_are_merged_by_a_second_launch():
     q = torch.randn(5, 8, 64, generator=gen)
     ks = [torch.randn(n, 2, 64, generator=gen) for n in kv_lens]
     vs = [torch.randn(n, 2, 64, generator=gen) for n in kv_lens]
-    (k, v), _ = _layouts(ks, vs, kv_lens, 16, 2, 64, gen)
+    (k, v), _ = kv_layouts(ks, vs, kv_lens, 16, 2, 64, gen)
     out = torch.full((5, 8, 64), float("nan"), device=DEVICE)
     got = triton_attention(
         plan, q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), kv_lens, scale=0.125, out=out
     )
-    want = reference(q, ks, vs, q_lens, kv_lens, True, None, 0.125)
+    want = packed_reference(q, ks, vs, q_lens, kv_lens, True, None, 0.125)
     assert ((got.double().cpu() - want).norm() / want.norm()).item() < 1e-5
 
 
@@ -184,7 +184,7 @@ def test_inputs_strided_in_the_head_dim_are_declined_not_misread(strided):
     args = (*(view if a is wide else a for a in args[:3]), *args[3:])
     with providers.use_providers([triton_provider.PROVIDER, aten.PROVIDER]):
         got = torch.ops.xyserve.attention_varlen(*args)
-    want = reference(q, ks, vs, [5, 1, 9], [5, 40, 30], True, None, 64**-0.5)
+    want = packed_reference(q, ks, vs, [5, 1, 9], [5, 40, 30], True, None, 64**-0.5)
     assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
     stats = xy_inductor.stats()
     assert stats.paths["attention_varlen"] == {"aten/rows": 1}
@@ -202,7 +202,7 @@ def varlen_inputs(gen):
     q = torch.randn(sum(q_lens), 4, 64, generator=gen)
     ks = [torch.randn(n, 2, 64, generator=gen) for n in kv_lens]
     vs = [torch.randn(n, 2, 64, generator=gen) for n in kv_lens]
-    _, (k, v, table) = _layouts(ks, vs, kv_lens, 16, 2, 64, gen)
+    _, (k, v, table) = kv_layouts(ks, vs, kv_lens, 16, 2, 64, gen)
     cu = torch.tensor([0, 5, 6, 15], dtype=torch.int32)
     kv = torch.tensor(kv_lens, dtype=torch.int32)
     return (q, k, v, cu, kv, table), (q, ks, vs)

@@ -14,7 +14,7 @@ from workload import ENGINE, engine_run, mixed_prompts, vllm_and_custom
 FAMILIES = ("llama", "qwen2", "mistral")
 WINDOW = 48  # tiny_models.FAMILIES["mistral"]
 
-# vLLM's CPU workers for two ranks on this 2-core machine (../shared/VLLM.md); the callable
+# vLLM's CPU workers for two ranks on this 2-core machine (docs/vllm.md); the callable
 # collective_rpc sends to the workers needs vLLM's pickle-based serialisation.
 TP_ENV = {
     "VLLM_CPU_OMP_THREADS_BIND": "0|1",
