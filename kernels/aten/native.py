@@ -3,11 +3,12 @@ from Inductor's generated code without a crossing back into Python.
 
 Inductor's code calls the ops through PyTorch's dispatcher; with Python kernels each call
 enters Python again (its cost: ``benchmarks/op_overhead.py``). ``load()`` compiles
-``native.cpp`` once per machine (cached by source, torch version and compiler, in
-``XYSERVE_CACHE_DIR`` or ``~/.cache/xy_inductor``), and loads it, which registers its kernels
-for the ops' CPU and AutogradCPU keys. They run, in C++, the calls ATen's provider would have
-run as one ``F.linear`` or one SDPA call, and count them in ``stats()``; every other call goes
-to the Python implementation, registered as ``xyserve::_gemm_python`` and
+``native.cpp`` once per machine with ``torch.utils.cpp_extension`` (cached by source, torch
+version and compiler, in ``XYSERVE_CACHE_DIR`` or ``~/.cache/xy_inductor``), and loads it,
+which registers its kernels for the ops' CPU and AutogradCPU keys. They run, in C++, the calls
+ATen's provider would have run as one ``F.linear`` or one SDPA call, and count them in
+``stats()``; every other call goes to the Python implementation, registered as
+``xyserve::_gemm_python`` and
 ``xyserve::_attention_python``, unchanged.
 
 The C++ kernels know the provider rules of one configuration only: ATen serving every CPU call.
@@ -29,7 +30,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -92,9 +92,10 @@ def load(
         reason = _why_not(providers)
         if reason is None:
             try:
-                path = _build()
+                # The kernels hand every call they do not serve to these twins: they exist
+                # before the library registers the kernels (its loading does).
                 _define_twins(python_impls)
-                torch.ops.load_library(str(path))
+                path = _build()
                 lib = ctypes.CDLL(str(path))
                 lib.xyserve_native_calls.restype = ctypes.c_int64
                 lib.xyserve_native_calls.argtypes = [ctypes.c_int64]
@@ -105,7 +106,7 @@ def load(
                 _lib = lib
                 log.info("xyserve: C++ CPU kernels loaded from %s", path)
                 return None
-            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            except (OSError, RuntimeError, subprocess.SubprocessError, ImportError) as e:
                 reason = f"building or loading {SOURCE.name} failed: {e}"
                 log.warning("xyserve: C++ CPU kernels not loaded (ops run slower): %s", reason)
         else:
@@ -135,43 +136,36 @@ def _cache_dir() -> Path:
 
 
 def _build() -> Path:
-    """The shared library, compiled unless a build of this source for this torch is cached."""
+    """Build the shared library with ``torch.utils.cpp_extension`` (unless this source is built
+    for this torch already: its own check, under its own lock, so processes starting together
+    build it once) and load it into the process; its path."""
     compiler = _compiler()
     assert compiler is not None
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    flags = ["-O2", "-shared", "-fPIC", "-std=c++20", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
-    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
-    libs = [f"-L{p}" for p in cpp_extension.library_paths()]
-    source = SOURCE.read_bytes()
     key = hashlib.sha256(
         b"\0".join(
             [
-                source,
                 torch.__version__.encode(),
                 str(torch.version.git_version).encode(),
                 compiler.encode(),
-                " ".join(flags).encode(),
                 sys.platform.encode(),
             ]
         )
     ).hexdigest()[:16]
-    target = _cache_dir() / f"xyserve_native_{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        command = [
-            compiler, *flags, *includes, str(SOURCE), "-o", str(built), *libs,
-            "-lc10", "-ltorch_cpu", "-ltorch",
-        ]  # fmt: skip
-        # Seen once per machine: it explains a first compile about 8 s longer than the next.
+    directory = _cache_dir() / f"native-{key}"
+    directory.mkdir(parents=True, exist_ok=True)
+    name = "xyserve_native"
+    target = directory / f"{name}.so"
+    if not target.exists():
+        # Seen once per machine: it explains a first compile some seconds longer than the next.
         log.warning("xyserve: compiling its C++ CPU kernels, once per machine and torch version")
-        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)}\n{done.stderr[-4000:]}")
-        os.replace(built, target)  # atomic: another process never loads half a file
-    return target
+    path = cpp_extension.load(
+        name=name,
+        sources=[str(SOURCE)],
+        extra_cflags=["-O2", "-std=c++20"],
+        build_directory=str(directory),
+        is_python_module=False,
+    )
+    return Path(path)
 
 
 def _define_twins(python_impls: Mapping[str, Callable[..., torch.Tensor]]) -> None:
