@@ -73,6 +73,9 @@ class Row:
     cpu_attn_err: float
     xyserve_spread: float
     cpu_attn_spread: float
+    xyserve_build_ms: float  # the metadata builder's build of the step (once per step)
+    cpu_attn_build_ms: float
+    cpu_attn_isa: str
 
 
 def _config(dtype: torch.dtype) -> Any:
@@ -262,6 +265,8 @@ def run_spec(name: str, dtype_name: str, rounds: int, sample_s: float, seed: int
     fns = [xy.forward, cpu.forward]
     reps = reps_for(fns, sample_s, max_reps=1000)
     t_xy, t_cpu = interleaved(fns, rounds=rounds, warmup=2, reps=reps)
+    builds = [xy.build, cpu.build]
+    b_xy, b_cpu = interleaved(builds, rounds=rounds, reps=reps_for(builds, sample_s / 4))
     return Row(
         spec=name,
         dtype=dtype_name,
@@ -274,6 +279,9 @@ def run_spec(name: str, dtype_name: str, rounds: int, sample_s: float, seed: int
         cpu_attn_err=errs[1],
         xyserve_spread=t_xy.spread,
         cpu_attn_spread=t_cpu.spread,
+        xyserve_build_ms=b_xy.ms,
+        cpu_attn_build_ms=b_cpu.ms,
+        cpu_attn_isa=str(cpu.layer.isa),
     )
 
 
@@ -284,13 +292,15 @@ def geomean(values: list[float]) -> float:
 def table(rows: list[Row]) -> str:
     head = (
         f"{'spec':<15} {'dtype':<5} {'tokens':>6} {'kv':>6} {'xyserve ms':>11} "
-        f"{'CPU_ATTN ms':>11} {'ratio':>6} {'xy err':>8} {'cpu err':>8}"
+        f"{'CPU_ATTN ms':>11} {'ratio':>6} {'xy err':>8} {'cpu err':>8} "
+        f"{'build xy/cpu ms':>15} {'isa':>4}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r.spec:<15} {r.dtype:<5} {r.tokens:>6} {r.kv_tokens:>6} {r.xyserve_ms:>11.3f} "
-            f"{r.cpu_attn_ms:>11.3f} {r.ratio:>5.2f}x {r.xyserve_err:>8.1e} {r.cpu_attn_err:>8.1e}"
+            f"{r.cpu_attn_ms:>11.3f} {r.ratio:>5.2f}x {r.xyserve_err:>8.1e} {r.cpu_attn_err:>8.1e} "
+            f"{r.xyserve_build_ms:>7.3f}/{r.cpu_attn_build_ms:<7.3f} {r.cpu_attn_isa:>4}"
         )
     for d in dict.fromkeys(r.dtype for r in rows):
         g = geomean([r.ratio for r in rows if r.dtype == d])
