@@ -21,7 +21,13 @@ general plugins loaded, so ``CUSTOM`` is xyserve's) and get the same Q/K/V:
   does not write again), side by side in one process, alternating, median
   (``benchmarks/timing.py``). One call is one layer's forward: xyserve's first call of a step
   picks its provider and plan, later calls (layers) reuse them, so warm-up pays it;
-- each output is compared with a float64 attention of the same Q/K/V (causal, GQA).
+- each output is compared with a float64 attention of the same Q/K/V (causal, GQA);
+- each builder's ``build`` of the step is timed too, alternating, apart from the forward
+  (xyserve's plan is made by the step's first forward, not by ``build``).
+
+``--threads N`` sets ``torch.set_num_threads`` (CPU_ATTN's OpenMP kernels follow it); on a
+machine shared with other work, fewer threads than cores keeps OpenMP barriers from waiting
+on a descheduled thread.
 
 The ratio is CPU_ATTN's time over xyserve's (> 1: xyserve faster); geomean per dtype.
 """
