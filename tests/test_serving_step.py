@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import xy_inductor
 from xy_inductor.kernels import aten
 from xy_inductor.kernels.aten.menus import ATTENTION_MENU
-from xy_inductor.kernels.aten.paged import run_paged
+from xy_inductor.kernels.aten.paged import group_dtype, run_paged
 from xy_inductor.kernels.aten.plan_executor import run_plan
 from xy_inductor.kernels.attention_plan import plan_attention
 from xy_inductor.kernels.contract import Accept, OpKernel, Provider
@@ -320,3 +320,23 @@ def test_slot_writes_skip_padding_slots(slots):
 def test_slot_writes_refuse_a_slot_mapping_that_is_not_integer_slots():
     with pytest.raises(ValueError, match="slot_mapping must be a 1-D integer tensor"):
         SlotWrites(torch.zeros(3), 16)
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_short_rows_in_half_precision_attend_in_float32_without_amx(monkeypatch, amx):
+    # ATen's CPU flash kernel is slow for a few queries in bfloat16 where the CPU has no AMX
+    # tiles: there decode groups go up to float32 (and round once); with AMX they stay.
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    group_dtype.cache_clear()
+    try:
+        assert group_dtype(torch.float32) is torch.float32
+        for half in (torch.bfloat16, torch.float16):
+            assert group_dtype(half) is (half if amx else torch.float32)
+        q_lens, kv_lens, q, ks, vs, k, v, table = _step_inputs(torch.bfloat16)
+        cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+        got = torch.ops.xyserve.attention_varlen(q, k, v, cu, torch.tensor(kv_lens), table)
+        want = packed_reference(q, ks, vs, q_lens, kv_lens, True, None, 0.125)
+        assert got.dtype is torch.bfloat16
+        assert ((got.double() - want).norm() / want.norm()).item() < TOLERANCE[torch.bfloat16]
+    finally:
+        group_dtype.cache_clear()

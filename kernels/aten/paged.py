@@ -3,6 +3,7 @@ paged KV cache, each row reading only the keys its queries can see."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -28,6 +29,16 @@ __all__ = ["GROUP_SPREAD", "PagedRows", "run_paged"]
 # Short rows are grouped while the group's longest row has at most this many times a member's
 # keys: bounds the keys gathered and attended for padding.
 GROUP_SPREAD = 2
+
+
+@functools.cache
+def group_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype short rows (decode, verify) are attended in. ATen's CPU flash kernel runs a few
+    queries over many keys far slower in bfloat16 or float16 than in float32 on a CPU without
+    AMX tiles (``benchmarks/RESULTS.md``), so there the gathered tiles go up to float32, which
+    also rounds the result once, at the end; with AMX, in their own dtype."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    return torch.float32 if half and not torch.cpu._is_amx_tile_supported() else dtype
 
 
 def _visible_from(q_len: int, kv_len: int, window: int | None) -> int:
@@ -156,7 +167,9 @@ class PagedRows:
             mask = (
                 None
                 if bool(ok.all())
-                else torch.zeros(ok.shape, dtype=dtype).masked_fill(~ok, float("-inf"))[:, None]
+                else torch.zeros(ok.shape, dtype=group_dtype(dtype)).masked_fill(
+                    ~ok, float("-inf")
+                )[:, None]
             )
             self.groups.append((blocks, offsets, q_slots.to(device), valid.to(device), mask))
 
@@ -231,9 +244,11 @@ def run_paged(
             o = fused_flash(q_row[None], k_row[None], v_row[None], False, scale, mask)[0][0]
         out[s0 : s0 + n] = o.transpose(0, 1)
 
+    compute = group_dtype(q.dtype)
     for blocks, offsets, q_slots, valid, mask in rows.groups:
-        k_g, v_g = read(blocks, offsets)
-        q_g = q[q_slots].transpose(1, 2)  # [n, Hq, t, D]
+        k_g, v_g = read(blocks, offsets)  # copies already: casting them adds no pass
+        k_g, v_g = k_g.to(compute), v_g.to(compute)
+        q_g = q[q_slots].to(compute).transpose(1, 2)  # [n, Hq, t, D]
         got = fused_flash(q_g, k_g.transpose(1, 2), v_g.transpose(1, 2), False, scale, mask)[
             0
         ].transpose(1, 2)  # [n, t, Hq, Dv]
