@@ -33,10 +33,12 @@ GROUP_SPREAD = 2
 
 @functools.cache
 def group_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype short rows (decode, verify) are attended in. ATen's CPU flash kernel runs a few
-    queries over many keys far slower in bfloat16 or float16 than in float32 on a CPU without
+    """The dtype groups of one-query rows (decode) are attended in. ATen's CPU flash kernel runs
+    one query over many keys far slower in bfloat16 or float16 than in float32 on a CPU without
     AMX tiles (``benchmarks/RESULTS.md``), so there the gathered tiles go up to float32, which
-    also rounds the result once, at the end; with AMX, in their own dtype."""
+    also rounds the result once, at the end; with AMX, in their own dtype. Groups with more
+    queries per row (verify, short prefills) stay in their own dtype: there the half-precision
+    kernel is the faster one."""
     half = dtype in (torch.bfloat16, torch.float16)
     return torch.float32 if half and not torch.cpu._is_amx_tile_supported() else dtype
 
@@ -139,7 +141,8 @@ class PagedRows:
             mask = None if window is None else _window_mask(n, first[r], kv, causal, window, dtype)
             self.long.append((table.q_start[r], n, blocks, offsets, mask))
 
-        # (block ids [n, L], slots [n, L], query slots [n, t], valid [n, t], mask or None)
+        # (block ids [n, L], slots [n, L], query slots [n, t], valid [n, t], mask or None, the
+        # dtype the group is attended in)
         self.groups = []
         for group in _groups(short, length):
             n_q = torch.tensor([table.q_len[r] for r in group])
@@ -151,6 +154,7 @@ class PagedRows:
             pos = torch.minimum(starts[:, None] + j, (kv - 1)[:, None])
             blocks, offsets = blocks_of(group, pos)
             t = int(n_q.max())
+            compute = group_dtype(dtype) if t == 1 else dtype
             i = torch.arange(t)[None, :]
             valid = i < n_q[:, None]  # [n, t]: slot i holds the row's query i
             q_slots = torch.tensor([table.q_start[r] for r in group])[:, None] + torch.where(
@@ -167,11 +171,11 @@ class PagedRows:
             mask = (
                 None
                 if bool(ok.all())
-                else torch.zeros(ok.shape, dtype=group_dtype(dtype)).masked_fill(
-                    ~ok, float("-inf")
-                )[:, None]
+                else torch.zeros(ok.shape, dtype=compute).masked_fill(~ok, float("-inf"))[:, None]
             )
-            self.groups.append((blocks, offsets, q_slots.to(device), valid.to(device), mask))
+            self.groups.append(
+                (blocks, offsets, q_slots.to(device), valid.to(device), mask, compute)
+            )
 
 
 def _read(cache: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -244,8 +248,7 @@ def run_paged(
             o = fused_flash(q_row[None], k_row[None], v_row[None], False, scale, mask)[0][0]
         out[s0 : s0 + n] = o.transpose(0, 1)
 
-    compute = group_dtype(q.dtype)
-    for blocks, offsets, q_slots, valid, mask in rows.groups:
+    for blocks, offsets, q_slots, valid, mask, compute in rows.groups:
         k_g, v_g = read(blocks, offsets)  # copies already: casting them adds no pass
         k_g, v_g = k_g.to(compute), v_g.to(compute)
         q_g = q[q_slots].to(compute).transpose(1, 2)  # [n, Hq, t, D]
