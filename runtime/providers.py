@@ -53,20 +53,16 @@ PROVIDER_MODULES: tuple[str, ...] = (
 _override: ContextVar[tuple[Provider, ...] | None] = ContextVar("xyserve_providers", default=None)
 
 
-def _load(module_names: Sequence[str]) -> tuple[Provider, ...]:
-    providers = []
-    for name in module_names:
-        provider = importlib.import_module(name).PROVIDER
-        if provider.unavailable() is None:
-            providers.append(provider)
-    return tuple(providers)
+def _listed() -> tuple[Provider, ...]:
+    """The provider of every module in ``PROVIDER_MODULES``, in order, available or not."""
+    return tuple(importlib.import_module(name).PROVIDER for name in PROVIDER_MODULES)
 
 
 @functools.cache
 def default() -> tuple[Provider, ...]:
     """Every available provider of ``PROVIDER_MODULES``, in order: the process's list, loaded
     once."""
-    return _load(PROVIDER_MODULES)
+    return tuple(p for p in _listed() if p.unavailable() is None)
 
 
 def active_providers() -> tuple[Provider, ...]:
@@ -79,11 +75,7 @@ def active_providers() -> tuple[Provider, ...]:
 def describe() -> list[tuple[str, str | None]]:
     """Every provider of ``PROVIDER_MODULES`` in priority order, with why this process cannot
     use it (None when it can)."""
-    out = []
-    for name in PROVIDER_MODULES:
-        provider = importlib.import_module(name).PROVIDER
-        out.append((provider.name, provider.unavailable()))
-    return out
+    return [(p.name, p.unavailable()) for p in _listed()]
 
 
 def only_aten_serves(op: str) -> bool:
@@ -161,11 +153,7 @@ def plan_gemm(
     """The SmoothGEMM tile plan of ``provider``'s menu for ``x [M, k] @ weight [n, k]ᵀ`` over
     M = 1…``max_tokens``: ``print(plan_gemm(4096, 4096))`` shows which tile serves which M.
     Cached: the same arguments return the same plan object."""
-    menus = {}
-    for name in PROVIDER_MODULES:
-        module_provider = importlib.import_module(name).PROVIDER
-        if module_provider.gemm_menu is not None:
-            menus[module_provider.name] = module_provider.gemm_menu
+    menus = {p.name: p.gemm_menu for p in _listed() if p.gemm_menu is not None}
     if provider not in menus:
         raise ValueError(f"plan_gemm: provider must be one of {sorted(menus)}, got {provider!r}")
     return _plan_gemm(n, k, menu=menus[provider], dtype=dtype, max_tokens=max_tokens)

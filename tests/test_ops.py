@@ -330,8 +330,15 @@ def test_unavailable_providers_are_skipped(monkeypatch):
     absent = types.ModuleType("xy_test_absent_provider")
     absent.PROVIDER = Provider(name="absent", unavailable=lambda: "not here", kernels={})
     monkeypatch.setitem(__import__("sys").modules, "xy_test_absent_provider", absent)
-    loaded = providers._load(["xy_test_absent_provider", "xy_inductor.kernels.aten"])
-    assert [p.name for p in loaded] == ["aten"]
+    modules = ("xy_test_absent_provider", "xy_inductor.kernels.aten")
+    monkeypatch.setattr(providers, "PROVIDER_MODULES", modules)
+    providers.default.cache_clear()
+    try:
+        loaded = providers.default()
+        assert [p.name for p in loaded] == ["aten"]
+        assert [name for name, _ in providers.describe()] == ["absent", "aten"]  # listed, skipped
+    finally:
+        providers.default.cache_clear()
 
 
 def test_every_provider_says_whether_it_can_run_here():

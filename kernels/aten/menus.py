@@ -1,7 +1,7 @@
 """What the ATen provider offers the planners, and when a dense call is worth planning.
 
-Kept apart from the provider's checkers so that its C++ fast path (``native.py``) reads the
-same threshold without importing the checkers.
+One copy, read by the provider's checkers (``__init__``) and by its C++ fast path
+(``native.py``, which hands ``PLANNED_MIN_SCORES`` to the library it loads).
 """
 
 from __future__ import annotations
