@@ -214,7 +214,10 @@ def _row_tiles(
     offset = kv_len - q_len  # KV position of the row's first query
     # Chunks are aligned to the row's queries (a boundary at every offset + j * chunk), so with
     # chunk == tile the causal diagonal falls inside single tiles; the first chunk may be short.
-    bounds = sorted({0, kv_len, *range(offset % chunk, kv_len, chunk)})
+    # A one-query row (decode) has no diagonal to align: its chunks start at key 0, so a row
+    # planned at its class's longest length gets whole chunks, not a stub of one key.
+    start = offset % chunk if q_len > 1 else 0
+    bounds = sorted({0, kv_len, *range(start, kv_len, chunk)})
     for q0 in range(0, q_len, tile):
         first = offset + q0
         last = offset + min(q0 + tile, q_len) - 1

@@ -47,6 +47,7 @@ __all__ = [
 PROVIDER_MODULES: tuple[str, ...] = (
     "xy_inductor.kernels.ascend",
     "xy_inductor.kernels.triton",
+    "xy_inductor.kernels.cpu",
     "xy_inductor.kernels.aten",
 )
 

@@ -11,8 +11,9 @@ ATen's provider would have run as one ``F.linear`` or one SDPA call, and count t
 ``xyserve::_gemm_python`` and
 ``xyserve::_attention_python``, unchanged.
 
-The C++ kernels know the provider rules of one configuration only: ATen serving every CPU call.
-So ``load()`` refuses (returning why) when the process's providers are not ATen alone, and
+The C++ kernels know the provider rules of one configuration only: ATen serving every CPU call
+of these two ops. So ``load()`` refuses (returning why) when another provider of the process
+serves either op, and
 ``use_providers`` blocks (``note_override``) send every call to Python while they are open.
 The runtime loads them (``runtime.ops.load_native``) when the backend compiles a graph.
 Inductor's code calls the ops, and so do graphs run as traced for these two ops on CPU tensors
@@ -118,9 +119,12 @@ def load(
 def _why_not(providers: Sequence[Provider]) -> str | None:
     if os.environ.get("XYSERVE_NATIVE", "1") == "0":
         return "disabled by XYSERVE_NATIVE=0"
-    if [p.name for p in providers] != ["aten"]:
-        names = ", ".join(p.name for p in providers)
-        return f"providers other than ATen serve this process ({names})"
+    # Providers that serve none of these ops (the CPU provider's attention_varlen) leave the
+    # C++ kernels' rules exact.
+    serving = [p.name for p in providers if set(p.kernels) & set(OP_NAMES)]
+    if serving != ["aten"]:
+        names = ", ".join(serving)
+        return f"providers other than ATen serve gemm or attention in this process ({names})"
     if _compiler() is None:
         return "no C++ compiler (set CXX, or install g++)"
     return None

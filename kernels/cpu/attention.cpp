@@ -1,0 +1,483 @@
+// The CPU provider's meta-attention kernel: one call runs a step's task table over a paged KV
+// cache read in place through its block table (no gather copy), over torch's thread pool.
+//
+// A task is (query tile of one row) x (key chunk) x (KV head). Its rows are the tile's tokens
+// times the query heads of that KV head, token-major (row m = token i * G + head g), so every key
+// of the chunk is read once for the whole GQA group. Keys are walked page by page (at most kSpan
+// at a time); each span is QK -> mask -> online softmax (fp32) -> PV into an fp32 accumulator.
+// A query tile whose keys were split into several chunks writes fp32 partials (O, max, sum); a
+// second pass merges them by log-sum-exp. The output is rounded once, at the end.
+//
+// Tasks come from the host's plan (kernels/attention_plan.py, converted by tasks.py) in its
+// heaviest-first order; threads pull them from a shared counter, so a slow core never holds a
+// static share. Each output element is made by the same operations in the same order whatever
+// the thread count: results are bitwise identical for any number of threads.
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int kVL = Vec::size();
+// Keys per inner step: S of a span ([rows][kSpan] fp32) stays in L1/L2 next to the tile.
+constexpr int kSpan = 128;
+// Rows per block of a task: bounds the fp32 accumulator of a block.
+constexpr int kRowBlock = 64;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Task table columns (tasks.py writes the same order).
+enum TaskCol { kRow, kQ0, kQTile, kK0, kK1, kHead, kPart, kTaskCols = 8 };
+enum MergeCol { kMRow, kMQ0, kMQTile, kMHead, kMFirst, kMCount, kMergeCols = 6 };
+
+template <typename T>
+inline Vec load_f(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p);
+  } else {
+    Vec out;
+    at::vec::load_to_float<T>(p, out);
+    return out;
+  }
+}
+
+inline float hsum(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
+}
+
+// S[m * lds + t] = dot(Q[m], K[t]) for m < M, t < n; K rows ldk elements apart.
+template <typename T>
+void qk(const float* Q, int M, int D, const T* K, int64_t ldk, int n, float* S, int lds) {
+  int m = 0;
+  for (; m + 4 <= M; m += 4) {
+    const float* q0 = Q + (int64_t)m * D;
+    const float* q1 = q0 + D;
+    const float* q2 = q1 + D;
+    const float* q3 = q2 + D;
+    for (int t = 0; t < n; ++t) {
+      const T* k = K + t * ldk;
+      Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+      for (int d = 0; d < D; d += kVL) {
+        Vec kv = load_f(k + d);
+        a0 = at::vec::fmadd(Vec::loadu(q0 + d), kv, a0);
+        a1 = at::vec::fmadd(Vec::loadu(q1 + d), kv, a1);
+        a2 = at::vec::fmadd(Vec::loadu(q2 + d), kv, a2);
+        a3 = at::vec::fmadd(Vec::loadu(q3 + d), kv, a3);
+      }
+      S[(int64_t)m * lds + t] = hsum(a0);
+      S[(int64_t)(m + 1) * lds + t] = hsum(a1);
+      S[(int64_t)(m + 2) * lds + t] = hsum(a2);
+      S[(int64_t)(m + 3) * lds + t] = hsum(a3);
+    }
+  }
+  for (; m < M; ++m) {
+    const float* q0 = Q + (int64_t)m * D;
+    for (int t = 0; t < n; ++t) {
+      const T* k = K + t * ldk;
+      Vec a0(0.f);
+      for (int d = 0; d < D; d += kVL) {
+        a0 = at::vec::fmadd(Vec::loadu(q0 + d), load_f(k + d), a0);
+      }
+      S[(int64_t)m * lds + t] = hsum(a0);
+    }
+  }
+}
+
+// O[m][d0 : d0 + NV * kVL] += sum_t P[m][t] * V[t][d0 : ...] for rows [m0, m0 + R).
+template <typename T, int R, int NV>
+inline void pv_block(const float* P, int lds, int m0, int n, const T* V, int64_t ldv, int d0,
+                     float* O, int Dv) {
+  Vec acc[R][NV];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j] = Vec::loadu(O + (int64_t)(m0 + i) * Dv + d0 + j * kVL);
+  for (int t = 0; t < n; ++t) {
+    const T* v = V + t * ldv + d0;
+    Vec vv[NV];
+    for (int j = 0; j < NV; ++j) vv[j] = load_f(v + j * kVL);
+    for (int i = 0; i < R; ++i) {
+      Vec p(P[(int64_t)(m0 + i) * lds + t]);
+      for (int j = 0; j < NV; ++j) acc[i][j] = at::vec::fmadd(p, vv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j].store(O + (int64_t)(m0 + i) * Dv + d0 + j * kVL);
+}
+
+template <typename T, int NV>
+inline void pv_rows(const float* P, int lds, int M, int n, const T* V, int64_t ldv, int d0,
+                    float* O, int Dv) {
+  int m = 0;
+  for (; m + 4 <= M; m += 4) pv_block<T, 4, NV>(P, lds, m, n, V, ldv, d0, O, Dv);
+  for (; m < M; ++m) pv_block<T, 1, NV>(P, lds, m, n, V, ldv, d0, O, Dv);
+}
+
+// O[M][Dv] += P[M][n] . V[n][Dv]; V rows ldv elements apart.
+template <typename T>
+void pv(const float* P, int lds, int M, int n, const T* V, int64_t ldv, int Dv, float* O) {
+  int d = 0;
+  for (; d + 4 * kVL <= Dv; d += 4 * kVL) pv_rows<T, 4>(P, lds, M, n, V, ldv, d, O, Dv);
+  switch ((Dv - d) / kVL) {
+    case 3: pv_rows<T, 3>(P, lds, M, n, V, ldv, d, O, Dv); break;
+    case 2: pv_rows<T, 2>(P, lds, M, n, V, ldv, d, O, Dv); break;
+    case 1: pv_rows<T, 1>(P, lds, M, n, V, ldv, d, O, Dv); break;
+    default: break;
+  }
+}
+
+// One row's online-softmax step over a span of n scores (in place: scores become P). Returns
+// false when the row sees none of the span (its P row is zeroed, its state untouched).
+inline bool softmax_step(float* s, int n, float& m_run, float& l_run, float* o, int Dv) {
+  Vec vmax(kNegInf);
+  int t = 0;
+  for (; t + kVL <= n; t += kVL) vmax = at::vec::maximum(vmax, Vec::loadu(s + t));
+  if (t < n) vmax = at::vec::maximum(vmax, Vec::set(Vec(kNegInf), Vec::loadu(s + t, n - t), n - t));
+  float mx = at::vec::vec_reduce_all<float>(
+      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+  if (mx == kNegInf) {
+    std::fill(s, s + n, 0.f);
+    return false;
+  }
+  const float m_new = std::max(m_run, mx);
+  const Vec vm(m_new);
+  Vec vsum(0.f);
+  t = 0;
+  for (; t + kVL <= n; t += kVL) {
+    Vec e = (Vec::loadu(s + t) - vm).exp_u20();
+    e.store(s + t);
+    vsum = vsum + e;
+  }
+  if (t < n) {
+    Vec e = Vec::set(Vec(0.f), (Vec::loadu(s + t, n - t) - vm).exp_u20(), n - t);
+    e.store(s + t, n - t);
+    vsum = vsum + e;
+  }
+  const float sum = hsum(vsum);
+  if (m_run == kNegInf) {  // first keys this row sees: nothing to rescale
+    l_run = sum;
+  } else {
+    const float alpha = std::exp(m_run - m_new);
+    l_run = l_run * alpha + sum;
+    if (alpha != 1.f) {
+      const Vec va(alpha);
+      for (int d = 0; d < Dv; d += kVL) (Vec::loadu(o + d) * va).store(o + d);
+    }
+  }
+  m_run = m_new;
+  return true;
+}
+
+template <typename T>
+inline void store_row(const float* o, float inv, T* dst, int Dv) {
+  if constexpr (std::is_same_v<T, float>) {
+    const Vec vi(inv);
+    for (int d = 0; d < Dv; d += kVL) (Vec::loadu(o + d) * vi).store(dst + d);
+  } else {
+    alignas(64) float tmp[kVL];
+    const Vec vi(inv);
+    for (int d = 0; d < Dv; d += kVL) {
+      (Vec::loadu(o + d) * vi).store(tmp);
+      at::vec::convert(tmp, dst + d, kVL);
+    }
+  }
+}
+
+// Per-thread scratch, grown as needed and kept: no allocation per call.
+struct Scratch {
+  std::vector<float> q, s, o, m, l, k, v;
+};
+thread_local Scratch tls;
+
+inline float* grow(std::vector<float>& buf, int64_t n) {
+  if ((int64_t)buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+struct Step {
+  // tensors' data and strides (elements)
+  const void* q;
+  int64_t qs0, qs1;
+  const void* k;
+  int64_t ks0, ks1, ks2;
+  const void* v;
+  int64_t vs0, vs1, vs2;
+  void* out;
+  int64_t os0, os1;
+  const void* bt;
+  bool bt32;
+  int64_t bts0, bts1, num_blocks;
+  const int32_t* q_start;
+  const int32_t* q_len;
+  const int32_t* kv_len;
+  int D, Dv, G, bs;
+  float scale;
+  bool causal;
+  int64_t window;  // <= 0: none
+  float* part_o;
+  float* part_m;
+  float* part_l;
+  int64_t part_rows;
+};
+
+inline int64_t block_id(const Step& s, int64_t row, int64_t j) {
+  const int64_t off = row * s.bts0 + j * s.bts1;
+  return s.bt32 ? (int64_t) static_cast<const int32_t*>(s.bt)[off]
+                : static_cast<const int64_t*>(s.bt)[off];
+}
+
+template <typename T>
+void run_task(const Step& s, const int32_t* task, std::atomic<int64_t>& bad_block) {
+  const int64_t row = task[kRow], q0 = task[kQ0], head = task[kHead], part = task[kPart];
+  const int64_t qn = std::min<int64_t>(task[kQTile], s.q_len[row] - q0);
+  const int64_t kvl = s.kv_len[row];
+  const int64_t offset = kvl - s.q_len[row];  // key position of the row's first query
+  const int D = s.D, Dv = s.Dv, G = s.G;
+  const int64_t M = std::max<int64_t>(qn, 0) * G;
+  Scratch& sc = tls;
+  float* Q = grow(sc.q, (int64_t)kRowBlock * D);
+  float* S = grow(sc.s, (int64_t)kRowBlock * kSpan);
+  float* O = grow(sc.o, (int64_t)kRowBlock * Dv);
+  float* mrun = grow(sc.m, kRowBlock);
+  float* lrun = grow(sc.l, kRowBlock);
+  const T* qbase = static_cast<const T*>(s.q);
+  const T* kbase = static_cast<const T*>(s.k) + head * s.ks2;
+  const T* vbase = static_cast<const T*>(s.v) + head * s.vs2;
+  for (int64_t r0 = 0; r0 < M; r0 += kRowBlock) {
+    const int R = (int)std::min<int64_t>(kRowBlock, M - r0);
+    // Query rows of this block, scaled, in fp32.
+    for (int i = 0; i < R; ++i) {
+      const int64_t m = r0 + i, tok = s.q_start[row] + q0 + m / G, h = head * G + m % G;
+      const T* src = qbase + tok * s.qs0 + h * s.qs1;
+      const Vec vs(s.scale);
+      for (int d = 0; d < D; d += kVL) (load_f(src + d) * vs).store(Q + (int64_t)i * D + d);
+      mrun[i] = kNegInf;
+      lrun[i] = 0.f;
+    }
+    std::fill(O, O + (int64_t)R * Dv, 0.f);
+    const int64_t first_pos = offset + q0 + r0 / G, last_pos = offset + q0 + (r0 + R - 1) / G;
+    int64_t lo = task[kK0], hi = std::min<int64_t>(task[kK1], kvl);
+    if (s.causal) hi = std::min(hi, last_pos + 1);
+    if (s.window > 0) lo = std::max(lo, first_pos - s.window + 1);
+    // Half-precision K/V is widened once per span when many rows reuse it.
+    const bool stage = !std::is_same_v<T, float> && R > 8;
+    for (int64_t a = lo; a < hi;) {
+      const int64_t page = a / s.bs;
+      const int64_t b = std::min({hi, (page + 1) * s.bs, a + kSpan});
+      const int n = (int)(b - a);
+      const int64_t blk = block_id(s, row, page);
+      if (blk < 0 || blk >= s.num_blocks) {
+        bad_block.store(row, std::memory_order_relaxed);
+        return;
+      }
+      const int64_t slot = a - page * s.bs;
+      const T* kp = kbase + blk * s.ks0 + slot * s.ks1;
+      const T* vp = vbase + blk * s.vs0 + slot * s.vs1;
+      if (stage) {
+        float* ks = grow(sc.k, (int64_t)kSpan * D);
+        float* vs = grow(sc.v, (int64_t)kSpan * Dv);
+        for (int t = 0; t < n; ++t) {
+          at::vec::convert(kp + t * s.ks1, ks + (int64_t)t * D, D);
+          at::vec::convert(vp + t * s.vs1, vs + (int64_t)t * Dv, Dv);
+        }
+        qk<float>(Q, R, D, ks, D, n, S, kSpan);
+      } else {
+        qk<T>(Q, R, D, kp, s.ks1, n, S, kSpan);
+      }
+      // Causal and window bounds of rows whose visible keys end or start inside this span.
+      if (s.causal || s.window > 0) {
+        for (int i = 0; i < R; ++i) {
+          const int64_t pos = offset + q0 + (r0 + i) / G;
+          const int64_t vhi = s.causal ? std::min(b, pos + 1) : b;
+          const int64_t vlo = s.window > 0 ? std::max(a, pos - s.window + 1) : a;
+          float* srow = S + (int64_t)i * kSpan;
+          for (int64_t t = a; t < std::min(vlo, b); ++t) srow[t - a] = kNegInf;
+          for (int64_t t = std::max(vhi, a); t < b; ++t) srow[t - a] = kNegInf;
+        }
+      }
+      for (int i = 0; i < R; ++i)
+        softmax_step(S + (int64_t)i * kSpan, n, mrun[i], lrun[i], O + (int64_t)i * Dv, Dv);
+      if (stage) {
+        pv<float>(S, kSpan, R, n, sc.v.data(), Dv, Dv, O);
+      } else {
+        pv<T>(S, kSpan, R, n, vp, s.vs1, Dv, O);
+      }
+      a = b;
+    }
+    if (part < 0) {
+      T* out = static_cast<T*>(s.out);
+      for (int i = 0; i < R; ++i) {
+        const int64_t m = r0 + i, tok = s.q_start[row] + q0 + m / G, h = head * G + m % G;
+        const float inv = lrun[i] > 0.f ? 1.f / lrun[i] : 0.f;
+        store_row<T>(O + (int64_t)i * Dv, inv, out + tok * s.os0 + h * s.os1, Dv);
+      }
+    } else {
+      float* po = s.part_o + part * s.part_rows * Dv + r0 * Dv;
+      std::copy(O, O + (int64_t)R * Dv, po);
+      std::copy(mrun, mrun + R, s.part_m + part * s.part_rows + r0);
+      std::copy(lrun, lrun + R, s.part_l + part * s.part_rows + r0);
+    }
+  }
+}
+
+template <typename T>
+void run_merge(const Step& s, const int32_t* mg) {
+  const int64_t row = mg[kMRow], q0 = mg[kMQ0], head = mg[kMHead];
+  const int64_t first = mg[kMFirst], count = mg[kMCount];
+  const int64_t qn = std::min<int64_t>(mg[kMQTile], s.q_len[row] - q0);
+  const int Dv = s.Dv, G = s.G;
+  Scratch& sc = tls;
+  float* acc = grow(sc.o, Dv);
+  T* out = static_cast<T*>(s.out);
+  for (int64_t m = 0; m < qn * G; ++m) {
+    float mx = kNegInf;
+    for (int64_t c = 0; c < count; ++c) mx = std::max(mx, s.part_m[(first + c) * s.part_rows + m]);
+    std::fill(acc, acc + Dv, 0.f);
+    float l = 0.f;
+    if (mx != kNegInf) {
+      for (int64_t c = 0; c < count; ++c) {
+        const int64_t p = first + c;
+        const float mc = s.part_m[p * s.part_rows + m];
+        if (mc == kNegInf) continue;
+        const float w = std::exp(mc - mx);
+        l += w * s.part_l[p * s.part_rows + m];
+        const Vec vw(w);
+        const float* po = s.part_o + (p * s.part_rows + m) * Dv;
+        for (int d = 0; d < Dv; d += kVL)
+          at::vec::fmadd(vw, Vec::loadu(po + d), Vec::loadu(acc + d)).store(acc + d);
+      }
+    }
+    const int64_t tok = s.q_start[row] + q0 + m / G, h = head * G + m % G;
+    store_row<T>(acc, l > 0.f ? 1.f / l : 0.f, out + tok * s.os0 + h * s.os1, Dv);
+  }
+}
+
+template <typename F>
+void for_each(int64_t count, bool parallel, const F& fn) {
+  if (!parallel || count <= 1 || at::get_num_threads() <= 1) {
+    for (int64_t i = 0; i < count; ++i) fn(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t b, int64_t e) {
+    for (int64_t w = b; w < e; ++w) {
+      for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) fn(i);
+    }
+  });
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "xyserve cpu attention: ", name, " must be a CPU tensor");
+}
+
+}  // namespace
+
+// q [tokens, Hq, D]; k_cache/v_cache [blocks, block_size, Hkv, D|Dv] (last dim contiguous, any
+// other strides); block_table [rows, width] int32/int64; q_start, q_len, kv_len int32 [rows];
+// tasks int32 [T, 8] and merges int32 [Mg, 6] from tasks.py; part_rows: rows of a partial
+// slot; parts: partial slots; out [tokens, Hq, Dv] (last dim contiguous). parallel: run over
+// torch's threads (else on the calling thread).
+void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& block_table, const at::Tensor& q_start,
+                     const at::Tensor& q_len, const at::Tensor& kv_len, const at::Tensor& tasks,
+                     const at::Tensor& merges, int64_t part_rows, int64_t parts, double scale,
+                     bool causal, int64_t window, at::Tensor& out, bool parallel) {
+  for (auto* t : {&q, &k_cache, &v_cache, &block_table, &q_start, &q_len, &kv_len, &tasks,
+                  &merges, static_cast<const at::Tensor*>(&out)})
+    check_cpu(*t, "every argument");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4 && out.dim() == 3,
+              "xyserve cpu attention: expected q/out [tokens, H, D], caches [blocks, bs, Hkv, D]");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type()
+                  && out.scalar_type() == q.scalar_type(),
+              "xyserve cpu attention: q, caches and out must share a dtype");
+  TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1
+                  && out.stride(2) == 1,
+              "xyserve cpu attention: head dims must be contiguous");
+  const int64_t hq = q.size(1), hkv = k_cache.size(2), D = q.size(2), Dv = v_cache.size(3);
+  TORCH_CHECK(hkv > 0 && hq % hkv == 0 && k_cache.size(3) == D && v_cache.sizes().slice(0, 3)
+                  == k_cache.sizes().slice(0, 3),
+              "xyserve cpu attention: cache shapes do not match q");
+  TORCH_CHECK(D % kVL == 0 && Dv % kVL == 0, "xyserve cpu attention: head sizes must be "
+              "multiples of ", kVL);
+  TORCH_CHECK(out.size(0) == q.size(0) && out.size(1) == hq && out.size(2) == Dv,
+              "xyserve cpu attention: out must be [tokens, Hq, Dv]");
+  for (auto* t : {&q_start, &q_len, &kv_len, &tasks, &merges})
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(),
+                "xyserve cpu attention: tables must be contiguous int32");
+  TORCH_CHECK(block_table.dim() == 2 && (block_table.scalar_type() == at::kInt
+                                         || block_table.scalar_type() == at::kLong),
+              "xyserve cpu attention: block_table must be 2-D int32 or int64");
+  const int64_t rows = q_len.numel();
+  TORCH_CHECK(q_start.numel() == rows && kv_len.numel() == rows && block_table.size(0) >= rows,
+              "xyserve cpu attention: per-row tables disagree");
+  TORCH_CHECK(tasks.dim() == 2 && tasks.size(1) == kTaskCols && merges.dim() == 2
+                  && merges.size(1) == kMergeCols,
+              "xyserve cpu attention: bad task or merge table");
+  const int64_t bs = k_cache.size(1);
+  const int32_t* qs = q_start.data_ptr<int32_t>();
+  const int32_t* ql = q_len.data_ptr<int32_t>();
+  const int32_t* kl = kv_len.data_ptr<int32_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(ql[r] >= 0 && kl[r] >= 0 && qs[r] >= 0 && qs[r] + ql[r] <= q.size(0),
+                "xyserve cpu attention: row ", r, " has queries outside q");
+    TORCH_CHECK(kl[r] <= block_table.size(1) * bs, "xyserve cpu attention: row ", r, " has ",
+                kl[r], " keys but its block table holds ", block_table.size(1) * bs);
+  }
+  const int32_t* tk = tasks.data_ptr<int32_t>();
+  const int64_t ntasks = tasks.size(0);
+  for (int64_t i = 0; i < ntasks; ++i) {
+    const int32_t* t = tk + i * kTaskCols;
+    TORCH_CHECK(t[kRow] >= 0 && t[kRow] < rows && t[kHead] >= 0 && t[kHead] < hkv
+                    && t[kQ0] >= 0 && t[kK0] >= 0 && t[kPart] < parts
+                    && (int64_t)t[kQTile] * (hq / hkv) <= part_rows,
+                "xyserve cpu attention: task ", i, " is outside the step");
+  }
+  at::Tensor part_o, part_m, part_l;
+  if (parts > 0) {
+    part_o = at::empty({parts, part_rows, Dv}, q.options().dtype(at::kFloat));
+    part_m = at::empty({parts, part_rows}, q.options().dtype(at::kFloat));
+    part_l = at::empty({parts, part_rows}, q.options().dtype(at::kFloat));
+  }
+  Step s{q.data_ptr(), q.stride(0), q.stride(1),
+         k_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+         v_cache.data_ptr(), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+         out.data_ptr(), out.stride(0), out.stride(1),
+         block_table.data_ptr(), block_table.scalar_type() == at::kInt, block_table.stride(0),
+         block_table.stride(1), k_cache.size(0),
+         qs, ql, kl, (int)D, (int)Dv, (int)(hq / hkv), (int)bs, (float)scale, causal, window,
+         parts > 0 ? part_o.data_ptr<float>() : nullptr,
+         parts > 0 ? part_m.data_ptr<float>() : nullptr,
+         parts > 0 ? part_l.data_ptr<float>() : nullptr, part_rows};
+  std::atomic<int64_t> bad{-1};
+  const int32_t* mg = merges.data_ptr<int32_t>();
+  auto run = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    for_each(ntasks, parallel, [&](int64_t i) { run_task<scalar_t>(s, tk + i * kTaskCols, bad); });
+    TORCH_CHECK(bad.load() < 0, "xyserve cpu attention: row ", bad.load(),
+                " names a block outside the cache");
+    for_each(merges.size(0), parallel,
+             [&](int64_t i) { run_merge<scalar_t>(s, mg + i * kMergeCols); });
+  };
+  switch (q.scalar_type()) {
+    case at::kFloat: run(float{}); break;
+    case at::kBFloat16: run(at::BFloat16{}); break;
+    case at::kHalf: run(at::Half{}); break;
+    default: TORCH_CHECK(false, "xyserve cpu attention: dtype ", q.scalar_type(), " is not supported");
+  }
+}
+
+// The vector width the library was built for (floats per vector).
+int64_t vector_width() { return kVL; }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_attention", &paged_attention, "xyserve meta-attention over a paged cache");
+  m.def("vector_width", &vector_width);
+}
