@@ -32,8 +32,11 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int kVL = Vec::size();
 // Keys per inner step: S of a span ([rows][kSpan] fp32) stays in L1/L2 next to the tile.
 constexpr int kSpan = 128;
-// Rows per block of a task: bounds the fp32 accumulator of a block.
-constexpr int kRowBlock = 64;
+// Rows per block of a task (four vectors of rows in the many-row kernels).
+constexpr int kRowBlock = 4 * kVL;
+// Up to this many rows a task reads K and V in place row by row (decode, GQA groups); more
+// rows (prefill) take the token-major kernels.
+constexpr int kFewRows = 8;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Task table columns (tasks.py writes the same order).
@@ -93,10 +96,73 @@ void qk(const float* Q, int M, int D, const T* K, int64_t ldk, int n, float* S, 
   }
 }
 
+// Many rows (prefill): St[t][r] = sum_d K[t][d] * Qt[d][r] with the scores token-major, so QK
+// is broadcasts of one key element against vectors of query rows (no horizontal sums, K read
+// in place) and the softmax runs across rows in vectors. NJ vectors of rows, TB keys at a time.
+template <int TB, int NJ>
+inline void qk_cols_block(const float* Qt, int ldq, int D, const float* K, int64_t ldk, int t0,
+                          float* St, int lds) {
+  Vec acc[TB][NJ];
+  for (int i = 0; i < TB; ++i)
+    for (int j = 0; j < NJ; ++j) acc[i][j] = Vec(0.f);
+  for (int d = 0; d < D; ++d) {
+    Vec qv[NJ];
+    for (int j = 0; j < NJ; ++j) qv[j] = Vec::loadu(Qt + (int64_t)d * ldq + j * kVL);
+    for (int i = 0; i < TB; ++i) {
+      const Vec kb(K[(t0 + i) * ldk + d]);
+      for (int j = 0; j < NJ; ++j) acc[i][j] = at::vec::fmadd(kb, qv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < TB; ++i)
+    for (int j = 0; j < NJ; ++j) acc[i][j].store(St + (int64_t)(t0 + i) * lds + j * kVL);
+}
+
+template <int NJ>
+inline void qk_cols_n(const float* Qt, int D, const float* K, int64_t ldk, int n, float* St) {
+  constexpr int ld = NJ * kVL;
+  int t = 0;
+  for (; t + 4 <= n; t += 4) qk_cols_block<4, NJ>(Qt, ld, D, K, ldk, t, St, ld);
+  for (; t < n; ++t) qk_cols_block<1, NJ>(Qt, ld, D, K, ldk, t, St, ld);
+}
+
+// Rp = NJ * kVL rows (a multiple of the vector width, at most 4 vectors).
+void qk_cols(const float* Qt, int Rp, int D, const float* K, int64_t ldk, int n, float* St) {
+  switch (Rp / kVL) {
+    case 1: qk_cols_n<1>(Qt, D, K, ldk, n, St); break;
+    case 2: qk_cols_n<2>(Qt, D, K, ldk, n, St); break;
+    case 3: qk_cols_n<3>(Qt, D, K, ldk, n, St); break;
+    default: qk_cols_n<4>(Qt, D, K, ldk, n, St); break;
+  }
+}
+
+// Online softmax of St [n][Rp] per row (column), in vectors of rows. alpha[r]: the factor row
+// r's accumulator must be rescaled by.
+void softmax_cols(float* St, int n, int Rp, float* m_run, float* l_run, float* alpha) {
+  for (int j = 0; j < Rp; j += kVL) {
+    Vec mx(kNegInf);
+    for (int t = 0; t < n; ++t) mx = at::vec::maximum(mx, Vec::loadu(St + (int64_t)t * Rp + j));
+    const Vec mo = Vec::loadu(m_run + j);
+    const Vec mn = at::vec::maximum(mo, mx);
+    // Rows that have seen no key yet and see none here subtract 0, not -inf (no NaN).
+    const Vec mu = Vec::blendv(mn, Vec(0.f), mn == Vec(kNegInf));
+    Vec sum(0.f);
+    for (int t = 0; t < n; ++t) {
+      float* p = St + (int64_t)t * Rp + j;
+      const Vec e = (Vec::loadu(p) - mu).exp_u20();
+      e.store(p);
+      sum = sum + e;
+    }
+    const Vec al = (mo - mu).exp_u20();
+    (Vec::loadu(l_run + j) * al + sum).store(l_run + j);
+    mn.store(m_run + j);
+    al.store(alpha + j);
+  }
+}
+
 // O[m][d0 : d0 + NV * kVL] += sum_t P[m][t] * V[t][d0 : ...] for rows [m0, m0 + R).
 template <typename T, int R, int NV>
-inline void pv_block(const float* P, int lds, int m0, int n, const T* V, int64_t ldv, int d0,
-                     float* O, int Dv) {
+inline void pv_block(const float* P, int pr, int pt, int m0, int n, const T* V, int64_t ldv,
+                     int d0, float* O, int Dv) {
   Vec acc[R][NV];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < NV; ++j) acc[i][j] = Vec::loadu(O + (int64_t)(m0 + i) * Dv + d0 + j * kVL);
@@ -105,7 +171,7 @@ inline void pv_block(const float* P, int lds, int m0, int n, const T* V, int64_t
     Vec vv[NV];
     for (int j = 0; j < NV; ++j) vv[j] = load_f(v + j * kVL);
     for (int i = 0; i < R; ++i) {
-      Vec p(P[(int64_t)(m0 + i) * lds + t]);
+      Vec p(P[(int64_t)(m0 + i) * pr + (int64_t)t * pt]);
       for (int j = 0; j < NV; ++j) acc[i][j] = at::vec::fmadd(p, vv[j], acc[i][j]);
     }
   }
@@ -114,22 +180,22 @@ inline void pv_block(const float* P, int lds, int m0, int n, const T* V, int64_t
 }
 
 template <typename T, int NV>
-inline void pv_rows(const float* P, int lds, int M, int n, const T* V, int64_t ldv, int d0,
+inline void pv_rows(const float* P, int pr, int pt, int M, int n, const T* V, int64_t ldv, int d0,
                     float* O, int Dv) {
   int m = 0;
-  for (; m + 4 <= M; m += 4) pv_block<T, 4, NV>(P, lds, m, n, V, ldv, d0, O, Dv);
-  for (; m < M; ++m) pv_block<T, 1, NV>(P, lds, m, n, V, ldv, d0, O, Dv);
+  for (; m + 4 <= M; m += 4) pv_block<T, 4, NV>(P, pr, pt, m, n, V, ldv, d0, O, Dv);
+  for (; m < M; ++m) pv_block<T, 1, NV>(P, pr, pt, m, n, V, ldv, d0, O, Dv);
 }
 
-// O[M][Dv] += P[M][n] . V[n][Dv]; V rows ldv elements apart.
+// O[M][Dv] += P . V[n][Dv], P[m][t] at P[m * pr + t * pt]; V rows ldv elements apart.
 template <typename T>
-void pv(const float* P, int lds, int M, int n, const T* V, int64_t ldv, int Dv, float* O) {
+void pv(const float* P, int pr, int pt, int M, int n, const T* V, int64_t ldv, int Dv, float* O) {
   int d = 0;
-  for (; d + 4 * kVL <= Dv; d += 4 * kVL) pv_rows<T, 4>(P, lds, M, n, V, ldv, d, O, Dv);
+  for (; d + 4 * kVL <= Dv; d += 4 * kVL) pv_rows<T, 4>(P, pr, pt, M, n, V, ldv, d, O, Dv);
   switch ((Dv - d) / kVL) {
-    case 3: pv_rows<T, 3>(P, lds, M, n, V, ldv, d, O, Dv); break;
-    case 2: pv_rows<T, 2>(P, lds, M, n, V, ldv, d, O, Dv); break;
-    case 1: pv_rows<T, 1>(P, lds, M, n, V, ldv, d, O, Dv); break;
+    case 3: pv_rows<T, 3>(P, pr, pt, M, n, V, ldv, d, O, Dv); break;
+    case 2: pv_rows<T, 2>(P, pr, pt, M, n, V, ldv, d, O, Dv); break;
+    case 1: pv_rows<T, 1>(P, pr, pt, M, n, V, ldv, d, O, Dv); break;
     default: break;
   }
 }
@@ -193,7 +259,7 @@ inline void store_row(const float* o, float inv, T* dst, int Dv) {
 
 // Per-thread scratch, grown as needed and kept: no allocation per call.
 struct Scratch {
-  std::vector<float> q, s, o, m, l, k, v;
+  std::vector<float> q, s, o, m, l, k, v, alpha;
 };
 thread_local Scratch tls;
 
@@ -244,7 +310,7 @@ void run_task(const Step& s, const int32_t* task, std::atomic<int64_t>& bad_bloc
   const int64_t M = std::max<int64_t>(qn, 0) * G;
   Scratch& sc = tls;
   float* Q = grow(sc.q, (int64_t)kRowBlock * D);
-  float* S = grow(sc.s, (int64_t)kRowBlock * kSpan);
+  float* S = grow(sc.s, (int64_t)kRowBlock * kSpan);  // either score layout fits
   float* O = grow(sc.o, (int64_t)kRowBlock * Dv);
   float* mrun = grow(sc.m, kRowBlock);
   float* lrun = grow(sc.l, kRowBlock);
@@ -253,22 +319,28 @@ void run_task(const Step& s, const int32_t* task, std::atomic<int64_t>& bad_bloc
   const T* vbase = static_cast<const T*>(s.v) + head * s.vs2;
   for (int64_t r0 = 0; r0 < M; r0 += kRowBlock) {
     const int R = (int)std::min<int64_t>(kRowBlock, M - r0);
-    // Query rows of this block, scaled, in fp32.
+    const bool few = R <= kFewRows;
+    const int Rp = (R + kVL - 1) / kVL * kVL;  // many rows: padded to whole vectors
+    const Vec vscale(s.scale);
+    // Query rows of this block, scaled, in fp32: Q [R][D] for few rows, Qt [D][Rp] for many
+    // (padding rows zero: their scores are computed and never written).
+    if (!few) std::fill(Q, Q + (int64_t)D * Rp, 0.f);
     for (int i = 0; i < R; ++i) {
       const int64_t m = r0 + i, tok = s.q_start[row] + q0 + m / G, h = head * G + m % G;
       const T* src = qbase + tok * s.qs0 + h * s.qs1;
-      const Vec vs(s.scale);
-      for (int d = 0; d < D; d += kVL) (load_f(src + d) * vs).store(Q + (int64_t)i * D + d);
-      mrun[i] = kNegInf;
-      lrun[i] = 0.f;
+      if (few) {
+        for (int d = 0; d < D; d += kVL) (load_f(src + d) * vscale).store(Q + (int64_t)i * D + d);
+      } else {
+        for (int d = 0; d < D; ++d) Q[(int64_t)d * Rp + i] = static_cast<float>(src[d]) * s.scale;
+      }
     }
+    std::fill(mrun, mrun + Rp, kNegInf);
+    std::fill(lrun, lrun + Rp, 0.f);
     std::fill(O, O + (int64_t)R * Dv, 0.f);
     const int64_t first_pos = offset + q0 + r0 / G, last_pos = offset + q0 + (r0 + R - 1) / G;
     int64_t lo = task[kK0], hi = std::min<int64_t>(task[kK1], kvl);
     if (s.causal) hi = std::min(hi, last_pos + 1);
     if (s.window > 0) lo = std::max(lo, first_pos - s.window + 1);
-    // Half-precision K/V is widened once per span when many rows reuse it.
-    const bool stage = !std::is_same_v<T, float> && R > 8;
     for (int64_t a = lo; a < hi;) {
       const int64_t page = a / s.bs;
       const int64_t b = std::min({hi, (page + 1) * s.bs, a + kSpan});
@@ -281,16 +353,22 @@ void run_task(const Step& s, const int32_t* task, std::atomic<int64_t>& bad_bloc
       const int64_t slot = a - page * s.bs;
       const T* kp = kbase + blk * s.ks0 + slot * s.ks1;
       const T* vp = vbase + blk * s.vs0 + slot * s.vs1;
-      if (stage) {
-        float* ks = grow(sc.k, (int64_t)kSpan * D);
-        float* vs = grow(sc.v, (int64_t)kSpan * Dv);
-        for (int t = 0; t < n; ++t) {
-          at::vec::convert(kp + t * s.ks1, ks + (int64_t)t * D, D);
-          at::vec::convert(vp + t * s.vs1, vs + (int64_t)t * Dv, Dv);
-        }
-        qk<float>(Q, R, D, ks, D, n, S, kSpan);
-      } else {
+      // Scores: [R][kSpan] row-major for few rows, [n][Rp] token-major for many.
+      const int pr = few ? kSpan : 1, pt = few ? 1 : Rp;
+      const float* vsrc_f = nullptr;  // V widened to fp32 (many rows, half precision)
+      if (few) {
         qk<T>(Q, R, D, kp, s.ks1, n, S, kSpan);
+      } else if constexpr (std::is_same_v<T, float>) {
+        qk_cols(Q, Rp, D, kp, s.ks1, n, S);
+      } else {
+        float* kw = grow(sc.k, (int64_t)kSpan * D);
+        float* vw = grow(sc.v, (int64_t)kSpan * Dv);
+        for (int t = 0; t < n; ++t) {
+          at::vec::convert(kp + t * s.ks1, kw + (int64_t)t * D, D);
+          at::vec::convert(vp + t * s.vs1, vw + (int64_t)t * Dv, Dv);
+        }
+        qk_cols(Q, Rp, D, kw, D, n, S);
+        vsrc_f = vw;
       }
       // Causal and window bounds of rows whose visible keys end or start inside this span.
       if (s.causal || s.window > 0) {
@@ -298,17 +376,27 @@ void run_task(const Step& s, const int32_t* task, std::atomic<int64_t>& bad_bloc
           const int64_t pos = offset + q0 + (r0 + i) / G;
           const int64_t vhi = s.causal ? std::min(b, pos + 1) : b;
           const int64_t vlo = s.window > 0 ? std::max(a, pos - s.window + 1) : a;
-          float* srow = S + (int64_t)i * kSpan;
-          for (int64_t t = a; t < std::min(vlo, b); ++t) srow[t - a] = kNegInf;
-          for (int64_t t = std::max(vhi, a); t < b; ++t) srow[t - a] = kNegInf;
+          for (int64_t t = a; t < std::min(vlo, b); ++t) S[i * pr + (t - a) * pt] = kNegInf;
+          for (int64_t t = std::max(vhi, a); t < b; ++t) S[i * pr + (t - a) * pt] = kNegInf;
         }
       }
-      for (int i = 0; i < R; ++i)
-        softmax_step(S + (int64_t)i * kSpan, n, mrun[i], lrun[i], O + (int64_t)i * Dv, Dv);
-      if (stage) {
-        pv<float>(S, kSpan, R, n, sc.v.data(), Dv, Dv, O);
+      if (few) {
+        for (int i = 0; i < R; ++i)
+          softmax_step(S + (int64_t)i * kSpan, n, mrun[i], lrun[i], O + (int64_t)i * Dv, Dv);
       } else {
-        pv<T>(S, kSpan, R, n, vp, s.vs1, Dv, O);
+        float* alpha = grow(sc.alpha, Rp);
+        softmax_cols(S, n, Rp, mrun, lrun, alpha);
+        for (int i = 0; i < R; ++i) {
+          if (alpha[i] == 1.f) continue;
+          const Vec va(alpha[i]);
+          float* o = O + (int64_t)i * Dv;
+          for (int d = 0; d < Dv; d += kVL) (Vec::loadu(o + d) * va).store(o + d);
+        }
+      }
+      if (vsrc_f != nullptr) {
+        pv<float>(S, pr, pt, R, n, vsrc_f, Dv, Dv, O);
+      } else {
+        pv<T>(S, pr, pt, R, n, vp, s.vs1, Dv, O);
       }
       a = b;
     }
