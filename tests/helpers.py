@@ -11,6 +11,7 @@ import torch
 import torch.fx
 
 import xy_inductor
+from xy_inductor.kernels.cpu import build
 
 
 class GraphCapture:
@@ -144,3 +145,20 @@ def kv_layouts(ks, vs, kv_lens, block_size, hkv, d, gen):
             paged_k[b, :n] = ks[r][j * block_size : j * block_size + n]
             paged_v[b, :n] = vs[r][j * block_size : j * block_size + n]
     return (dense_k, dense_v), (paged_k, paged_v, table)
+
+
+def cpu_kernels_built() -> bool:
+    """Whether the CPU provider's native kernels load here (built on first use)."""
+    if build.why_unavailable() is not None:
+        return False
+    try:
+        build.library()
+    except build.BuildError:
+        return False
+    return True
+
+
+def varlen_cpu_path() -> str:
+    """The ``stats().paths`` entry of ``attention_varlen`` on CPU tensors with the default
+    providers: the CPU provider's kernel where it builds here, else ATen's rows."""
+    return "cpu/paged" if cpu_kernels_built() else "aten/rows"

@@ -58,9 +58,9 @@ def test_plan_prints_the_buckets_and_rejects_bad_sizes():
 def test_providers_lists_what_runs_here_and_why_not_the_rest():
     out = subprocess.run([SCRIPT, "providers"], capture_output=True, text=True, check=True)
     lines = out.stdout.splitlines()
-    assert [line.split()[0] for line in lines[:3]] == ["ascend", "triton", "aten"]
+    assert [line.split()[0] for line in lines[:4]] == ["ascend", "triton", "cpu", "aten"]
     assert "unavailable: torch_npu is not installed" in lines[0]
-    assert lines[2].split() == ["aten", "available"]
+    assert lines[3].split() == ["aten", "available"]
     if "unavailable" in lines[1]:
         assert "no CUDA device" in lines[1] or "not installed" in lines[1]
     assert lines[-2].startswith("xyserve ops try, in order:") and lines[-2].endswith("aten")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import xy_inductor
-from xy_inductor.kernels import aten
+from xy_inductor.kernels import aten, cpu
 from xy_inductor.kernels.aten import native
 from xy_inductor.runtime import ops, providers
 from xy_inductor.runtime.providers import Accept, OpKernel, Provider
@@ -265,7 +265,11 @@ def test_why_the_kernels_would_not_load(monkeypatch):
     assert native._why_not(only_aten).startswith("no C++ compiler")
     monkeypatch.delenv("CXX")
     both = (ascend.PROVIDER, aten.PROVIDER)
-    assert native._why_not(both) == "providers other than ATen serve this process (ascend, aten)"
+    assert native._why_not(both) == (
+        "providers other than ATen serve gemm or attention in this process (ascend, aten)"
+    )
+    # A provider of other ops only (the CPU provider's attention_varlen) leaves the rules exact.
+    assert native._why_not((cpu.PROVIDER, aten.PROVIDER)) is None
 
 
 def test_a_failed_build_is_a_reason_not_an_error(monkeypatch, tmp_path):

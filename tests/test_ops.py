@@ -343,7 +343,7 @@ def test_unavailable_providers_are_skipped(monkeypatch):
 
 def test_every_provider_says_whether_it_can_run_here():
     listed = dict(providers.describe())
-    assert list(listed) == ["ascend", "triton", "aten"] and listed["aten"] is None
+    assert list(listed) == ["ascend", "triton", "cpu", "aten"] and listed["aten"] is None
     assert listed["ascend"] is not None  # never installed here: it says why
     if not torch.cuda.is_available():
         assert "no CUDA device" in listed["triton"] or "not installed" in listed["triton"]

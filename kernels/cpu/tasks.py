@@ -75,9 +75,7 @@ def _build(plan: AttentionPlan) -> TaskTables:
     table = plan.table
     covered = set(row)
     empty = tuple(
-        (table.q_start[r], n)
-        for r, n in enumerate(table.q_len)
-        if n > 0 and r not in covered
+        (table.q_start[r], n) for r, n in enumerate(table.q_len) if n > 0 and r not in covered
     )
     row_keys = heads * sum(
         min(t, table.q_len[r] - a) * (b - c)

@@ -1,0 +1,254 @@
+"""The CPU provider's native meta-attention kernel (``kernels/cpu``) against float64.
+
+Every case runs ``xyserve.attention_varlen`` through the provider registry and asserts which
+provider and path ran. Skipped as a whole where the library cannot be built here (the reason is
+shown): the ATen tests cover those machines.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import packed_reference
+
+import xy_inductor
+from xy_inductor.kernels import aten
+from xy_inductor.kernels import cpu as cpu_provider
+from xy_inductor.kernels.aten import native
+from xy_inductor.kernels.calls import VarlenAttention
+from xy_inductor.kernels.cpu import build
+from xy_inductor.runtime import providers
+
+varlen = torch.ops.xyserve.attention_varlen.default
+
+_REASON = build.why_unavailable()
+if _REASON is None:
+    try:
+        build.library()
+    except build.BuildError as e:
+        _REASON = str(e)
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"CPU kernels: {_REASON}")
+
+# Relative error (norm) against float64 per dtype: fp32 accumulates in fp32; half precision
+# rounds its inputs (already rounded here) and the output once.
+TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+# The many-row kernels take over above this many rows per task; cases cross it both ways.
+FEW_ROWS = 8
+
+
+def _case(rng: random.Random, dtype: torch.dtype):
+    """A random step: mixed rows (decode, prefill, chunked/prefix-cached, verify, no queries),
+    GQA group, head sizes, block size, window, causality, a shuffled block table, and a cache
+    whose unused blocks and slots past every row's length are NaN."""
+    hkv = rng.choice([1, 2, 3])
+    group = rng.choice([1, 2, 4, 5, 8])
+    d = rng.choice([64, 80, 96, 128, 256])
+    dv = d if rng.random() < 0.8 else rng.choice([64, 128])
+    bs = rng.choice([16, 32, 64, 128])
+    causal = rng.random() < 0.85
+    window = rng.choice([None, None, 1, 7, 100])
+    rows = rng.randint(1, 6)
+    q_lens, kv_lens = [], []
+    for _ in range(rows):
+        kind = rng.choice(["decode", "prefill", "chunk", "verify", "empty"])
+        if kind == "decode":
+            q, kv = 1, rng.randint(1, 1500)
+        elif kind == "prefill":
+            q = rng.randint(2, 90)
+            kv = q
+        elif kind == "chunk":
+            q = rng.randint(2, 70)
+            kv = q + rng.randint(1, 600)
+        elif kind == "verify":
+            q = rng.randint(2, 5)
+            kv = q + rng.randint(0, 300)
+        else:
+            q, kv = 0, rng.randint(0, 50)
+        q_lens.append(q)
+        kv_lens.append(kv)
+    if sum(q_lens) == 0:
+        q_lens[0], kv_lens[0] = 1, max(kv_lens[0], 1)
+    gen = torch.Generator().manual_seed(rng.randrange(1 << 30))
+    hq = hkv * group
+    blocks_of = [math.ceil(kv / bs) for kv in kv_lens]
+    n_blocks = sum(blocks_of) + 3
+    order = torch.randperm(n_blocks, generator=gen).tolist()
+    width = max(max(blocks_of), 1) + rng.randint(0, 2)
+    table = torch.full((rows, width), -1, dtype=rng.choice([torch.int32, torch.int64]))
+    # One tensor, K then V in each slot (vLLM's layout), poisoned everywhere first.
+    cache = torch.full((n_blocks, bs, hkv, d + dv), float("nan"), dtype=dtype)
+    ks, vs = [], []
+    for r, kv in enumerate(kv_lens):
+        k = torch.randn(kv, hkv, d, generator=gen).to(dtype)
+        v = torch.randn(kv, hkv, dv, generator=gen).to(dtype)
+        ks.append(k)
+        vs.append(v)
+        for j in range(blocks_of[r]):
+            b = table[r, j] = order.pop()
+            n = min(bs, kv - j * bs)
+            cache[b, :n, :, :d] = k[j * bs : j * bs + n]
+            cache[b, :n, :, d:] = v[j * bs : j * bs + n]
+    table[table < 0] = 0  # entries past a row's blocks are never read
+    q = torch.randn(sum(q_lens), hq, d, generator=gen).to(dtype)
+    return q, cache[..., :d], cache[..., d:], q_lens, kv_lens, table, causal, window, ks, vs
+
+
+def _run(q, k, v, q_lens, kv_lens, table, causal, window):
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    kv = torch.tensor(kv_lens, dtype=torch.int32)
+    return varlen(q, k, v, cu, kv, table, causal, window)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_random_mixed_steps_match_float64(dtype):
+    rng = random.Random(f"cpu-attention-{dtype}")
+    ran = 0
+    for _ in range(40):
+        q, k, v, q_lens, kv_lens, table, causal, window, ks, vs = _case(rng, dtype)
+        if window is not None and any(n > m for n, m in zip(q_lens, kv_lens, strict=True)):
+            continue  # a window needs queries to be the row's last tokens
+        xy_inductor.reset_stats()
+        got = _run(q, k, v, q_lens, kv_lens, table, causal, window)
+        want = packed_reference(q, ks, vs, q_lens, kv_lens, causal, window, q.shape[2] ** -0.5)
+        assert torch.isfinite(got).all()
+        err = ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+        case = (q_lens, kv_lens, q.shape[1], k.shape[2], q.shape[2], v.shape[3], k.shape[1])
+        assert err < TOLERANCE[dtype], (case, causal, window, err)
+        assert xy_inductor.stats().paths["attention_varlen"] == {"cpu/paged": 1}
+        ran += 1
+    assert ran >= 30
+
+
+def _fixed(dtype=torch.float32, q_lens=(1, 40, 3, 1), kv_lens=(700, 40, 300, 1300), group=4):
+    rng = random.Random(0)
+    gen = torch.Generator().manual_seed(1)
+    hkv, d, bs = 2, 128, 32
+    blocks_of = [math.ceil(kv / bs) for kv in kv_lens]
+    cache = torch.randn(sum(blocks_of) + 1, bs, hkv, 2 * d, generator=gen).to(dtype)
+    order = list(range(cache.shape[0]))
+    rng.shuffle(order)
+    table = torch.zeros(len(kv_lens), max(blocks_of), dtype=torch.int32)
+    for r, n in enumerate(blocks_of):
+        for j in range(n):
+            table[r, j] = order.pop()
+    q = torch.randn(sum(q_lens), hkv * group, d, generator=gen).to(dtype)
+    return q, cache[..., :d], cache[..., d:], list(q_lens), list(kv_lens), table
+
+
+def test_a_non_causal_row_over_an_empty_cache_gives_zeros():
+    q, k, v, _, _, table = _fixed()
+    got = _run(q[:5], k, v, [3, 2], [0, 5], table[:2], False, None)
+    assert torch.equal(got[:3], torch.zeros_like(got[:3]))
+    assert got[3:].abs().sum() > 0
+    assert xy_inductor.stats().paths["attention_varlen"] == {"cpu/paged": 1}
+
+
+def test_results_are_bitwise_identical_for_any_thread_count():
+    q, k, v, q_lens, kv_lens, table = _fixed(torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(q, k, v, q_lens, kv_lens, table, True, None)
+        torch.set_num_threads(max(threads, 2))
+        many = _run(q, k, v, q_lens, kv_lens, table, True, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+def test_long_rows_are_split_and_merged():
+    q, k, v, q_lens, kv_lens, table = _fixed()
+    call = VarlenAttention(q, k, v, q_lens, kv_lens, table, True, None, None)
+    accept = cpu_provider.check_attention_varlen(call)
+    assert accept.path == "paged"
+    assert accept.decision.tables.parts > 0 and accept.decision.tables.merges.shape[0] > 0
+    got = cpu_provider.run_attention_varlen(call, accept)
+    with providers.use_providers([aten.PROVIDER]):
+        want = _run(q, k, v, q_lens, kv_lens, table, True, None)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_steps_of_one_class_share_a_plan_and_tables():
+    q, k, v, _, _, table = _fixed(q_lens=(1, 1), kv_lens=(600, 900))
+    first = VarlenAttention(q[:2], k, v, (1, 1), (600, 900), table, True, None, None)
+    later = VarlenAttention(q[:2], k, v, (1, 1), (601, 901), table, True, None, None)
+    a = cpu_provider.check_attention_varlen(first)
+    b = cpu_provider.check_attention_varlen(later)
+    assert a.decision.plan is b.decision.plan
+    assert a.decision.tables is b.decision.tables
+    assert b.decision.kv_len.tolist() == [601, 901]
+
+
+def test_a_block_outside_the_cache_is_an_error_not_a_read():
+    q, k, v, q_lens, kv_lens, table = _fixed()
+    call = VarlenAttention(q, k, v, q_lens, kv_lens, table, True, None, None)
+    accept = cpu_provider.check_attention_varlen(call)
+    bad = table.clone()
+    bad[1, 0] = k.shape[0]  # one past the last block
+    call = VarlenAttention(q, k, v, q_lens, kv_lens, bad, True, None, None)
+    with pytest.raises(RuntimeError, match="row 1 names a block outside the cache"):
+        cpu_provider.run_attention_varlen(call, accept)
+    bad[1, 0] = -1
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        cpu_provider.run_attention_varlen(call, accept)
+    # Through the op the runtime's check names the entry first.
+    with pytest.raises(ValueError, match=r"block_table\[1, 0\] = -1"):
+        _run(q, k, v, q_lens, kv_lens, bad, True, None)
+
+
+def test_lengths_past_the_block_table_are_an_error():
+    q, k, v, q_lens, kv_lens, table = _fixed()
+    call = VarlenAttention(q, k, v, q_lens, kv_lens, table, True, None, None)
+    accept = cpu_provider.check_attention_varlen(call)
+    narrow = VarlenAttention(q, k, v, q_lens, kv_lens, table[:, :2], True, None, None)
+    with pytest.raises(RuntimeError, match="keys but its block table holds"):
+        cpu_provider.run_attention_varlen(narrow, accept)
+
+
+def test_unservable_calls_are_declined_and_aten_serves_them():
+    gen = torch.Generator().manual_seed(0)
+    d = 40  # not a multiple of the vector width
+    cache = torch.randn(4, 16, 2, 2 * d, generator=gen)
+    q = torch.randn(3, 4, d, generator=gen)
+    table = torch.tensor([[0, 1, 2]], dtype=torch.int32)
+    got = _run(q, cache[..., :d], cache[..., d:], [3], [40], table, True, None)
+    keys = cache[:3].reshape(48, 2, 2 * d)[:40]
+    want = packed_reference(q, [keys[..., :d]], [keys[..., d:]], [3], [40], True, None, d**-0.5)
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
+    stats = xy_inductor.stats()
+    assert stats.paths["attention_varlen"] == {"aten/rows": 1}
+    assert stats.declined["attention_varlen"] == {
+        "cpu: head sizes 40/40 are not multiples of 16": 1
+    }
+
+
+def test_the_provider_is_listed_in_front_of_aten_and_the_cpp_path_still_loads():
+    names = [p.name for p in providers.default()]
+    assert names.index("cpu") < names.index("aten")
+    # The CPU provider serves neither gemm nor dense attention: the C++ fast path's rules hold.
+    assert native._why_not(providers.default()) in (None, "disabled by XYSERVE_NATIVE=0")
+
+
+def _unavailable_in_child(env: dict[str, str]) -> str:
+    code = "from xy_inductor.kernels.cpu import build; print(build.why_unavailable())"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+def test_unavailable_says_why():
+    assert _unavailable_in_child({"XYSERVE_CPU_ATTN": "0"}) == "disabled by XYSERVE_CPU_ATTN=0"
+    assert _unavailable_in_child({"CXX": "/nonexistent/c++"}).startswith("no C++ compiler")
+    assert _unavailable_in_child({}) == "None"
