@@ -194,6 +194,7 @@ class VarlenAttention(_AttentionCall):
         "causal",
         "k_cache",
         "kv_lens",
+        "out",
         "q",
         "q_lens",
         "scale",
@@ -212,6 +213,7 @@ class VarlenAttention(_AttentionCall):
         causal: bool,
         window: int | None,
         scale: float | None,
+        out: torch.Tensor | None = None,
     ) -> None:
         self.q = q
         self.k_cache = k_cache
@@ -222,6 +224,9 @@ class VarlenAttention(_AttentionCall):
         self.causal = causal
         self.window = window
         self.scale = scale
+        # Where the caller wants the result ([tokens, Hq, Dv], checked by the caller): a kernel
+        # that can write there does; the caller copies any other result into it.
+        self.out = out
 
     @property
     def block_size(self) -> int:

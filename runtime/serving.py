@@ -159,15 +159,19 @@ class VarlenStep:
         *,
         window: int | None = None,
         scale: float | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``xyserve.attention_varlen`` of this step's rows for one layer: q ``[tokens, Hq,
         D]``, caches ``[blocks, block_size, Hkv, D]`` (any strides), ``window`` as in the op.
-        Returns ``[tokens, Hq, Dv]``."""
+        Returns ``[tokens, Hq, Dv]``: ``out`` when given (a buffer of that shape and q's dtype,
+        written in place, as vLLM hands its layers their output)."""
+        if out is not None:
+            self._check_out(q, v_cache, out)
         key = (_tensor_key(q), _tensor_key(k_cache), _tensor_key(v_cache), window)
         active = providers.active_providers()
         call = VarlenAttention(
             q, k_cache, v_cache, self.q_lens, self.kv_lens, self.block_table, self.causal,
-            window, scale,
+            window, scale, out,
         )  # fmt: skip
         entry = self._decisions.get(key)
         # The entry holds the provider list it was chosen from and is reused only for that very
@@ -178,7 +182,19 @@ class VarlenStep:
             counters.record_varlen_step_check()
         _, name, kernel, accept = entry
         counters.record_call(_OP, name, accept.path)
-        return kernel.run(call, accept)
+        got = kernel.run(call, accept)
+        if out is None or got is out:
+            return got
+        return out.copy_(got)
+
+    @staticmethod
+    def _check_out(q: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
+        want = (q.shape[0], q.shape[1], v_cache.shape[-1])
+        if tuple(out.shape) != want or out.dtype != q.dtype or out.device != q.device:
+            raise ValueError(
+                f"VarlenStep.run: out must be {list(want)} {q.dtype} on {q.device}, got "
+                f"{list(out.shape)} {out.dtype} on {out.device}"
+            )
 
     def _check(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, window: int | None

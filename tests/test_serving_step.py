@@ -340,3 +340,19 @@ def test_short_rows_in_half_precision_attend_in_float32_without_amx(monkeypatch,
         assert ((got.double() - want).norm() / want.norm()).item() < TOLERANCE[torch.bfloat16]
     finally:
         group_dtype.cache_clear()
+
+
+@pytest.mark.parametrize("only_aten", [False, True])
+def test_a_step_writes_into_the_callers_output(only_aten):
+    q_lens, kv_lens, q, _, _, k, v, table = _step_inputs()
+    step = VarlenStep(q_lens, kv_lens, table)
+    listed = [aten.PROVIDER] if only_aten else list(providers.default())
+    with providers.use_providers(listed):
+        want = step.run(q, k, v, scale=0.125)
+        buf = torch.full((q.shape[0] + 3, q.shape[1], v.shape[3]), float("nan"))
+        got = step.run(q, k, v, scale=0.125, out=buf[: q.shape[0]])
+    assert got.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(buf[: q.shape[0]], want, rtol=0, atol=0)
+    assert torch.isnan(buf[q.shape[0] :]).all()  # nothing written past it
+    with pytest.raises(ValueError, match=r"out must be \[63, 8, 64\] torch.float32"):
+        step.run(q, k, v, out=buf[:5])

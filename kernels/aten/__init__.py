@@ -154,6 +154,7 @@ def run_attention_varlen(call: VarlenAttention, accept: Accept) -> torch.Tensor:
             block_table=call.block_table,
             block_size=call.block_size,
             scale=call.softmax_scale,
+            out=call.out,
             cache=paged.derived,
         )
     return run_plan(

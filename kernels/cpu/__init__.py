@@ -103,7 +103,9 @@ def run_attention_varlen(call: VarlenAttention, accept: Accept) -> torch.Tensor:
     decision: PagedTasks = accept.decision
     tables = decision.tables
     q, k, v = call.q, call.k_cache, call.v_cache
-    out = q.new_empty((q.shape[0], q.shape[1], v.shape[3]))
+    out = call.out
+    if out is None or out.stride(2) != 1:
+        out = q.new_empty((q.shape[0], q.shape[1], v.shape[3]))
     for s0, n in tables.empty:
         out[s0 : s0 + n] = 0
     group = q.shape[1] // k.shape[2]

@@ -121,6 +121,9 @@ def _load() -> ModuleType | BuildError:
             for s in (
                 torch.__version__,
                 str(torch.version.git_version),
+                # each installation its own build: ninja would rebuild one shared between two
+                # venvs (their include paths differ) every time the other one ran
+                str(Path(torch.__file__).parent),
                 str(_compiler()),
                 sys.platform,
                 " ".join(flags),

@@ -259,10 +259,14 @@ class XyserveAttentionImpl(AttentionImpl[XyserveAttentionMetadata]):
         v_cache = paged[..., self.head_size :]
         if self.kv_sharing_target_layer_name is None and key is not None and value is not None:
             attn_metadata.writes.write(k_cache, v_cache, key[:n], value[:n])
-        out = attn_metadata.step.run(
-            query[:n], k_cache, v_cache, window=self.sliding_window, scale=self.scale
+        attn_metadata.step.run(
+            query[:n],
+            k_cache,
+            v_cache,
+            window=self.sliding_window,
+            scale=self.scale,
+            out=output[:n],
         )
-        output[:n].copy_(out)
         return output
 
 
