@@ -49,7 +49,8 @@ HEADS, KV_HEADS, HEAD_SIZE, BLOCK = 8, 2, 128, 128
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # (seq_lens, query_lens): the decoder rows of vLLM's BATCH_SPECS (tests/v1/attention/
-# test_attention_backends.py); the encoder-only rows are left out (no causal cache).
+# test_attention_backends.py); the encoder-only rows are left out (no causal cache). Two more of
+# our own: a sliding window over mixed_medium, and prefills with no cached context.
 SPECS: dict[str, tuple[list[int], list[int]]] = {
     "small_decode": ([32, 40], [1, 1]),
     "small_prefill": ([32, 40], [8, 8]),
@@ -62,7 +63,13 @@ SPECS: dict[str, tuple[list[int], list[int]]] = {
     "mixed_large": ([1024, 2048, 4096, 1024, 2048, 4096], [1, 1, 1, 32, 32, 32]),
     "single_decode": ([1024], [1]),
     "single_prefill": ([1024], [64]),
+    "window_medium": ([512, 1024, 2048, 512, 1024, 2048], [1, 1, 1, 7, 7, 7]),
+    "prefill_no_context": ([128, 256, 512], [128, 256, 512]),
 }
+WINDOWS = {"window_medium": 256}
+"""Specs run with a sliding window (a query at p sees the keys after p - window)."""
+BANDWIDTH_SPEC = "large_decode"
+"""The spec whose K/V read rate is compared with a plain copy of the same bytes."""
 QUICK_SPECS = ["small_decode", "mixed_small", "single_prefill"]
 
 
@@ -82,6 +89,8 @@ class Row:
     xyserve_build_ms: float  # the metadata builder's build of the step (once per step)
     cpu_attn_build_ms: float
     cpu_attn_isa: str
+    kv_bytes: int = 0  # K/V bytes the step must read (every row's keys and values)
+    copy_ms: float = 0.0  # a plain copy of kv_bytes (BANDWIDTH_SPEC only)
 
 
 def _config(dtype: torch.dtype) -> Any:
@@ -118,9 +127,12 @@ class Step:
     new_key: torch.Tensor  # [tokens, Hkv, D]
     new_value: torch.Tensor
     num_blocks: int
+    window: int | None
 
 
-def make_step(seq_lens: list[int], query_lens: list[int], dtype: torch.dtype, seed: int) -> Step:
+def make_step(
+    seq_lens: list[int], query_lens: list[int], dtype: torch.dtype, seed: int, window: int | None
+) -> Step:
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
     gen = torch.Generator().manual_seed(seed)
@@ -175,6 +187,7 @@ def make_step(seq_lens: list[int], query_lens: list[int], dtype: torch.dtype, se
         new_key=torch.cat(parts["nk"]),
         new_value=torch.cat(parts["nv"]),
         num_blocks=num_blocks,
+        window=window,
     )
 
 
@@ -189,7 +202,10 @@ def reference(step: Step) -> torch.Tensor:
         v64 = v.double().repeat_interleave(group, dim=1).transpose(0, 1)
         n_q, s = q.shape[1], k.shape[0]
         scores = q @ k64.transpose(1, 2) * HEAD_SIZE**-0.5
-        visible = torch.arange(s)[None, :] <= torch.arange(s - n_q, s)[:, None]
+        qpos = torch.arange(s - n_q, s)[:, None]
+        visible = torch.arange(s)[None, :] <= qpos
+        if step.window is not None:
+            visible &= torch.arange(s)[None, :] > qpos - step.window
         scores = scores.masked_fill(~visible, float("-inf"))
         out.append((scores.softmax(-1) @ v64).transpose(0, 1))
     return torch.cat(out)
@@ -218,7 +234,7 @@ class Runner:
                 scale=HEAD_SIZE**-0.5,
                 num_kv_heads=KV_HEADS,
                 alibi_slopes=None,
-                sliding_window=None,
+                sliding_window=step.window,
                 kv_cache_dtype="auto",
             )
         self.layer = _layer()
@@ -261,7 +277,7 @@ class Runner:
 def run_spec(name: str, dtype_name: str, rounds: int, sample_s: float, seed: int) -> Row:
     seq_lens, query_lens = SPECS[name]
     dtype = DTYPES[dtype_name]
-    step = make_step(seq_lens, query_lens, dtype, seed)
+    step = make_step(seq_lens, query_lens, dtype, seed, WINDOWS.get(name))
     ref = reference(step)
     xy, cpu = Runner("CUSTOM", step, dtype), Runner("CPU_ATTN", step, dtype)
     errs = []
@@ -273,6 +289,15 @@ def run_spec(name: str, dtype_name: str, rounds: int, sample_s: float, seed: int
     t_xy, t_cpu = interleaved(fns, rounds=rounds, warmup=2, reps=reps)
     builds = [xy.build, cpu.build]
     b_xy, b_cpu = interleaved(builds, rounds=rounds, reps=reps_for(builds, sample_s / 4))
+    kv_bytes = sum(seq_lens) * KV_HEADS * 2 * HEAD_SIZE * step.query.element_size()
+    copy_ms = 0.0
+    if name == BANDWIDTH_SPEC:
+        # The same bytes, copied once (read + write), in this process, between the forwards.
+        src = torch.ones(kv_bytes, dtype=torch.uint8)
+        dst = torch.empty_like(src)
+        fns3 = [xy.forward, lambda: dst.copy_(src), cpu.forward]
+        _, t_copy, _ = interleaved(fns3, rounds=rounds, warmup=1, reps=reps_for(fns3, sample_s))
+        copy_ms = t_copy.ms
     return Row(
         spec=name,
         dtype=dtype_name,
@@ -288,6 +313,8 @@ def run_spec(name: str, dtype_name: str, rounds: int, sample_s: float, seed: int
         xyserve_build_ms=b_xy.ms,
         cpu_attn_build_ms=b_cpu.ms,
         cpu_attn_isa=str(cpu.layer.isa),
+        kv_bytes=kv_bytes,
+        copy_ms=copy_ms,
     )
 
 
@@ -308,6 +335,14 @@ def table(rows: list[Row]) -> str:
             f"{r.cpu_attn_ms:>11.3f} {r.ratio:>5.2f}x {r.xyserve_err:>8.1e} {r.cpu_attn_err:>8.1e} "
             f"{r.xyserve_build_ms:>7.3f}/{r.cpu_attn_build_ms:<7.3f} {r.cpu_attn_isa:>4}"
         )
+    for r in rows:
+        if r.copy_ms:
+            gbs = [r.kv_bytes / ms / 1e6 for ms in (r.xyserve_ms, r.cpu_attn_ms, r.copy_ms)]
+            lines.append(
+                f"{r.spec} {r.dtype}: K/V read at {gbs[0]:.1f} GB/s by xyserve, {gbs[1]:.1f} by "
+                f"CPU_ATTN; a copy of the same {r.kv_bytes / 2**20:.0f} MiB: {gbs[2]:.1f} GB/s "
+                f"(xyserve at {gbs[0] / gbs[2]:.0%} of it)"
+            )
     for d in dict.fromkeys(r.dtype for r in rows):
         g = geomean([r.ratio for r in rows if r.dtype == d])
         lines.append(f"geomean {d}: xyserve at {g:.2f}x CPU_ATTN's speed (CPU_ATTN/xyserve)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from xy_inductor import workload as wl
 from xy_inductor.config import XyConfig
 from xy_inductor.explainer import explain
 from xy_inductor.kernels.aten import native
+from xy_inductor.kernels.cpu import build as cpu_build
 from xy_inductor.runtime import ops, providers
 from xy_inductor.runtime.providers import plan_gemm
 
@@ -151,11 +153,14 @@ def providers_cmd(args: argparse.Namespace) -> int:
     whether the C++ CPU kernels are built (--build builds them now, once per machine)."""
     if args.build:
         ops.load_native()
+        with contextlib.suppress(cpu_build.BuildError):  # status() below says why
+            cpu_build.library()
 
     listed = providers.describe()
     width = max(len(name) for name, _ in listed)
     for name, reason in listed:
         print(f"{name:<{width}}  {'available' if reason is None else 'unavailable: ' + reason}")
+    print(f"CPU attention kernels (attention_varlen): {cpu_build.status()}")
     active = ", ".join(p.name for p in providers.active_providers())
     print(f"xyserve ops try, in order: {active}")
     why = native.status()
@@ -209,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--build",
         action="store_true",
-        help="build the C++ CPU kernels of gemm and attention now (else the first compile does)",
+        help="build the C++ CPU kernels now (else the first compile or call does)",
     )
     p.set_defaults(run=providers_cmd)
     args = parser.parse_args(argv)

@@ -26,236 +26,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "attention_micro.h"
+#include "attention_pairs.h"
+
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int kVL = Vec::size();
-// Keys per inner step: S of a span ([rows][kSpan] fp32) stays in L1/L2 next to the tile.
-constexpr int kSpan = 128;
-// Rows per block of a task (four vectors of rows in the many-row kernels).
-constexpr int kRowBlock = 4 * kVL;
-// Up to this many rows a task reads K and V in place row by row (decode, GQA groups); more
-// rows (prefill) take the token-major kernels.
-constexpr int kFewRows = 8;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// Task table columns (tasks.py writes the same order).
-enum TaskCol { kRow, kQ0, kQTile, kK0, kK1, kHead, kPart, kTaskCols = 8 };
-enum MergeCol { kMRow, kMQ0, kMQTile, kMHead, kMFirst, kMCount, kMergeCols = 6 };
-
-template <typename T>
-inline Vec load_f(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return Vec::loadu(p);
-  } else {
-    Vec out;
-    at::vec::load_to_float<T>(p, out);
-    return out;
-  }
-}
-
-inline float hsum(const Vec& v) {
-  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
-}
-
-// S[m * lds + t] = dot(Q[m], K[t]) for m < M, t < n; K rows ldk elements apart.
-template <typename T>
-void qk(const float* Q, int M, int D, const T* K, int64_t ldk, int n, float* S, int lds) {
-  int m = 0;
-  for (; m + 4 <= M; m += 4) {
-    const float* q0 = Q + (int64_t)m * D;
-    const float* q1 = q0 + D;
-    const float* q2 = q1 + D;
-    const float* q3 = q2 + D;
-    for (int t = 0; t < n; ++t) {
-      const T* k = K + t * ldk;
-      Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
-      for (int d = 0; d < D; d += kVL) {
-        Vec kv = load_f(k + d);
-        a0 = at::vec::fmadd(Vec::loadu(q0 + d), kv, a0);
-        a1 = at::vec::fmadd(Vec::loadu(q1 + d), kv, a1);
-        a2 = at::vec::fmadd(Vec::loadu(q2 + d), kv, a2);
-        a3 = at::vec::fmadd(Vec::loadu(q3 + d), kv, a3);
-      }
-      S[(int64_t)m * lds + t] = hsum(a0);
-      S[(int64_t)(m + 1) * lds + t] = hsum(a1);
-      S[(int64_t)(m + 2) * lds + t] = hsum(a2);
-      S[(int64_t)(m + 3) * lds + t] = hsum(a3);
-    }
-  }
-  for (; m < M; ++m) {
-    const float* q0 = Q + (int64_t)m * D;
-    for (int t = 0; t < n; ++t) {
-      const T* k = K + t * ldk;
-      Vec a0(0.f);
-      for (int d = 0; d < D; d += kVL) {
-        a0 = at::vec::fmadd(Vec::loadu(q0 + d), load_f(k + d), a0);
-      }
-      S[(int64_t)m * lds + t] = hsum(a0);
-    }
-  }
-}
-
-// Many rows (prefill): St[t][r] = sum_d K[t][d] * Qt[d][r] with the scores token-major, so QK
-// is broadcasts of one key element against vectors of query rows (no horizontal sums, K read
-// in place) and the softmax runs across rows in vectors. NJ vectors of rows, TB keys at a time.
-template <int TB, int NJ>
-inline void qk_cols_block(const float* Qt, int ldq, int D, const float* K, int64_t ldk, int t0,
-                          float* St, int lds) {
-  Vec acc[TB][NJ];
-  for (int i = 0; i < TB; ++i)
-    for (int j = 0; j < NJ; ++j) acc[i][j] = Vec(0.f);
-  for (int d = 0; d < D; ++d) {
-    Vec qv[NJ];
-    for (int j = 0; j < NJ; ++j) qv[j] = Vec::loadu(Qt + (int64_t)d * ldq + j * kVL);
-    for (int i = 0; i < TB; ++i) {
-      const Vec kb(K[(t0 + i) * ldk + d]);
-      for (int j = 0; j < NJ; ++j) acc[i][j] = at::vec::fmadd(kb, qv[j], acc[i][j]);
-    }
-  }
-  for (int i = 0; i < TB; ++i)
-    for (int j = 0; j < NJ; ++j) acc[i][j].store(St + (int64_t)(t0 + i) * lds + j * kVL);
-}
-
-template <int NJ>
-inline void qk_cols_n(const float* Qt, int D, const float* K, int64_t ldk, int n, float* St) {
-  constexpr int ld = NJ * kVL;
-  int t = 0;
-  for (; t + 4 <= n; t += 4) qk_cols_block<4, NJ>(Qt, ld, D, K, ldk, t, St, ld);
-  for (; t < n; ++t) qk_cols_block<1, NJ>(Qt, ld, D, K, ldk, t, St, ld);
-}
-
-// Rp = NJ * kVL rows (a multiple of the vector width, at most 4 vectors).
-void qk_cols(const float* Qt, int Rp, int D, const float* K, int64_t ldk, int n, float* St) {
-  switch (Rp / kVL) {
-    case 1: qk_cols_n<1>(Qt, D, K, ldk, n, St); break;
-    case 2: qk_cols_n<2>(Qt, D, K, ldk, n, St); break;
-    case 3: qk_cols_n<3>(Qt, D, K, ldk, n, St); break;
-    default: qk_cols_n<4>(Qt, D, K, ldk, n, St); break;
-  }
-}
-
-// Online softmax of St [n][Rp] per row (column), in vectors of rows. alpha[r]: the factor row
-// r's accumulator must be rescaled by.
-void softmax_cols(float* St, int n, int Rp, float* m_run, float* l_run, float* alpha) {
-  for (int j = 0; j < Rp; j += kVL) {
-    Vec mx(kNegInf);
-    for (int t = 0; t < n; ++t) mx = at::vec::maximum(mx, Vec::loadu(St + (int64_t)t * Rp + j));
-    const Vec mo = Vec::loadu(m_run + j);
-    const Vec mn = at::vec::maximum(mo, mx);
-    // Rows that have seen no key yet and see none here subtract 0, not -inf (no NaN).
-    const Vec mu = Vec::blendv(mn, Vec(0.f), mn == Vec(kNegInf));
-    Vec sum(0.f);
-    for (int t = 0; t < n; ++t) {
-      float* p = St + (int64_t)t * Rp + j;
-      const Vec e = (Vec::loadu(p) - mu).exp_u20();
-      e.store(p);
-      sum = sum + e;
-    }
-    const Vec al = (mo - mu).exp_u20();
-    (Vec::loadu(l_run + j) * al + sum).store(l_run + j);
-    mn.store(m_run + j);
-    al.store(alpha + j);
-  }
-}
-
-// O[m][d0 : d0 + NV * kVL] += sum_t P[m][t] * V[t][d0 : ...] for rows [m0, m0 + R).
-template <typename T, int R, int NV>
-inline void pv_block(const float* P, int pr, int pt, int m0, int n, const T* V, int64_t ldv,
-                     int d0, float* O, int Dv) {
-  Vec acc[R][NV];
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < NV; ++j) acc[i][j] = Vec::loadu(O + (int64_t)(m0 + i) * Dv + d0 + j * kVL);
-  for (int t = 0; t < n; ++t) {
-    const T* v = V + t * ldv + d0;
-    Vec vv[NV];
-    for (int j = 0; j < NV; ++j) vv[j] = load_f(v + j * kVL);
-    for (int i = 0; i < R; ++i) {
-      Vec p(P[(int64_t)(m0 + i) * pr + (int64_t)t * pt]);
-      for (int j = 0; j < NV; ++j) acc[i][j] = at::vec::fmadd(p, vv[j], acc[i][j]);
-    }
-  }
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < NV; ++j) acc[i][j].store(O + (int64_t)(m0 + i) * Dv + d0 + j * kVL);
-}
-
-template <typename T, int NV>
-inline void pv_rows(const float* P, int pr, int pt, int M, int n, const T* V, int64_t ldv, int d0,
-                    float* O, int Dv) {
-  int m = 0;
-  for (; m + 4 <= M; m += 4) pv_block<T, 4, NV>(P, pr, pt, m, n, V, ldv, d0, O, Dv);
-  for (; m < M; ++m) pv_block<T, 1, NV>(P, pr, pt, m, n, V, ldv, d0, O, Dv);
-}
-
-// O[M][Dv] += P . V[n][Dv], P[m][t] at P[m * pr + t * pt]; V rows ldv elements apart.
-template <typename T>
-void pv(const float* P, int pr, int pt, int M, int n, const T* V, int64_t ldv, int Dv, float* O) {
-  int d = 0;
-  for (; d + 4 * kVL <= Dv; d += 4 * kVL) pv_rows<T, 4>(P, pr, pt, M, n, V, ldv, d, O, Dv);
-  switch ((Dv - d) / kVL) {
-    case 3: pv_rows<T, 3>(P, pr, pt, M, n, V, ldv, d, O, Dv); break;
-    case 2: pv_rows<T, 2>(P, pr, pt, M, n, V, ldv, d, O, Dv); break;
-    case 1: pv_rows<T, 1>(P, pr, pt, M, n, V, ldv, d, O, Dv); break;
-    default: break;
-  }
-}
-
-// One row's online-softmax step over a span of n scores (in place: scores become P). Returns
-// false when the row sees none of the span (its P row is zeroed, its state untouched).
-inline bool softmax_step(float* s, int n, float& m_run, float& l_run, float* o, int Dv) {
-  Vec vmax(kNegInf);
-  int t = 0;
-  for (; t + kVL <= n; t += kVL) vmax = at::vec::maximum(vmax, Vec::loadu(s + t));
-  if (t < n) vmax = at::vec::maximum(vmax, Vec::set(Vec(kNegInf), Vec::loadu(s + t, n - t), n - t));
-  float mx = at::vec::vec_reduce_all<float>(
-      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
-  if (mx == kNegInf) {
-    std::fill(s, s + n, 0.f);
-    return false;
-  }
-  const float m_new = std::max(m_run, mx);
-  const Vec vm(m_new);
-  Vec vsum(0.f);
-  t = 0;
-  for (; t + kVL <= n; t += kVL) {
-    Vec e = (Vec::loadu(s + t) - vm).exp_u20();
-    e.store(s + t);
-    vsum = vsum + e;
-  }
-  if (t < n) {
-    Vec e = Vec::set(Vec(0.f), (Vec::loadu(s + t, n - t) - vm).exp_u20(), n - t);
-    e.store(s + t, n - t);
-    vsum = vsum + e;
-  }
-  const float sum = hsum(vsum);
-  if (m_run == kNegInf) {  // first keys this row sees: nothing to rescale
-    l_run = sum;
-  } else {
-    const float alpha = std::exp(m_run - m_new);
-    l_run = l_run * alpha + sum;
-    if (alpha != 1.f) {
-      const Vec va(alpha);
-      for (int d = 0; d < Dv; d += kVL) (Vec::loadu(o + d) * va).store(o + d);
-    }
-  }
-  m_run = m_new;
-  return true;
-}
-
-template <typename T>
-inline void store_row(const float* o, float inv, T* dst, int Dv) {
-  if constexpr (std::is_same_v<T, float>) {
-    const Vec vi(inv);
-    for (int d = 0; d < Dv; d += kVL) (Vec::loadu(o + d) * vi).store(dst + d);
-  } else {
-    alignas(64) float tmp[kVL];
-    const Vec vi(inv);
-    for (int d = 0; d < Dv; d += kVL) {
-      (Vec::loadu(o + d) * vi).store(tmp);
-      at::vec::convert(tmp, dst + d, kVL);
-    }
-  }
-}
+using namespace xyserve_cpu;
 
 // Per-thread scratch, grown as needed and kept: no allocation per call.
 struct Scratch {
@@ -320,6 +96,9 @@ void run_task(const Step& s, const int32_t* task, std::atomic<int64_t>& bad_bloc
   for (int64_t r0 = 0; r0 < M; r0 += kRowBlock) {
     const int R = (int)std::min<int64_t>(kRowBlock, M - r0);
     const bool few = R <= kFewRows;
+    // Few rows over a bf16 cache on AVX-512: query and accumulator rows in paired order.
+    constexpr bool bf16 = std::is_same_v<T, c10::BFloat16>;
+    const bool pairs = kHavePairs && bf16 && few && D % 32 == 0 && Dv % 32 == 0;
     const int Rp = (R + kVL - 1) / kVL * kVL;  // many rows: padded to whole vectors
     const Vec vscale(s.scale);
     // Query rows of this block, scaled, in fp32: Q [R][D] for few rows, Qt [D][Rp] for many
@@ -328,7 +107,9 @@ void run_task(const Step& s, const int32_t* task, std::atomic<int64_t>& bad_bloc
     for (int i = 0; i < R; ++i) {
       const int64_t m = r0 + i, tok = s.q_start[row] + q0 + m / G, h = head * G + m % G;
       const T* src = qbase + tok * s.qs0 + h * s.qs1;
-      if (few) {
+      if (pairs) {
+        pair_row(src, s.scale, Q + (int64_t)i * D, D);
+      } else if (few) {
         for (int d = 0; d < D; d += kVL) (load_f(src + d) * vscale).store(Q + (int64_t)i * D + d);
       } else {
         for (int d = 0; d < D; ++d) Q[(int64_t)d * Rp + i] = static_cast<float>(src[d]) * s.scale;
@@ -356,7 +137,11 @@ void run_task(const Step& s, const int32_t* task, std::atomic<int64_t>& bad_bloc
       // Scores: [R][kSpan] row-major for few rows, [n][Rp] token-major for many.
       const int pr = few ? kSpan : 1, pt = few ? 1 : Rp;
       const float* vsrc_f = nullptr;  // V widened to fp32 (many rows, half precision)
-      if (few) {
+      if (pairs) {
+#if defined(CPU_CAPABILITY_AVX512)
+        if constexpr (bf16) qk_pairs(Q, R, D, kp, s.ks1, n, S, kSpan);
+#endif
+      } else if (few) {
         qk<T>(Q, R, D, kp, s.ks1, n, S, kSpan);
       } else if constexpr (std::is_same_v<T, float>) {
         qk_cols(Q, Rp, D, kp, s.ks1, n, S);
@@ -393,12 +178,19 @@ void run_task(const Step& s, const int32_t* task, std::atomic<int64_t>& bad_bloc
           for (int d = 0; d < Dv; d += kVL) (Vec::loadu(o + d) * va).store(o + d);
         }
       }
-      if (vsrc_f != nullptr) {
+      if (pairs) {
+#if defined(CPU_CAPABILITY_AVX512)
+        if constexpr (bf16) pv_pairs(S, kSpan, R, n, vp, s.vs1, Dv, O);
+#endif
+      } else if (vsrc_f != nullptr) {
         pv<float>(S, pr, pt, R, n, vsrc_f, Dv, Dv, O);
       } else {
         pv<T>(S, pr, pt, R, n, vp, s.vs1, Dv, O);
       }
       a = b;
+    }
+    if (pairs) {
+      for (int i = 0; i < R; ++i) unpair_row(O + (int64_t)i * Dv, Dv);
     }
     if (part < 0) {
       T* out = static_cast<T*>(s.out);

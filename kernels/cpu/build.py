@@ -27,7 +27,7 @@ from types import ModuleType
 import torch
 from torch.utils import cpp_extension
 
-__all__ = ["SOURCE", "BuildError", "library", "tier", "why_unavailable"]
+__all__ = ["SOURCE", "BuildError", "library", "status", "tier", "why_unavailable"]
 
 log = logging.getLogger("xy_inductor")
 
@@ -147,3 +147,16 @@ def _load() -> ModuleType | BuildError:
     except (OSError, RuntimeError, ImportError) as e:
         log.warning("xyserve: CPU attention kernels not built (ATen serves instead): %s", e)
         return BuildError(f"building or loading {SOURCE.name} failed: {e}")
+
+
+def status() -> str:
+    """One line for ``xyserve providers``: loaded (and the tier), not built yet, or why not."""
+    reason = why_unavailable()
+    if reason is not None:
+        return f"no: {reason}"
+    if _load.cache_info().currsize == 0:
+        return "not loaded yet (the first CPU attention_varlen call builds or loads them)"
+    loaded = _load()
+    if isinstance(loaded, BuildError):
+        return f"no: {loaded}"
+    return f"loaded ({tier()} vectors)"
