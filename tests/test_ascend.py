@@ -470,7 +470,7 @@ def test_stats_show_why_the_ascend_provider_is_not_used_here():
 def test_explain_shows_which_providers_this_machine_has():
     report = xy_inductor.explain(lambda x: F.linear(x, torch.ones(4, 4)), torch.ones(3, 4))
     names = [name for name, _ in report.providers]
-    assert names == ["ascend", "triton", "aten"]  # the priority order of PROVIDER_MODULES
+    assert names == ["ascend", "triton", "cpu", "aten"]  # the priority order of PROVIDER_MODULES
     assert dict(report.providers)["aten"] is None
     assert "torch_npu" in dict(report.providers)["ascend"]
     assert "    ascend   unavailable: torch_npu" in str(report)
