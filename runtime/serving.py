@@ -40,7 +40,9 @@ _OP = "attention_varlen"
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
-    return (t.dtype, t.device, tuple(t.shape), t.stride(), t.data_ptr() % 16)
+    # Paid by every layer of a step: no device here (a torch.device per tensor costs as much as
+    # the rest); the key holds q's, and a kernel handed a tensor on another device raises.
+    return (t.dtype, t.shape, t.stride(), t.data_ptr() % 16)
 
 
 def check_block_ids(
@@ -165,9 +167,14 @@ class VarlenStep:
         D]``, caches ``[blocks, block_size, Hkv, D]`` (any strides), ``window`` as in the op.
         Returns ``[tokens, Hq, Dv]``: ``out`` when given (a buffer of that shape and q's dtype,
         written in place, as vLLM hands its layers their output)."""
-        if out is not None:
-            self._check_out(q, v_cache, out)
-        key = (_tensor_key(q), _tensor_key(k_cache), _tensor_key(v_cache), window)
+        key = (
+            q.device,
+            _tensor_key(q),
+            _tensor_key(k_cache),
+            _tensor_key(v_cache),
+            None if out is None else _tensor_key(out),
+            window,
+        )
         active = providers.active_providers()
         call = VarlenAttention(
             q, k_cache, v_cache, self.q_lens, self.kv_lens, self.block_table, self.causal,
@@ -178,6 +185,8 @@ class VarlenStep:
         # object: an id() in the key could match a new list at a freed list's address.
         if entry is None or entry[0] is not active:
             self._check(q, k_cache, v_cache, window)
+            if out is not None:
+                self._check_out(q, v_cache, out)
             entry = self._decisions[key] = (active, *providers.choose(_OP, call))
             counters.record_varlen_step_check()
         _, name, kernel, accept = entry

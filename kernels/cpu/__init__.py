@@ -61,6 +61,8 @@ class PagedTasks:
     """The call's KV lengths, int32: a decision is made per step and shared by its layers."""
     parallel: bool
     """Whether the step is worth running over torch's threads."""
+    rows: tuple
+    """The kernel's per-row and task arguments, in its order (made once, passed per layer)."""
 
 
 def _unavailable() -> str | None:
@@ -88,15 +90,17 @@ def check_attention_varlen(call: VarlenAttention) -> Accept | str:
     plan = call.plan(menu_for(group))
     tables = task_tables(plan)
     work = tables.row_keys * group * (d + dv)
-    return Accept(
-        "paged",
-        PagedTasks(
-            plan,
-            tables,
-            torch.tensor(call.kv_lens, dtype=torch.int32),
-            work >= PARALLEL_MIN_WORK,
-        ),
+    kv_len = torch.tensor(call.kv_lens, dtype=torch.int32)
+    rows = (
+        tables.q_start,
+        tables.q_len,
+        kv_len,
+        tables.tasks,
+        tables.merges,
+        tables.max_q_tile * group,
+        tables.parts,
     )
+    return Accept("paged", PagedTasks(plan, tables, kv_len, work >= PARALLEL_MIN_WORK, rows))
 
 
 def run_attention_varlen(call: VarlenAttention, accept: Accept) -> torch.Tensor:
@@ -108,19 +112,12 @@ def run_attention_varlen(call: VarlenAttention, accept: Accept) -> torch.Tensor:
         out = q.new_empty((q.shape[0], q.shape[1], v.shape[3]))
     for s0, n in tables.empty:
         out[s0 : s0 + n] = 0
-    group = q.shape[1] // k.shape[2]
     build.library().paged_attention(
         q,
         k,
         v,
         call.block_table,
-        tables.q_start,
-        tables.q_len,
-        decision.kv_len,
-        tables.tasks,
-        tables.merges,
-        tables.max_q_tile * group,
-        tables.parts,
+        *decision.rows,
         call.softmax_scale,
         call.causal,
         call.window or 0,

@@ -205,6 +205,8 @@ class XyserveAttentionImpl(AttentionImpl[XyserveAttentionMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        # (vLLM's cache tensor, the K view, the V view) of the last forward (``_caches``).
+        self._views: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # What this layer asks for that xyserve cannot serve. The metadata builder raises at
         # engine start with the layer's name (vLLM does not give it here); forward refuses too.
         self.unsupported: tuple[str, ...] = tuple(
@@ -249,25 +251,39 @@ class XyserveAttentionImpl(AttentionImpl[XyserveAttentionMetadata]):
         if attn_metadata is None:  # vLLM's profiling and warm-up runs: no KV, no rows
             return output
         n = attn_metadata.num_actual_tokens
-        paged = kv_cache.transpose(1, 2)  # [blocks, block_size, Hkv, D + Dv], a view
-        if paged.shape[1] != attn_metadata.block_size:
+        k_cache, v_cache = self._caches(kv_cache)
+        if k_cache.shape[1] != attn_metadata.block_size:
             raise ValueError(
                 f"xyserve attention backend (CUSTOM): the layer's cache has blocks of "
-                f"{paged.shape[1]} slots, the step was built for {attn_metadata.block_size}"
+                f"{k_cache.shape[1]} slots, the step was built for {attn_metadata.block_size}"
             )
-        k_cache = paged[..., : self.head_size]
-        v_cache = paged[..., self.head_size :]
         if self.kv_sharing_target_layer_name is None and key is not None and value is not None:
             attn_metadata.writes.write(k_cache, v_cache, key[:n], value[:n])
+        # Views cost a microsecond each, per layer: none when vLLM did not pad the tokens.
+        whole = n == query.shape[0] == output.shape[0]
         attn_metadata.step.run(
-            query[:n],
+            query if whole else query[:n],
             k_cache,
             v_cache,
             window=self.sliding_window,
             scale=self.scale,
-            out=output[:n],
+            out=output if whole else output[:n],
         )
         return output
+
+    def _caches(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's K and V caches ``[blocks, block_size, Hkv, D]`` as views of vLLM's
+        ``kv_cache``, made once per cache tensor: it is allocated when the engine starts and
+        kept, so every step's forward would make the same views again."""
+        views = self._views
+        if views is None or views[0] is not kv_cache:
+            paged = kv_cache.transpose(1, 2)  # [blocks, block_size, Hkv, D + Dv], a view
+            views = self._views = (
+                kv_cache,
+                paged[..., : self.head_size],
+                paged[..., self.head_size :],
+            )
+        return views[1], views[2]
 
 
 def unsupported_features(
