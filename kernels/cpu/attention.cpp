@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -27,6 +28,7 @@
 #include <vector>
 
 #include "attention_micro.h"
+#include "attention_dpbf16.h"
 #include "attention_pairs.h"
 
 namespace {
@@ -96,18 +98,30 @@ void run_task(const Step& s, const int32_t* task, std::atomic<int64_t>& bad_bloc
   for (int64_t r0 = 0; r0 < M; r0 += kRowBlock) {
     const int R = (int)std::min<int64_t>(kRowBlock, M - r0);
     const bool few = R <= kFewRows;
-    // Few rows over a bf16 cache on AVX-512: query and accumulator rows in paired order.
     constexpr bool bf16 = std::is_same_v<T, c10::BFloat16>;
-    const bool pairs = kHavePairs && bf16 && few && D % 32 == 0 && Dv % 32 == 0;
+    const bool aligned = D % 32 == 0 && Dv % 32 == 0;
+    // bf16 with AVX512-BF16: QK by vdpbf16ps on the cache in place, the query kept in bf16.
+    const bool dpq = kHaveDpbf16 && bf16 && aligned;
+    // bf16 on AVX-512: PV widens V in registers, the accumulator in paired order.
+    const bool pairs = kHavePairs && bf16 && aligned && (few || dpq);
     const int Rp = (R + kVL - 1) / kVL * kVL;  // many rows: padded to whole vectors
     const Vec vscale(s.scale);
-    // Query rows of this block, scaled, in fp32: Q [R][D] for few rows, Qt [D][Rp] for many
-    // (padding rows zero: their scores are computed and never written).
-    if (!few) std::fill(Q, Q + (int64_t)D * Rp, 0.f);
+    auto* Qb = reinterpret_cast<c10::BFloat16*>(Q);  // the bf16 query of the dpq kernels
+    // Query rows of this block: fp32 and scaled, Q [R][D] for few rows, Qt [D][Rp] for many;
+    // with dpq, bf16 as given, Qb [R][D] for few rows, pairs [D / 2][Rp][2] for many. Padding
+    // rows are zero: their scores are computed and never written.
+    if (!few && dpq) std::fill(Qb, Qb + (int64_t)D * Rp, c10::BFloat16(0.f));
+    if (!few && !dpq) std::fill(Q, Q + (int64_t)D * Rp, 0.f);
     for (int i = 0; i < R; ++i) {
       const int64_t m = r0 + i, tok = s.q_start[row] + q0 + m / G, h = head * G + m % G;
       const T* src = qbase + tok * s.qs0 + h * s.qs1;
-      if (pairs) {
+      if (dpq && few) {
+        std::memcpy(Qb + (int64_t)i * D, src, sizeof(T) * D);
+      } else if (dpq) {
+        for (int p = 0; p < D / 2; ++p) {
+          std::memcpy(Qb + ((int64_t)p * Rp + i) * 2, src + 2 * p, 2 * sizeof(T));
+        }
+      } else if (pairs) {
         pair_row(src, s.scale, Q + (int64_t)i * D, D);
       } else if (few) {
         for (int d = 0; d < D; d += kVL) (load_f(src + d) * vscale).store(Q + (int64_t)i * D + d);
@@ -137,7 +151,17 @@ void run_task(const Step& s, const int32_t* task, std::atomic<int64_t>& bad_bloc
       // Scores: [R][kSpan] row-major for few rows, [n][Rp] token-major for many.
       const int pr = few ? kSpan : 1, pt = few ? 1 : Rp;
       const float* vsrc_f = nullptr;  // V widened to fp32 (many rows, half precision)
-      if (pairs) {
+      if (dpq) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(XYSERVE_AVX512_BF16)
+        if constexpr (bf16) {
+          if (few) {
+            qk_dp_rows(Qb, R, D, kp, s.ks1, n, s.scale, S, kSpan);
+          } else {
+            qk_dp_cols(Qb, Rp, D, kp, s.ks1, n, s.scale, S);
+          }
+        }
+#endif
+      } else if (pairs) {
 #if defined(CPU_CAPABILITY_AVX512)
         if constexpr (bf16) qk_pairs(Q, R, D, kp, s.ks1, n, S, kSpan);
 #endif
@@ -180,7 +204,7 @@ void run_task(const Step& s, const int32_t* task, std::atomic<int64_t>& bad_bloc
       }
       if (pairs) {
 #if defined(CPU_CAPABILITY_AVX512)
-        if constexpr (bf16) pv_pairs(S, kSpan, R, n, vp, s.vs1, Dv, O);
+        if constexpr (bf16) pv_pairs(S, pr, pt, R, n, vp, s.vs1, Dv, O);
 #endif
       } else if (vsrc_f != nullptr) {
         pv<float>(S, pr, pt, R, n, vsrc_f, Dv, Dv, O);

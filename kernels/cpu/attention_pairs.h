@@ -70,7 +70,7 @@ inline void qk_pairs(const float* Q, int M, int D, const c10::BFloat16* K, int64
 
 // O[m] += sum_t P[m][t] * V[t] for R rows from m0, NB blocks of 32 from d0, O paired.
 template <int R, int NB>
-inline void pv_pairs_block(const float* P, int lds, int m0, int n, const c10::BFloat16* V,
+inline void pv_pairs_block(const float* P, int pr, int pt, int m0, int n, const c10::BFloat16* V,
                            int64_t ldv, int d0, float* O, int Dv) {
   __m512 acc[R][2 * NB];
   for (int i = 0; i < R; ++i)
@@ -79,7 +79,7 @@ inline void pv_pairs_block(const float* P, int lds, int m0, int n, const c10::BF
     __m512 e[NB], o[NB];
     for (int b = 0; b < NB; ++b) bf16_pairs(V + t * ldv + d0 + 32 * b, e[b], o[b]);
     for (int i = 0; i < R; ++i) {
-      const __m512 p = _mm512_set1_ps(P[(int64_t)(m0 + i) * lds + t]);
+      const __m512 p = _mm512_set1_ps(P[(int64_t)(m0 + i) * pr + (int64_t)t * pt]);
       for (int b = 0; b < NB; ++b) {
         acc[i][2 * b] = _mm512_fmadd_ps(p, e[b], acc[i][2 * b]);
         acc[i][2 * b + 1] = _mm512_fmadd_ps(p, o[b], acc[i][2 * b + 1]);
@@ -91,19 +91,19 @@ inline void pv_pairs_block(const float* P, int lds, int m0, int n, const c10::BF
 }
 
 template <int NB>
-inline void pv_pairs_rows(const float* P, int lds, int M, int n, const c10::BFloat16* V,
+inline void pv_pairs_rows(const float* P, int pr, int pt, int M, int n, const c10::BFloat16* V,
                           int64_t ldv, int d0, float* O, int Dv) {
   int m = 0;
-  for (; m + 4 <= M; m += 4) pv_pairs_block<4, NB>(P, lds, m, n, V, ldv, d0, O, Dv);
-  for (; m < M; ++m) pv_pairs_block<1, NB>(P, lds, m, n, V, ldv, d0, O, Dv);
+  for (; m + 4 <= M; m += 4) pv_pairs_block<4, NB>(P, pr, pt, m, n, V, ldv, d0, O, Dv);
+  for (; m < M; ++m) pv_pairs_block<1, NB>(P, pr, pt, m, n, V, ldv, d0, O, Dv);
 }
 
-// O[M][Dv] (paired) += P[M][n] (row-major, lds) . V[n][Dv]; Dv a multiple of 32.
-inline void pv_pairs(const float* P, int lds, int M, int n, const c10::BFloat16* V, int64_t ldv,
-                     int Dv, float* O) {
+// O[M][Dv] (paired) += P . V[n][Dv], P[m][t] at P[m * pr + t * pt]; Dv a multiple of 32.
+inline void pv_pairs(const float* P, int pr, int pt, int M, int n, const c10::BFloat16* V,
+                     int64_t ldv, int Dv, float* O) {
   int d = 0;
-  for (; d + 64 <= Dv; d += 64) pv_pairs_rows<2>(P, lds, M, n, V, ldv, d, O, Dv);
-  if (d < Dv) pv_pairs_rows<1>(P, lds, M, n, V, ldv, d, O, Dv);
+  for (; d + 64 <= Dv; d += 64) pv_pairs_rows<2>(P, pr, pt, M, n, V, ldv, d, O, Dv);
+  if (d < Dv) pv_pairs_rows<1>(P, pr, pt, M, n, V, ldv, d, O, Dv);
 }
 #else
 constexpr bool kHavePairs = false;

@@ -45,6 +45,8 @@ _TIER_FLAGS: dict[str, tuple[str, ...]] = {
     ),
     "avx2": ("-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"),
 }
+# AVX-512 with the BF16 extension (vdpbf16ps): bfloat16 dot products without widening.
+_TIER_FLAGS["avx512_bf16"] = (*_TIER_FLAGS["avx512"], "-mavx512bf16", "-DXYSERVE_AVX512_BF16")
 
 
 class BuildError(RuntimeError):
@@ -52,12 +54,13 @@ class BuildError(RuntimeError):
 
 
 def tier() -> str | None:
-    """The vector tier this machine runs: ``avx512``, ``avx2``, or None (no tier built)."""
+    """The vector tier this machine runs: ``avx512_bf16``, ``avx512``, ``avx2``, or None (no
+    tier built)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None
     capability = torch.backends.cpu.get_cpu_capability()
     if capability.startswith("AVX512"):
-        return "avx512"
+        return "avx512_bf16" if torch.cpu._is_avx512_bf16_supported() else "avx512"
     if capability == "AVX2":
         return "avx2"
     return None
