@@ -42,6 +42,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
+from xy_inductor.kernels.cpu import build as cpu_build
 from xy_inductor.runtime.serving import SlotWrites, VarlenStep
 
 __all__ = [
@@ -143,6 +144,13 @@ class XyserveMetadataBuilder(AttentionMetadataBuilder[XyserveAttentionMetadata])
             self.block_size,
         )
         self.upper_bound_exact = vllm_config.speculative_config is None
+        if device.type == "cpu" and cpu_build.why_unavailable() is None:
+            # The CPU attention kernels are built (or loaded) now, at engine start, rather than
+            # inside the first step; a failure leaves ATen serving, with the reason logged.
+            try:
+                cpu_build.library()
+            except cpu_build.BuildError as e:
+                logger.warning("xyserve: CPU attention kernels unavailable, ATen serves: %s", e)
 
     def build(
         self,
