@@ -6,10 +6,10 @@ import itertools
 
 import pytest
 import torch
-from helpers import kv_layouts, packed_reference
+from helpers import cpu_kernels_built, kv_layouts, packed_reference
 
 import xy_inductor
-from xy_inductor.kernels import aten
+from xy_inductor.kernels import aten, cpu
 from xy_inductor.runtime import providers
 
 varlen = torch.ops.xyserve.attention_varlen.default
@@ -131,12 +131,16 @@ def _packed(dtype=torch.float32, seed=0, d=64):
     return (q, k, v, cu), ([k[a:b] for a, b in bounds], [v[a:b] for a, b in bounds])
 
 
-@pytest.mark.parametrize("provider", ["aten", "triton"])
+@pytest.mark.parametrize("provider", ["aten", "triton", "cpu"])
 @pytest.mark.parametrize("window", [None, 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_packed_rows_match_float64(provider, window, dtype):
     (q, k, v, cu), (ks, vs) = _packed(dtype)
-    if provider == "triton":
+    if provider == "cpu":
+        if not cpu_kernels_built():
+            pytest.skip("the CPU provider's kernels do not build here")
+        use = providers.use_providers([cpu.PROVIDER, aten.PROVIDER])
+    elif provider == "triton":
         pytest.importorskip("triton")
         from xy_inductor.kernels import triton as triton_provider
 
@@ -149,7 +153,7 @@ def test_packed_rows_match_float64(provider, window, dtype):
     assert ((got.double() - want).norm() / want.norm()).item() < (
         1e-5 if dtype == torch.float32 else 1e-2
     )
-    path = "aten/rows" if provider == "aten" else "triton/plan"
+    path = {"aten": "aten/rows", "triton": "triton/plan", "cpu": "cpu/packed"}[provider]
     assert xy_inductor.stats().paths["attention_packed"] == {path: 1}
 
 

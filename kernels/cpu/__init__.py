@@ -4,7 +4,9 @@ It serves ``attention_varlen`` on CPU tensors: one call per step runs the plan's
 (token table -> query tiles x key chunks x KV heads) over torch's threads, reading the paged
 cache in place through the block table, query heads of one KV head packed into a task's rows,
 long KV split into chunks merged by log-sum-exp, fp32 accumulation and one rounding at the end
-(path ``paged``). It sits in front of ATen, which serves whatever it declines.
+(path ``paged``). ``attention_packed`` (Hugging Face's packed prefill) runs on the same kernel,
+the packed K/V seen as one block holding every token and each row's keys starting at its first
+token (path ``packed``). It sits in front of ATen, which serves whatever it declines.
 
 Declines (counted in ``stats().declined``): the library is not built for this machine (no
 AVX2/AVX-512, no compiler, ``XYSERVE_CPU_ATTN=0``, a failed build: the reason says which), a
@@ -20,12 +22,12 @@ from dataclasses import dataclass
 import torch
 
 from xy_inductor.kernels.attention_plan import AttentionMenu, AttentionPlan
-from xy_inductor.kernels.calls import VarlenAttention
+from xy_inductor.kernels.calls import PackedAttention, VarlenAttention
 from xy_inductor.kernels.contract import Accept, OpKernel, Provider
 from xy_inductor.kernels.cpu import build
 from xy_inductor.kernels.cpu.tasks import TaskTables, task_tables
 
-__all__ = ["HEAD_MULTIPLE", "PROVIDER", "PagedTasks", "menu_for"]
+__all__ = ["HEAD_MULTIPLE", "PROVIDER", "PackedTasks", "PagedTasks", "menu_for"]
 
 HEAD_MULTIPLE = 16
 """Head sizes the kernel takes are multiples of this (one AVX-512 vector of floats)."""
@@ -40,6 +42,8 @@ _Q_TILES = (1, 2, 4, 8, 16, 32, 64)
 PARALLEL_MIN_WORK = 1 << 20
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# "Every row's keys start at slot 0 of its block table" (paged calls); never written.
+_NO_START = torch.empty(0, dtype=torch.int32)
 
 
 @functools.cache
@@ -69,37 +73,62 @@ def _unavailable() -> str | None:
     return build.why_unavailable()
 
 
-def check_attention_varlen(call: VarlenAttention) -> Accept | str:
-    q, k, v = call.q, call.k_cache, call.v_cache
+@dataclass(frozen=True, slots=True)
+class PackedTasks:
+    """The decision of an ``attention_packed`` call (path ``packed``)."""
+
+    plan: AttentionPlan
+    block_table: torch.Tensor
+    """``[rows, 1]`` zeros: every row's keys are in the one block holding all tokens."""
+    parallel: bool
+    rows: tuple
+    """The kernel's per-row and task arguments, in its order."""
+
+
+def _declines(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the kernel cannot take these tensors (``k``/``v`` with the head dim last), or None."""
     if not q.is_cpu:
         return "not a CPU tensor"
     if q.dtype not in _DTYPES:
         return f"dtype {q.dtype} (the kernel runs float32, bfloat16, float16)"
-    d, dv = k.shape[3], v.shape[3]
+    d, dv = k.shape[-1], v.shape[-1]
     if d % HEAD_MULTIPLE or dv % HEAD_MULTIPLE:
         return f"head sizes {d}/{dv} are not multiples of {HEAD_MULTIPLE}"
-    if q.stride(2) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         return "head dims are not contiguous"
-    if call.block_table.dtype not in (torch.int32, torch.int64):
-        return f"block_table dtype {call.block_table.dtype} (expected int32 or int64)"
     try:
         build.library()
     except build.BuildError as e:
         return str(e)
-    group = q.shape[1] // k.shape[2]
-    plan = call.plan(menu_for(group))
-    tables = task_tables(plan)
-    work = tables.row_keys * group * (d + dv)
-    kv_len = torch.tensor(call.kv_lens, dtype=torch.int32)
-    rows = (
+    return None
+
+
+def _row_args(tables: TaskTables, kv_len: torch.Tensor, k_start: torch.Tensor, group: int) -> tuple:
+    return (
         tables.q_start,
         tables.q_len,
         kv_len,
+        k_start,
         tables.tasks,
         tables.merges,
         tables.max_q_tile * group,
         tables.parts,
     )
+
+
+def check_attention_varlen(call: VarlenAttention) -> Accept | str:
+    q, k, v = call.q, call.k_cache, call.v_cache
+    reason = _declines(q, k, v)
+    if reason is not None:
+        return reason
+    if call.block_table.dtype not in (torch.int32, torch.int64):
+        return f"block_table dtype {call.block_table.dtype} (expected int32 or int64)"
+    group = q.shape[1] // k.shape[2]
+    plan = call.plan(menu_for(group))
+    tables = task_tables(plan)
+    work = tables.row_keys * group * (k.shape[3] + v.shape[3])
+    kv_len = torch.tensor(call.kv_lens, dtype=torch.int32)
+    rows = _row_args(tables, kv_len, _NO_START, group)
     return Accept("paged", PagedTasks(plan, tables, kv_len, work >= PARALLEL_MIN_WORK, rows))
 
 
@@ -127,8 +156,46 @@ def run_attention_varlen(call: VarlenAttention, accept: Accept) -> torch.Tensor:
     return out
 
 
+def check_attention_packed(call: PackedAttention) -> Accept | str:
+    q, k, v = call.q, call.k, call.v
+    reason = _declines(q, k, v)
+    if reason is not None:
+        return reason
+    group = q.shape[1] // k.shape[1]
+    plan = call.plan(menu_for(group))
+    if plan.table.q_start != call.starts:
+        return "the sequences are not packed back to back"
+    tables = task_tables(plan)
+    work = tables.row_keys * group * (k.shape[2] + v.shape[2])
+    rows = _row_args(tables, tables.q_len, tables.q_start, group)
+    table = torch.zeros(len(call.lens), 1, dtype=torch.int32)
+    return Accept("packed", PackedTasks(plan, table, work >= PARALLEL_MIN_WORK, rows))
+
+
+def run_attention_packed(call: PackedAttention, accept: Accept) -> torch.Tensor:
+    decision: PackedTasks = accept.decision
+    q, k, v = call.q, call.k, call.v
+    out = q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
+    build.library().paged_attention(
+        q,
+        k[None],  # [1 block, tokens, Hkv, D]: a row's keys start at its first token
+        v[None],
+        decision.block_table,
+        *decision.rows,
+        call.softmax_scale,
+        call.causal,
+        call.window or 0,
+        out,
+        decision.parallel,
+    )
+    return out
+
+
 PROVIDER = Provider(
     name="cpu",
     unavailable=_unavailable,
-    kernels={"attention_varlen": OpKernel(check_attention_varlen, run_attention_varlen)},
+    kernels={
+        "attention_varlen": OpKernel(check_attention_varlen, run_attention_varlen),
+        "attention_packed": OpKernel(check_attention_packed, run_attention_packed),
+    },
 )

@@ -62,6 +62,7 @@ struct Step {
   const int32_t* q_start;
   const int32_t* q_len;
   const int32_t* kv_len;
+  const int32_t* k_start;  // null: every row's keys start at slot 0 of its block table
   int D, Dv, G, bs;
   float scale;
   bool causal;
@@ -83,6 +84,7 @@ void run_task(const Step& s, const int32_t* task, std::atomic<int64_t>& bad_bloc
   const int64_t row = task[kRow], q0 = task[kQ0], head = task[kHead], part = task[kPart];
   const int64_t qn = std::min<int64_t>(task[kQTile], s.q_len[row] - q0);
   const int64_t kvl = s.kv_len[row];
+  const int64_t kpos0 = s.k_start != nullptr ? s.k_start[row] : 0;  // the row's key 0 in the table
   const int64_t offset = kvl - s.q_len[row];  // key position of the row's first query
   const int D = s.D, Dv = s.Dv, G = s.G;
   const int64_t M = std::max<int64_t>(qn, 0) * G;
@@ -137,15 +139,15 @@ void run_task(const Step& s, const int32_t* task, std::atomic<int64_t>& bad_bloc
     if (s.causal) hi = std::min(hi, last_pos + 1);
     if (s.window > 0) lo = std::max(lo, first_pos - s.window + 1);
     for (int64_t a = lo; a < hi;) {
-      const int64_t page = a / s.bs;
-      const int64_t b = std::min({hi, (page + 1) * s.bs, a + kSpan});
+      const int64_t page = (kpos0 + a) / s.bs;
+      const int64_t b = std::min({hi, (page + 1) * s.bs - kpos0, a + kSpan});
       const int n = (int)(b - a);
       const int64_t blk = block_id(s, row, page);
       if (blk < 0 || blk >= s.num_blocks) {
         bad_block.store(row, std::memory_order_relaxed);
         return;
       }
-      const int64_t slot = a - page * s.bs;
+      const int64_t slot = kpos0 + a - page * s.bs;
       const T* kp = kbase + blk * s.ks0 + slot * s.ks1;
       const T* vp = vbase + blk * s.vs0 + slot * s.vs1;
       // Scores: [R][kSpan] row-major for few rows, [n][Rp] token-major for many.
@@ -286,12 +288,15 @@ void check_cpu(const at::Tensor& t, const char* name) {
 
 // q [tokens, Hq, D]; k_cache/v_cache [blocks, block_size, Hkv, D|Dv] (last dim contiguous, any
 // other strides); block_table [rows, width] int32/int64; q_start, q_len, kv_len int32 [rows];
+// k_start int32 [rows] or empty: where row r's key 0 sits in the slots its block table names
+// (packed and dense calls: the row's first token in one block holding every token);
 // tasks int32 [T, 8] and merges int32 [Mg, 6] from tasks.py; part_rows: rows of a partial
 // slot; parts: partial slots; out [tokens, Hq, Dv] (last dim contiguous). parallel: run over
 // torch's threads (else on the calling thread).
 void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& block_table, const at::Tensor& q_start,
-                     const at::Tensor& q_len, const at::Tensor& kv_len, const at::Tensor& tasks,
+                     const at::Tensor& q_len, const at::Tensor& kv_len,
+                     const at::Tensor& k_start, const at::Tensor& tasks,
                      const at::Tensor& merges, int64_t part_rows, int64_t parts, double scale,
                      bool causal, int64_t window, at::Tensor& out, bool parallel) {
   for (auto* t : {&q, &k_cache, &v_cache, &block_table, &q_start, &q_len, &kv_len, &tasks,
@@ -313,7 +318,8 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
               "multiples of ", kVL);
   TORCH_CHECK(out.size(0) == q.size(0) && out.size(1) == hq && out.size(2) == Dv,
               "xyserve cpu attention: out must be [tokens, Hq, Dv]");
-  for (auto* t : {&q_start, &q_len, &kv_len, &tasks, &merges})
+  check_cpu(k_start, "k_start");
+  for (auto* t : {&q_start, &q_len, &kv_len, &k_start, &tasks, &merges})
     TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(),
                 "xyserve cpu attention: tables must be contiguous int32");
   TORCH_CHECK(block_table.dim() == 2 && (block_table.scalar_type() == at::kInt
@@ -329,11 +335,16 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   const int32_t* qs = q_start.data_ptr<int32_t>();
   const int32_t* ql = q_len.data_ptr<int32_t>();
   const int32_t* kl = kv_len.data_ptr<int32_t>();
+  TORCH_CHECK(k_start.numel() == 0 || k_start.numel() == rows,
+              "xyserve cpu attention: k_start must be empty or one entry per row");
+  const int32_t* ks = k_start.numel() ? k_start.data_ptr<int32_t>() : nullptr;
   for (int64_t r = 0; r < rows; ++r) {
     TORCH_CHECK(ql[r] >= 0 && kl[r] >= 0 && qs[r] >= 0 && qs[r] + ql[r] <= q.size(0),
                 "xyserve cpu attention: row ", r, " has queries outside q");
-    TORCH_CHECK(kl[r] <= block_table.size(1) * bs, "xyserve cpu attention: row ", r, " has ",
-                kl[r], " keys but its block table holds ", block_table.size(1) * bs);
+    const int64_t k0 = ks != nullptr ? ks[r] : 0;
+    TORCH_CHECK(k0 >= 0 && k0 + kl[r] <= block_table.size(1) * bs, "xyserve cpu attention: row ",
+                r, " has ", kl[r], " keys from slot ", k0, " but its block table holds ",
+                block_table.size(1) * bs);
   }
   const int32_t* tk = tasks.data_ptr<int32_t>();
   const int64_t ntasks = tasks.size(0);
@@ -356,7 +367,7 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
          out.data_ptr(), out.stride(0), out.stride(1),
          block_table.data_ptr(), block_table.scalar_type() == at::kInt, block_table.stride(0),
          block_table.stride(1), k_cache.size(0),
-         qs, ql, kl, (int)D, (int)Dv, (int)(hq / hkv), (int)bs, (float)scale, causal, window,
+         qs, ql, kl, ks, (int)D, (int)Dv, (int)(hq / hkv), (int)bs, (float)scale, causal, window,
          parts > 0 ? part_o.data_ptr<float>() : nullptr,
          parts > 0 ? part_m.data_ptr<float>() : nullptr,
          parts > 0 ? part_l.data_ptr<float>() : nullptr, part_rows};
