@@ -75,3 +75,7 @@ class Provider:
     gemm_menu: GemmMenu | None = None
     """The GEMM tiles this provider offers the SmoothGEMM planner (``plan_gemm``); None when it
     has no GEMM kernel of its own."""
+    defers_small_attention: bool = False
+    """Its ``attention`` checker declines every call under ATen's ``PLANNED_MIN_SCORES``
+    scores, which ATen's C++ fast path then serves as it would: the fast path may load beside
+    it (``kernels/aten/native.py``)."""

@@ -162,3 +162,9 @@ def varlen_cpu_path() -> str:
     """The ``stats().paths`` entry of ``attention_varlen`` on CPU tensors with the default
     providers: the CPU provider's kernel where it builds here, else ATen's rows."""
     return "cpu/paged" if cpu_kernels_built() else "aten/rows"
+
+
+def dense_rows_path() -> str:
+    """The ``stats().paths`` entry of a CPU ``attention`` call whose mask is rows of padding
+    (above the planning threshold, head size a multiple of 16), with the default providers."""
+    return "cpu/dense" if cpu_kernels_built() else "aten/rows"

@@ -15,12 +15,14 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import packed_reference
 
 import xy_inductor
 from xy_inductor.kernels import aten
 from xy_inductor.kernels import cpu as cpu_provider
 from xy_inductor.kernels.aten import native
+from xy_inductor.kernels.aten.menus import PLANNED_MIN_SCORES
 from xy_inductor.kernels.calls import VarlenAttention
 from xy_inductor.kernels.cpu import build
 from xy_inductor.runtime import providers
@@ -277,3 +279,68 @@ def test_random_packed_sequences_match_float64(dtype):
         err = ((got.double() - want).norm() / want.norm()).item()
         assert err < TOLERANCE[dtype], (lens, hkv, group, d, causal, window, err)
         assert xy_inductor.stats().paths["attention_packed"] == {"cpu/packed": 1}
+
+
+def _padded(dtype, lens, hq=8, hkv=2, d=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    b, length = len(lens), max(lens)
+    q = torch.randn(b, length, hq, d, generator=gen).to(dtype).transpose(1, 2)  # HF's layout
+    k = torch.randn(b, hkv, length, d, generator=gen).to(dtype)
+    v = torch.randn(b, hkv, length, d, generator=gen).to(dtype)
+    pos = torch.arange(length)
+    keep = pos[None, :] >= torch.tensor([length - n for n in lens])[:, None]
+    causal = pos[:, None] >= pos[None, :]
+    mask = causal[None, None] & keep[:, None, None, :]
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_left_padded_batches_run_as_rows_and_match_aten(dtype):
+    q, k, v, mask = _padded(dtype, [64, 300, 1, 517])
+    got = torch.ops.xyserve.attention(q, k, v, mask)
+    assert xy_inductor.stats().paths["attention"] == {"cpu/dense": 1}
+    with providers.use_providers([aten.PROVIDER]):
+        want = torch.ops.xyserve.attention(q, k, v, mask)
+    assert xy_inductor.stats().paths["attention"] == {"cpu/dense": 1, "aten/rows": 1}
+    torch.testing.assert_close(
+        got, want, **({} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2})
+    )
+    # Against float64: the padding query slots are zeros, the rest SDPA on the real tokens.
+    ref = F.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True
+    ).nan_to_num(0)
+    err = ((got.double() - ref).norm() / ref.norm()).item()
+    assert err < TOLERANCE[dtype]
+    assert got.transpose(1, 2).is_contiguous()  # the op's promised [B, Lq, Hq, Dv] layout
+
+
+def test_small_dense_calls_are_left_to_aten_and_its_cpp_path():
+    q, k, v, mask = _padded(torch.float32, [30, 40])
+    torch.ops.xyserve.attention(q, k, v, mask)
+    stats = xy_inductor.stats()
+    assert stats.declined["attention"] == {
+        f"cpu: fewer than {cpu_provider.DENSE_MIN_SCORES} scores (one SDPA call costs less)": 1
+    }
+    # The C++ fast path serves such calls without asking the providers: exact only while the
+    # CPU provider declines at least what ATen would run as one SDPA call.
+    assert cpu_provider.DENSE_MIN_SCORES >= PLANNED_MIN_SCORES
+    assert native._why_not((cpu_provider.PROVIDER, aten.PROVIDER)) in (
+        None,
+        "disabled by XYSERVE_NATIVE=0",
+    )
+
+
+def test_masks_that_are_not_rows_of_padding_are_declined():
+    q, k, v, mask = _padded(torch.float32, [300, 300, 300, 300])
+    mask = mask.clone()
+    mask[..., 5, 2] = False  # a hole: not a contiguous range of keys
+    torch.ops.xyserve.attention(q, k, v, mask)
+    assert xy_inductor.stats().declined["attention"] == {"cpu: the mask is not rows of padding": 1}
+
+
+def test_a_causal_batch_without_mask_runs_as_rows():
+    q, k, v, _ = _padded(torch.float32, [300] * 4)
+    got = torch.ops.xyserve.attention(q, k, v, None, True)
+    assert xy_inductor.stats().paths["attention"] == {"cpu/dense": 1}
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

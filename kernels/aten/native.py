@@ -119,9 +119,14 @@ def load(
 def _why_not(providers: Sequence[Provider]) -> str | None:
     if os.environ.get("XYSERVE_NATIVE", "1") == "0":
         return "disabled by XYSERVE_NATIVE=0"
-    # Providers that serve none of these ops (the CPU provider's attention_varlen) leave the
-    # C++ kernels' rules exact.
-    serving = [p.name for p in providers if set(p.kernels) & set(OP_NAMES)]
+    # The C++ kernels serve, without asking the providers, gemm calls and dense attention calls
+    # under PLANNED_MIN_SCORES scores. Exact only where every other provider of the process
+    # serves no gemm and declines those attention calls (Provider.defers_small_attention).
+    serving = [
+        p.name
+        for p in providers
+        if "gemm" in p.kernels or ("attention" in p.kernels and not p.defers_small_attention)
+    ]
     if serving != ["aten"]:
         names = ", ".join(serving)
         return f"providers other than ATen serve gemm or attention in this process ({names})"

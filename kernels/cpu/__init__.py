@@ -4,9 +4,14 @@ It serves ``attention_varlen`` on CPU tensors: one call per step runs the plan's
 (token table -> query tiles x key chunks x KV heads) over torch's threads, reading the paged
 cache in place through the block table, query heads of one KV head packed into a task's rows,
 long KV split into chunks merged by log-sum-exp, fp32 accumulation and one rounding at the end
-(path ``paged``). ``attention_packed`` (Hugging Face's packed prefill) runs on the same kernel,
-the packed K/V seen as one block holding every token and each row's keys starting at its first
-token (path ``packed``). It sits in front of ATen, which serves whatever it declines.
+(path ``paged``). Hugging Face's forms run on the same kernel: ``attention_packed`` (packed
+prefill), the packed K/V seen as one block holding every token and each row's keys starting at
+its first token (path ``packed``); dense ``attention`` whose mask is rows of padding, each batch
+entry's K/V one block and its row's keys starting where its padding ends (path ``dense``). It
+sits in front of ATen, which serves whatever it declines.
+
+It serves no ``gemm`` and declines every dense call under ``DENSE_MIN_SCORES`` scores, so the
+ATen C++ fast path (which serves exactly those calls as one SDPA call) keeps its rules.
 
 Declines (counted in ``stats().declined``): the library is not built for this machine (no
 AVX2/AVX-512, no compiler, ``XYSERVE_CPU_ATTN=0``, a failed build: the reason says which), a
@@ -22,12 +27,20 @@ from dataclasses import dataclass
 import torch
 
 from xy_inductor.kernels.attention_plan import AttentionMenu, AttentionPlan
-from xy_inductor.kernels.calls import PackedAttention, VarlenAttention
+from xy_inductor.kernels.calls import DenseAttention, PackedAttention, VarlenAttention
 from xy_inductor.kernels.contract import Accept, OpKernel, Provider
 from xy_inductor.kernels.cpu import build
 from xy_inductor.kernels.cpu.tasks import TaskTables, task_tables
 
-__all__ = ["HEAD_MULTIPLE", "PROVIDER", "PackedTasks", "PagedTasks", "menu_for"]
+__all__ = [
+    "DENSE_MIN_SCORES",
+    "HEAD_MULTIPLE",
+    "PROVIDER",
+    "DenseTasks",
+    "PackedTasks",
+    "PagedTasks",
+    "menu_for",
+]
 
 HEAD_MULTIPLE = 16
 """Head sizes the kernel takes are multiples of this (one AVX-512 vector of floats)."""
@@ -40,6 +53,11 @@ _Q_TILES = (1, 2, 4, 8, 16, 32, 64)
 # Below this many multiply-adds a step runs on the calling thread: starting the thread pool
 # costs more than small decode steps take.
 PARALLEL_MIN_WORK = 1 << 20
+
+# A dense call with fewer scores (B × Lq × Lk: a tiny model's decode step) is one SDPA call in
+# ATen's C++ fast path; that path serves every call under ATen's own threshold (the same value,
+# 1 << 18) without asking the providers, so this one must not be lower (tests/test_cpu_attention).
+DENSE_MIN_SCORES = 1 << 18
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # "Every row's keys start at slot 0 of its block table" (paged calls); never written.
@@ -191,11 +209,98 @@ def run_attention_packed(call: PackedAttention, accept: Accept) -> torch.Tensor:
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class DenseTasks:
+    """The decision of a dense ``attention`` call whose mask is rows of padding (path
+    ``dense``)."""
+
+    plan: AttentionPlan
+    block_table: torch.Tensor
+    """``[B, 1]``: row b's keys are in block b (its batch entry)."""
+    padding: tuple[tuple[int, int], ...]
+    """(first, count) of the query slots of ``[B · Lq]`` outside every row: written as zeros."""
+    parallel: bool
+    rows: tuple
+    """The kernel's per-row and task arguments, in its order."""
+
+
+def check_attention(call: DenseAttention) -> Accept | str:
+    q, k, v = call.q, call.k, call.v
+    if call.scores < DENSE_MIN_SCORES:
+        return f"fewer than {DENSE_MIN_SCORES} scores (one SDPA call costs less)"
+    reason = _declines(q, k, v)
+    if reason is not None:
+        return reason
+    found = call.rows()
+    if found is None:
+        return "the mask is not rows of padding"
+    b, hq, lq, _ = q.shape
+    group = hq // k.shape[1]
+    plan = call.plan(found, menu_for(group))
+    tables = task_tables(plan)
+    padding, starts = [], []
+    for r, (end, n) in enumerate(zip(found.q_end, found.q_len, strict=True)):
+        first = r * lq
+        starts.append(first + end - n)
+        padding += [(first, end - n), (first + end, lq - end)]
+    i32 = torch.int32
+    q_start = torch.tensor(starts, dtype=i32)
+    rows = (
+        q_start,
+        tables.q_len,
+        torch.tensor(found.kv_len, dtype=i32),
+        torch.tensor(found.kv_start, dtype=i32),
+        tables.tasks,
+        tables.merges,
+        tables.max_q_tile * group,
+        tables.parts,
+    )
+    work = tables.row_keys * group * (k.shape[3] + v.shape[3])
+    return Accept(
+        "dense",
+        DenseTasks(
+            plan,
+            torch.arange(b, dtype=i32)[:, None],
+            tuple((first, n) for first, n in padding if n > 0),
+            work >= PARALLEL_MIN_WORK,
+            rows,
+        ),
+    )
+
+
+def run_attention(call: DenseAttention, accept: Accept) -> torch.Tensor:
+    decision: DenseTasks = accept.decision
+    q, k, v = call.q, call.k, call.v
+    b, hq, lq, d = q.shape
+    tokens = q.transpose(1, 2)  # [B, Lq, Hq, D]
+    if b > 1 and tokens.stride(0) != lq * tokens.stride(1):
+        tokens = tokens.contiguous()  # the kernel indexes queries by one token index
+    out = call.new_output()  # [B, Hq, Lq, Dv], laid out as [B, Lq, Hq, Dv]
+    flat = out.transpose(1, 2).view(b * lq, hq, v.shape[3])
+    for first, n in decision.padding:
+        flat[first : first + n] = 0
+    build.library().paged_attention(
+        tokens.reshape(b * lq, hq, d),
+        k.transpose(1, 2),  # [B blocks, Lk, Hkv, D]
+        v.transpose(1, 2),
+        decision.block_table,
+        *decision.rows,
+        call.softmax_scale,
+        decision.plan.causal,
+        0,
+        flat,
+        decision.parallel,
+    )
+    return out
+
+
 PROVIDER = Provider(
     name="cpu",
     unavailable=_unavailable,
     kernels={
         "attention_varlen": OpKernel(check_attention_varlen, run_attention_varlen),
         "attention_packed": OpKernel(check_attention_packed, run_attention_packed),
+        "attention": OpKernel(check_attention, run_attention),
     },
+    defers_small_attention=True,  # DENSE_MIN_SCORES
 )
