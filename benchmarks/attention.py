@@ -12,7 +12,10 @@ Issue #4's CPU targets, each timed against SDPA in one process, interleaved, med
 
 xyserve's time includes planning (``plan_attention``; decode steps hit the plan cache, as
 consecutive steps do). The paged line runs the same decode through a paged KV cache (block 16)
-with the generic executor, which gathers its blocks: for information, with no target.
+with the generic executor, which gathers its blocks: for information, with no target. The
+padded batch also runs as the op a model calls (``torch.ops.xyserve.attention`` with the mask:
+its reading into rows included) on the ATen provider and on the CPU provider's native kernel
+(issue 24's target: ≥ 4× SDPA with the dense mask).
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ import torch
 import torch.nn.functional as F
 from timing import Stopwatch, interleaved, reps_for
 
+from xy_inductor.kernels import aten, cpu
 from xy_inductor.kernels.aten.attention import run_dense
 from xy_inductor.kernels.aten.menus import ATTENTION_MENU
 from xy_inductor.kernels.aten.plan_executor import run_plan
 from xy_inductor.kernels.attention_plan import _plan, plan_attention
+from xy_inductor.runtime import providers
 
 H, D = 8, 64
 CPU_MENU = ATTENTION_MENU  # what the ATen provider plans with
@@ -66,15 +71,31 @@ def left_padded(gen: torch.Generator, rounds: int) -> list[tuple]:
             for r, n in enumerate(lens)
         ]  # fmt: skip
 
+    def op(listed: list) -> Callable[[], torch.Tensor]:
+        # The whole op as a model calls it: the mask read into rows, planning, the kernel.
+        def call() -> torch.Tensor:
+            with providers.use_providers(listed):
+                return torch.ops.xyserve.attention(q, k, v, mask)
+
+        return call
+
+    on_cpu, on_aten = op([cpu.PROVIDER, aten.PROVIDER]), op([aten.PROVIDER])
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     err = (ours() - want).abs().max().item()
-    sdpa, mine, per_seq = median_ms(
-        [lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), ours, bound], rounds
-    )
-    return [
+    err_cpu = (on_cpu() - want).abs().max().item() if cpu.PROVIDER.unavailable() is None else None
+    err_aten = (on_aten() - want).abs().max().item()
+    fns = [lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), ours, bound, on_aten]
+    if err_cpu is not None:
+        fns.append(on_cpu)
+    sdpa, mine, per_seq, op_aten, *op_cpu = median_ms(fns, rounds)
+    rows = [
         ("left-padded 4 (64..2048), dense mask", sdpa, mine, 3.0, err),
         ("  bound: SDPA is_causal per sequence", sdpa, per_seq, None, float("nan")),
+        ("  the op on ATen (mask read included)", sdpa, op_aten, None, err_aten),
     ]
+    if op_cpu:
+        rows.append(("  the op on the CPU provider (same)", sdpa, op_cpu[0], 4.0, err_cpu))
+    return rows
 
 
 def causal_one(gen: torch.Generator, rounds: int) -> list[tuple]:
