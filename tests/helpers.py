@@ -168,3 +168,9 @@ def dense_rows_path() -> str:
     """The ``stats().paths`` entry of a CPU ``attention`` call whose mask is rows of padding
     (above the planning threshold, head size a multiple of 16), with the default providers."""
     return "cpu/dense" if cpu_kernels_built() else "aten/rows"
+
+
+def cpu_or_aten() -> str:
+    """The provider of CPU ``attention_packed`` calls (head size a multiple of 16) with the
+    default providers."""
+    return "cpu" if cpu_kernels_built() else "aten"
