@@ -37,6 +37,8 @@ class _Counters:
     region_mismatches: int = 0
     varlen_steps: int = 0
     varlen_step_checks: int = 0
+    varlen_rows: Counter = field(default_factory=Counter)  # row kind -> rows over all steps
+    varlen_step_kinds: Counter = field(default_factory=Counter)  # row kind -> steps with one
     opaque_ops: Counter = field(default_factory=Counter)  # "namespace.op" -> calls in graphs
     graphs_loaded: int = 0
     artifacts_refused: Counter = field(default_factory=Counter)  # reason -> n
@@ -128,8 +130,12 @@ def record_region_mismatch() -> None:
     _COUNTERS.region_mismatches += 1
 
 
-def record_varlen_step() -> None:
+def record_varlen_step(kinds: Counter | None = None) -> None:
+    """A serving step, with its rows counted per kind (``VarlenStep.row_kinds``)."""
     _COUNTERS.varlen_steps += 1
+    if kinds:
+        _COUNTERS.varlen_rows.update(kinds)
+        _COUNTERS.varlen_step_kinds.update(kinds.keys())
 
 
 def record_varlen_step_check() -> None:

@@ -26,6 +26,7 @@ paged cache, worked out once per step; a negative slot is padding and is not wri
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -34,7 +35,7 @@ from xy_inductor.kernels.calls import VarlenAttention
 from xy_inductor.kernels.contract import Accept, OpKernel, Provider
 from xy_inductor.runtime import counters, providers
 
-__all__ = ["SlotWrites", "VarlenStep", "check_block_ids"]
+__all__ = ["SlotWrites", "VarlenStep", "check_block_ids", "row_kinds"]
 
 _OP = "attention_varlen"
 
@@ -81,6 +82,30 @@ def check_block_ids(
     )
 
 
+def row_kinds(
+    q_lens: Sequence[int], kv_lens: Sequence[int], verify_max_q: int | None = None
+) -> Counter:
+    """How many rows of a step are of each kind, from their lengths: ``prefill`` (every key is
+    a query: nothing cached), ``decode`` (one query after cached keys), ``verify`` (2 to
+    ``verify_max_q`` queries after cached keys: in an engine running speculative decoding with
+    k drafts, ``verify_max_q = k + 1``, the rows vLLM itself treats as decodes), ``chunk``
+    (other queries after cached keys: a later prefill chunk or a prefix-cache hit). Rows
+    without queries are not counted."""
+    kinds: Counter = Counter()
+    for q, kv in zip(q_lens, kv_lens, strict=True):
+        if q == 0:
+            continue
+        if q >= kv:
+            kinds["prefill"] += 1
+        elif q == 1:
+            kinds["decode"] += 1
+        elif verify_max_q is not None and q <= verify_max_q:
+            kinds["verify"] += 1
+        else:
+            kinds["chunk"] += 1
+    return kinds
+
+
 class VarlenStep:
     """The token table of one serving step, for every attention layer of the step.
 
@@ -90,7 +115,16 @@ class VarlenStep:
     device). ``causal``: a query sees the keys up to its own position (decoder attention).
     """
 
-    __slots__ = ("_decisions", "block_table", "causal", "kv_lens", "max_kv_len", "q_lens", "tokens")
+    __slots__ = (
+        "_decisions",
+        "block_table",
+        "causal",
+        "kv_lens",
+        "max_kv_len",
+        "q_lens",
+        "row_kinds",
+        "tokens",
+    )
 
     def __init__(
         self,
@@ -99,6 +133,7 @@ class VarlenStep:
         block_table: torch.Tensor,
         *,
         causal: bool = True,
+        verify_max_q: int | None = None,
     ) -> None:
         where = "VarlenStep"
         self.q_lens = tuple(int(n) for n in q_lens)
@@ -130,7 +165,8 @@ class VarlenStep:
         # Signature of a layer's tensors -> (the provider list, the chosen provider's name, its
         # kernel, its checker's decision).
         self._decisions: dict[tuple, tuple[tuple[Provider, ...], str, OpKernel, Accept]] = {}
-        counters.record_varlen_step()
+        self.row_kinds = row_kinds(self.q_lens, self.kv_lens, verify_max_q)
+        counters.record_varlen_step(self.row_kinds)
 
     @classmethod
     def from_cu_seqlens(
@@ -140,6 +176,7 @@ class VarlenStep:
         block_table: torch.Tensor,
         *,
         causal: bool = True,
+        verify_max_q: int | None = None,
     ) -> VarlenStep:
         """The step from packed query offsets (``rows + 1`` entries rising from 0) and KV
         lengths, as host tensors or lists (a device tensor here costs one copy per step)."""
@@ -147,7 +184,13 @@ class VarlenStep:
         kv = kv_lens.tolist() if isinstance(kv_lens, torch.Tensor) else list(kv_lens)
         if not cu or cu[0] != 0 or any(b < a for a, b in itertools.pairwise(cu)):
             raise ValueError(f"VarlenStep: cu_seqlens_q must rise from 0, got {cu}")
-        return cls([b - a for a, b in itertools.pairwise(cu)], kv, block_table, causal=causal)
+        return cls(
+            [b - a for a, b in itertools.pairwise(cu)],
+            kv,
+            block_table,
+            causal=causal,
+            verify_max_q=verify_max_q,
+        )
 
     @property
     def rows(self) -> int:

@@ -73,6 +73,12 @@ class Stats:
     varlen_step_checks: int
     """Provider choices those steps made (checkers run, plan looked up): one per step and
     layer signature; the other layers of the step run the same decision."""
+    varlen_rows: dict[str, int]
+    """Rows of those steps per kind (``VarlenStep.row_kinds``): ``prefill`` (no cached keys),
+    ``chunk`` (queries after cached keys: a later chunk or a prefix-cache hit), ``decode`` (one
+    query), ``verify`` (a speculative-decoding request checking its drafts)."""
+    varlen_step_kinds: dict[str, int]
+    """Per row kind, the steps that had at least one such row."""
     opaque_ops: dict[str, int]
     """Calls of other libraries' ops in the lowered graphs, by ``namespace.op`` (vLLM's
     ``_C.onednn_mm``, ``vllm.unified_attention_with_output``...): left alone, never lowered."""
@@ -128,6 +134,12 @@ class Stats:
                 f"serving steps     {self.varlen_steps} "
                 f"({self.varlen_step_checks} provider choices)"
             )
+        if self.varlen_rows:
+            rows = ", ".join(
+                f"{kind} {n} (in {self.varlen_step_kinds.get(kind, 0)} steps)"
+                for kind, n in sorted(self.varlen_rows.items())
+            )
+            lines.append(f"serving rows      {rows}")
         if self.graphs_loaded or self.artifacts_refused:
             refused = sum(self.artifacts_refused.values())
             lines.append(
@@ -181,6 +193,8 @@ def stats() -> Stats:
         native_kernels=native.status(),
         varlen_steps=c.varlen_steps,
         varlen_step_checks=c.varlen_step_checks,
+        varlen_rows=dict(c.varlen_rows),
+        varlen_step_kinds=dict(c.varlen_step_kinds),
         opaque_ops=dict(c.opaque_ops),
         graphs_loaded=c.graphs_loaded,
         artifacts_refused=dict(c.artifacts_refused),

@@ -25,7 +25,7 @@ from xy_inductor.kernels.aten.plan_executor import run_plan
 from xy_inductor.kernels.attention_plan import plan_attention
 from xy_inductor.kernels.contract import Accept, OpKernel, Provider
 from xy_inductor.runtime import providers
-from xy_inductor.runtime.serving import SlotWrites, VarlenStep
+from xy_inductor.runtime.serving import SlotWrites, VarlenStep, row_kinds
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -356,3 +356,20 @@ def test_a_step_writes_into_the_callers_output(only_aten):
     assert torch.isnan(buf[q.shape[0] :]).all()  # nothing written past it
     with pytest.raises(ValueError, match=r"out must be \[63, 8, 64\] torch.float32"):
         step.run(q, k, v, out=buf[:5])
+
+
+def test_a_step_counts_its_rows_per_kind():
+    q_lens, kv_lens, _, _, _, _, _, table = (
+        _step_inputs()
+    )  # [37, 1, 20, 5, 0] / [37, 90, 75, 61, 12]
+    VarlenStep(q_lens, kv_lens, table)
+    VarlenStep(q_lens, kv_lens, table, verify_max_q=5)  # an engine drafting 4 tokens
+    stats = xy_inductor.stats()
+    assert stats.varlen_rows == {"prefill": 2, "decode": 2, "chunk": 3, "verify": 1}
+    assert stats.varlen_step_kinds == {"prefill": 2, "decode": 2, "chunk": 2, "verify": 1}
+    assert "serving rows      chunk 3 (in 2 steps), decode 2 (in 2 steps)" in str(stats)
+    assert row_kinds([1, 1, 3], [1, 9, 9], verify_max_q=2) == {
+        "prefill": 1,
+        "decode": 1,
+        "chunk": 1,
+    }

@@ -143,7 +143,12 @@ class XyserveMetadataBuilder(AttentionMetadataBuilder[XyserveAttentionMetadata])
             len(layer_names),
             self.block_size,
         )
-        self.upper_bound_exact = vllm_config.speculative_config is None
+        spec = vllm_config.speculative_config
+        self.upper_bound_exact = spec is None
+        # With k drafts per step a request being verified has k + 1 queries: counted as
+        # verify rows in stats() (vLLM's own builders treat such rows as decodes).
+        drafts = getattr(spec, "num_speculative_tokens", None) if spec is not None else None
+        self.verify_max_q = 1 + drafts if drafts else None
         if device.type == "cpu" and cpu_build.why_unavailable() is None:
             # The CPU attention kernels are built (or loaded) now, at engine start, rather than
             # inside the first step; a failure leaves ATen serving, with the reason logged.
@@ -169,6 +174,7 @@ class XyserveMetadataBuilder(AttentionMetadataBuilder[XyserveAttentionMetadata])
             _host_seq_lens(cm, self.upper_bound_exact),
             cm.block_table_tensor[:rows],
             causal=bool(cm.causal),
+            verify_max_q=self.verify_max_q,
         )
         # vLLM pads the token count past the rows' tokens: the rows' tokens come first. Any
         # of them may still have slot -1 (a token this rank does not store), skipped on every
