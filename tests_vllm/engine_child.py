@@ -126,7 +126,11 @@ def _record_steps() -> None:
     for cls in (CPUAttentionMetadataBuilder, XyserveMetadataBuilder):
         build = cls.build
 
-        def recording(self, common_prefix_len, cm, fast_build=False, _build=build):
+        # The draft model's runner passes the metadata by keyword.
+        def recording(
+            self, common_prefix_len, common_attn_metadata, fast_build=False, _build=build
+        ):
+            cm = common_attn_metadata
             cu = cm.query_start_loc_cpu[: cm.num_reqs + 1].tolist()
             STEPS.append(
                 {
@@ -177,7 +181,15 @@ def run(model: str, spec: dict) -> dict:
         outputs = llm.generate(prompts, params, use_tqdm=False)
         done = time.monotonic()
         workers = llm.collective_rpc(_worker_report)
-        hits = sum(int(m.value) for m in llm.get_metrics() if m.name == "vllm:prefix_cache_hits")
+        metrics = llm.get_metrics()
+        hits = sum(int(m.value) for m in metrics if m.name == "vllm:prefix_cache_hits")
+        # Speculative decoding's counters (drafts proposed, draft tokens, accepted tokens).
+        spec_decode = {
+            m.name: int(m.value)
+            for m in metrics
+            if m.name.startswith("vllm:spec_decode")
+            and isinstance(getattr(m, "value", None), int | float)
+        }
         from vllm.compilation.counter import compilation_counter
 
         return {
@@ -187,6 +199,7 @@ def run(model: str, spec: dict) -> dict:
             "workers": workers,
             "steps": list(STEPS),
             "prefix_cache_hits": hits,
+            "spec_decode": spec_decode,
             "seconds": {"start": ready - started, "generate": done - ready},
         }
     finally:

@@ -12,9 +12,11 @@
   lengths from the device nor plans again.
 
 KV cache layout: vLLM's per-layer view is ``[blocks, Hkv, block_size, D + Dv]`` logically; the
-backend asks for the ``LBNHC`` layout, so in memory each block is ``[block_size, Hkv, D + Dv]``
-and ``kv_cache.transpose(1, 2)`` is the ``[blocks, block_size, Hkv, ·]`` cache of
-``xyserve.attention_varlen`` without a copy (K is the first D values of a slot, V the rest).
+backend prefers the ``LBNHC`` layout, so in memory each block is ``[block_size, Hkv, D + Dv]``
+(``LBHNC``, CPU_ATTN's, is accepted when another backend in the engine needs it), and
+``kv_cache.transpose(1, 2)`` is the ``[blocks, block_size, Hkv, ·]`` cache of
+``xyserve.attention_varlen`` without a copy in either (K is the first D values of a slot, V
+the rest).
 Only this module writes it; it does not depend on any vLLM kernel's private block layout.
 
 What the backend cannot serve (ALiBi, logit soft-capping, attention sinks, MLA,
@@ -81,9 +83,12 @@ class XyserveAttentionBackend(AttentionBackend):
 
     @classmethod
     def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
-        # A block is [block_size, Hkv, D + Dv]: the paged [blocks, block_size, Hkv, D] layout
-        # of xyserve.attention_varlen is then a view.
-        return (KVCacheLayout.LBNHC,)
+        # LBNHC (a block is [block_size, Hkv, D + Dv]) first: the layout the tests pin. LBHNC
+        # (a block is [Hkv, block_size, D + Dv], CPU_ATTN's) too: a draft model served by
+        # CPU_ATTN needs every layer on one layout. Both are strided views of the paged
+        # [blocks, block_size, Hkv, D] cache of xyserve.attention_varlen, which every provider
+        # reads through its strides.
+        return (KVCacheLayout.LBNHC, KVCacheLayout.LBHNC)
 
     @classmethod
     def supports_sliding_window(cls) -> bool:
