@@ -402,3 +402,26 @@ def test_a_zero_length_cache_compiles_correctly_where_no_decode_graph_takes_it(r
     got = wl.generate_pass(model, "dynamic", calls, 3).outputs
     for want, out in zip(expected, got, strict=True):
         torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["prompt_lookup", "assisted"])
+def test_speculative_generation_under_accelerate_gives_eager_tokens(reference, mode):
+    # Prompt-lookup and assisted generation check several drafted tokens in one forward: verify
+    # steps of the accelerated model (issue 25). Batch 1, as transformers requires for both.
+    torch.manual_seed(0)
+    prompt = torch.randint(3, reference.config.vocab_size, (1, 6))
+    ids = torch.cat([prompt, prompt, prompt], dim=1)  # repeats, so prompt lookup finds drafts
+    extra = (
+        {"prompt_lookup_num_tokens": 3}
+        if mode == "prompt_lookup"
+        else {"assistant_model": wl.copy_model(reference)}
+    )
+    with torch.no_grad():
+        want = reference.generate(ids, max_new_tokens=12, do_sample=False, **extra)
+        model = hf.accelerate(wl.copy_model(reference))
+        xy_inductor.reset_stats()
+        got = model.generate(ids, max_new_tokens=12, do_sample=False, **extra)
+        again = model.generate(ids, max_new_tokens=12, do_sample=False, **extra)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(again, want, rtol=0, atol=0)
+    assert xy_inductor.stats().backend_compiles <= 2
