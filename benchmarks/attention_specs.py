@@ -242,10 +242,9 @@ class Runner:
         self.metadata = self.build()
         self.output = torch.empty(step.query.shape, dtype=dtype)
         n, s = step.num_blocks, (KV_HEADS, 2 * HEAD_SIZE)
-        if name == "CPU_ATTN":  # LBHNC: a block is [Hkv, block_size, D + Dv]
-            self.kv_cache = torch.zeros(n, s[0], BLOCK, s[1], dtype=dtype)
-        else:  # LBNHC: a block is [block_size, Hkv, D + Dv], seen as [blocks, Hkv, bs, ·]
-            self.kv_cache = torch.zeros(n, BLOCK, s[0], s[1], dtype=dtype).transpose(1, 2)
+        # Both backends prefer LBHNC: a block is [Hkv, block_size, D + Dv] (CPU_ATTN packs
+        # each (block, head) its own way inside; xyserve stores K then V per slot).
+        self.kv_cache = torch.zeros(n, s[0], BLOCK, s[1], dtype=dtype)
         self.write(step.context_key, step.context_value, step.context_slots)  # earlier steps
         self.write(step.new_key, step.new_value, step.common.slot_mapping)  # this step
 

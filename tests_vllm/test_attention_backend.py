@@ -14,6 +14,7 @@ def _builder(block_size: int) -> XyserveMetadataBuilder:
     builder = object.__new__(XyserveMetadataBuilder)
     builder.block_size = block_size
     builder.upper_bound_exact = True
+    builder.verify_max_q = None
     return builder
 
 

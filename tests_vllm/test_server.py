@@ -113,7 +113,7 @@ def test_server_serves_custom_attention_like_the_offline_engine(server, model_di
     # The engine process ran xyserve's backend: its metadata builder and its KV cache layout.
     log = (tmp_path / "server.log").read_text()
     assert "xyserve meta-attention (CUSTOM) serves 2 attention layers" in log, log[-6000:]
-    assert "Using LBNHC KV cache layout" in log, log[-6000:]
+    assert "Using LBHNC KV cache layout" in log, log[-6000:]
 
     # Malformed requests: vLLM's 4xx, and the server keeps serving.
     with pytest.raises(openai.BadRequestError):

@@ -12,9 +12,9 @@
   lengths from the device nor plans again.
 
 KV cache layout: vLLM's per-layer view is ``[blocks, Hkv, block_size, D + Dv]`` logically; the
-backend prefers the ``LBNHC`` layout, so in memory each block is ``[block_size, Hkv, D + Dv]``
-(``LBHNC``, CPU_ATTN's, is accepted when another backend in the engine needs it), and
-``kv_cache.transpose(1, 2)`` is the ``[blocks, block_size, Hkv, ·]`` cache of
+backend prefers the ``LBHNC`` layout, so in memory each block is ``[Hkv, block_size, D + Dv]``
+(each KV head's slots contiguous; ``LBNHC``, ``[block_size, Hkv, D + Dv]``, is accepted too),
+and ``kv_cache.transpose(1, 2)`` is the ``[blocks, block_size, Hkv, ·]`` cache of
 ``xyserve.attention_varlen`` without a copy in either (K is the first D values of a slot, V
 the rest).
 Only this module writes it; it does not depend on any vLLM kernel's private block layout.
@@ -83,12 +83,12 @@ class XyserveAttentionBackend(AttentionBackend):
 
     @classmethod
     def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
-        # LBNHC (a block is [block_size, Hkv, D + Dv]) first: the layout the tests pin. LBHNC
-        # (a block is [Hkv, block_size, D + Dv], CPU_ATTN's) too: a draft model served by
-        # CPU_ATTN needs every layer on one layout. Both are strided views of the paged
-        # [blocks, block_size, Hkv, D] cache of xyserve.attention_varlen, which every provider
-        # reads through its strides.
-        return (KVCacheLayout.LBNHC, KVCacheLayout.LBHNC)
+        # LBHNC first (a block is [Hkv, block_size, D + Dv]: each KV head's slots contiguous),
+        # which the CPU provider's kernel reads fastest (benchmarks/RESULTS.md); LBNHC (a block
+        # is [block_size, Hkv, D + Dv]) too. Both are strided views of the paged [blocks,
+        # block_size, Hkv, D] cache of xyserve.attention_varlen, which every provider reads
+        # through its strides; CPU_ATTN uses LBHNC as well (a draft model on it shares it).
+        return (KVCacheLayout.LBHNC, KVCacheLayout.LBNHC)
 
     @classmethod
     def supports_sliding_window(cls) -> bool:
