@@ -347,3 +347,32 @@ def test_a_causal_batch_without_mask_runs_as_rows():
     assert xy_inductor.stats().paths["attention"] == {"cpu/dense": 1}
     want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tier", ["avx512", "avx2"])
+def test_lower_vector_tiers_match_float64_too(tier):
+    # The kernels another CPU would build (no AVX512-BF16, or no AVX-512), built and run here:
+    # the differential tests again, in a child with the tier forced.
+    if build.TIERS.index(tier) > build.TIERS.index(build.host_tier()):
+        pytest.skip(f"this CPU runs {build.host_tier()} at most")
+    code = (
+        "import sys, pytest; from xy_inductor.kernels.cpu import build; "
+        f"assert build.tier() == {tier!r}, build.tier(); "
+        "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', sys.argv[1], '-k', "
+        "'random or packed or padded or bitwise']))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, __file__],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "XYSERVE_CPU_ATTN_TIER": tier},
+        cwd=os.path.dirname(__file__),
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert " passed" in out.stdout and "skipped" not in out.stdout, out.stdout[-2000:]
+
+
+def test_a_tier_the_cpu_lacks_is_a_reason():
+    assert _unavailable_in_child({"XYSERVE_CPU_ATTN_TIER": "avx1024"}).startswith(
+        "XYSERVE_CPU_ATTN_TIER=avx1024: expected one of avx2, avx512, avx512_bf16"
+    )

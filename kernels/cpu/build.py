@@ -27,7 +27,16 @@ from types import ModuleType
 import torch
 from torch.utils import cpp_extension
 
-__all__ = ["SOURCE", "BuildError", "library", "status", "tier", "why_unavailable"]
+__all__ = [
+    "SOURCE",
+    "TIERS",
+    "BuildError",
+    "host_tier",
+    "library",
+    "status",
+    "tier",
+    "why_unavailable",
+]
 
 log = logging.getLogger("xy_inductor")
 
@@ -53,9 +62,12 @@ class BuildError(RuntimeError):
     """The native kernels could not be built or loaded; the message says why."""
 
 
-def tier() -> str | None:
-    """The vector tier this machine runs: ``avx512_bf16``, ``avx512``, ``avx2``, or None (no
-    tier built)."""
+TIERS = ("avx2", "avx512", "avx512_bf16")
+"""Vector tiers, each needing the one before it."""
+
+
+def host_tier() -> str | None:
+    """The best tier this CPU runs, or None (no tier built)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None
     capability = torch.backends.cpu.get_cpu_capability()
@@ -63,6 +75,18 @@ def tier() -> str | None:
         return "avx512_bf16" if torch.cpu._is_avx512_bf16_supported() else "avx512"
     if capability == "AVX2":
         return "avx2"
+    return None
+
+
+def tier() -> str | None:
+    """The tier built and run: ``XYSERVE_CPU_ATTN_TIER`` when set (a lower tier than the CPU's,
+    to run the kernels another CPU would), else ``host_tier()``; None when neither is usable."""
+    host = host_tier()
+    wanted = os.environ.get("XYSERVE_CPU_ATTN_TIER")
+    if not wanted or host is None:
+        return host
+    if wanted in TIERS and TIERS.index(wanted) <= TIERS.index(host):
+        return wanted
     return None
 
 
@@ -75,10 +99,15 @@ def why_unavailable() -> str | None:
     may (the build itself can still fail: ``library()`` then raises ``BuildError``)."""
     if os.environ.get("XYSERVE_CPU_ATTN", "1") == "0":
         return "disabled by XYSERVE_CPU_ATTN=0"
-    if tier() is None:
+    if host_tier() is None:
         return (
             f"no AVX2 or AVX-512 on this {platform.machine()} CPU (ATen's CPU capability is "
             f"{torch.backends.cpu.get_cpu_capability()})"
+        )
+    if tier() is None:
+        return (
+            f"XYSERVE_CPU_ATTN_TIER={os.environ['XYSERVE_CPU_ATTN_TIER']}: expected one of "
+            f"{', '.join(TIERS)} up to this CPU's {host_tier()}"
         )
     if _compiler() is None:
         return "no C++ compiler (set CXX, or install g++)"
