@@ -2,7 +2,7 @@
 backend (``CPU_ATTN``) on vLLM's attention-backend batch specs (issue 24's first target).
 
     .venv-vllm/bin/python benchmarks/attention_specs.py [--quick] [--specs a,b] \
-        [--dtypes fp32,bf16] [--threads N] [--json PATH]
+        [--dtypes fp32,bf16] [--threads N] [--head-size D] [--json PATH]
 
 Shapes: Llama-3-8B attention at TP=4 (8 query heads, 2 KV heads, head size 128), KV blocks of
 128. Specs: the decoder rows of the ``BATCH_SPECS`` table of vLLM's
@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from timing import interleaved, reps_for
 
-HEADS, KV_HEADS, HEAD_SIZE, BLOCK = 8, 2, 128, 128
+HEADS, KV_HEADS, HEAD_SIZE, BLOCK = 8, 2, 128, 128  # HEAD_SIZE: the default of --head-size
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # (seq_lens, query_lens): the decoder rows of vLLM's BATCH_SPECS (tests/v1/attention/
@@ -129,9 +129,18 @@ class Step:
     num_blocks: int
     window: int | None
 
+    @property
+    def head_size(self) -> int:
+        return self.query.shape[-1]
+
 
 def make_step(
-    seq_lens: list[int], query_lens: list[int], dtype: torch.dtype, seed: int, window: int | None
+    seq_lens: list[int],
+    query_lens: list[int],
+    dtype: torch.dtype,
+    seed: int,
+    window: int | None,
+    head_size: int = HEAD_SIZE,
 ) -> Step:
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
@@ -148,8 +157,8 @@ def make_step(
     for i, (s, q) in enumerate(zip(seq_lens, query_lens, strict=True)):
         table[i, : blocks_per_row[i]] = perm[start : start + blocks_per_row[i]]
         start += blocks_per_row[i]
-        keys.append(torch.randn(s, KV_HEADS, HEAD_SIZE, generator=gen).to(dtype))
-        values.append(torch.randn(s, KV_HEADS, HEAD_SIZE, generator=gen).to(dtype))
+        keys.append(torch.randn(s, KV_HEADS, head_size, generator=gen).to(dtype))
+        values.append(torch.randn(s, KV_HEADS, head_size, generator=gen).to(dtype))
         pos = torch.arange(s)
         slots = table[i, pos // BLOCK].long() * BLOCK + pos % BLOCK
         ctx_slots.append(slots[: s - q])
@@ -177,7 +186,7 @@ def make_step(
         seq_lens_cpu_upper_bound=seq.clone(),
     )
     return Step(
-        query=torch.randn(tokens, HEADS, HEAD_SIZE, generator=gen).to(dtype),
+        query=torch.randn(tokens, HEADS, head_size, generator=gen).to(dtype),
         keys=keys,
         values=values,
         common=common,
@@ -201,7 +210,7 @@ def reference(step: Step) -> torch.Tensor:
         k64 = k.double().repeat_interleave(group, dim=1).transpose(0, 1)  # [H, s, D]
         v64 = v.double().repeat_interleave(group, dim=1).transpose(0, 1)
         n_q, s = q.shape[1], k.shape[0]
-        scores = q @ k64.transpose(1, 2) * HEAD_SIZE**-0.5
+        scores = q @ k64.transpose(1, 2) * step.head_size**-0.5
         qpos = torch.arange(s - n_q, s)[:, None]
         visible = torch.arange(s)[None, :] <= qpos
         if step.window is not None:
@@ -223,15 +232,15 @@ class Runner:
         self.step = step
         backend = AttentionBackendEnum[name].get_class()
         spec = FullAttentionSpec(
-            block_size=BLOCK, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE, dtype=dtype
+            block_size=BLOCK, num_kv_heads=KV_HEADS, head_size=step.head_size, dtype=dtype
         )
         config = _config(dtype)
         self.builder = backend.get_builder_cls()(spec, ["layer.0"], config, torch.device("cpu"))
         with set_current_vllm_config(config):  # CPU_ATTN's impl reads the model's dtype
             self.impl: Any = backend.get_impl_cls()(
                 num_heads=HEADS,
-                head_size=HEAD_SIZE,
-                scale=HEAD_SIZE**-0.5,
+                head_size=step.head_size,
+                scale=step.head_size**-0.5,
                 num_kv_heads=KV_HEADS,
                 alibi_slopes=None,
                 sliding_window=step.window,
@@ -241,7 +250,7 @@ class Runner:
         self.layer.isa = getattr(self.builder, "isa", None)  # CPU_ATTN's layers carry its ISA
         self.metadata = self.build()
         self.output = torch.empty(step.query.shape, dtype=dtype)
-        n, s = step.num_blocks, (KV_HEADS, 2 * HEAD_SIZE)
+        n, s = step.num_blocks, (KV_HEADS, 2 * step.head_size)
         # Both backends prefer LBHNC: a block is [Hkv, block_size, D + Dv] (CPU_ATTN packs
         # each (block, head) its own way inside; xyserve stores K then V per slot).
         self.kv_cache = torch.zeros(n, s[0], BLOCK, s[1], dtype=dtype)
@@ -261,7 +270,7 @@ class Runner:
 
             paged = self.kv_cache.transpose(1, 2)
             SlotWrites(slots, BLOCK).write(
-                paged[..., :HEAD_SIZE], paged[..., HEAD_SIZE:], key, value
+                paged[..., : self.step.head_size], paged[..., self.step.head_size :], key, value
             )
 
     def forward(self) -> torch.Tensor:
@@ -273,10 +282,17 @@ class Runner:
         return self.impl.forward(self.layer, q, k, v, self.kv_cache, self.metadata, self.output)
 
 
-def run_spec(name: str, dtype_name: str, rounds: int, sample_s: float, seed: int) -> Row:
+def run_spec(
+    name: str,
+    dtype_name: str,
+    rounds: int,
+    sample_s: float,
+    seed: int,
+    head_size: int = HEAD_SIZE,
+) -> Row:
     seq_lens, query_lens = SPECS[name]
     dtype = DTYPES[dtype_name]
-    step = make_step(seq_lens, query_lens, dtype, seed, WINDOWS.get(name))
+    step = make_step(seq_lens, query_lens, dtype, seed, WINDOWS.get(name), head_size)
     ref = reference(step)
     xy, cpu = Runner("CUSTOM", step, dtype), Runner("CPU_ATTN", step, dtype)
     errs = []
@@ -288,7 +304,7 @@ def run_spec(name: str, dtype_name: str, rounds: int, sample_s: float, seed: int
     t_xy, t_cpu = interleaved(fns, rounds=rounds, warmup=2, reps=reps)
     builds = [xy.build, cpu.build]
     b_xy, b_cpu = interleaved(builds, rounds=rounds, reps=reps_for(builds, sample_s / 4))
-    kv_bytes = sum(seq_lens) * KV_HEADS * 2 * HEAD_SIZE * step.query.element_size()
+    kv_bytes = sum(seq_lens) * KV_HEADS * 2 * head_size * step.query.element_size()
     copy_ms = 0.0
     if name == BANDWIDTH_SPEC:
         # The same bytes, copied once (read + write), in this process, between the forwards.
@@ -357,6 +373,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-s", type=float, help="seconds per sample (default 0.1, quick 0.02)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch.set_num_threads (both backends' OpenMP)")
+    p.add_argument(
+        "--head-size",
+        type=int,
+        default=HEAD_SIZE,
+        help=f"D (default {HEAD_SIZE}; 64: small models)",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = p.parse_args(argv)
     specs = args.specs.split(",") if args.specs else QUICK_SPECS if args.quick else list(SPECS)
@@ -373,14 +395,14 @@ def main(argv: list[str] | None = None) -> int:
 
     load_general_plugins()  # registers xyserve's backend as CUSTOM
     print(
-        f"Hq={HEADS} Hkv={KV_HEADS} D={HEAD_SIZE} block={BLOCK}; torch {torch.__version__}, "
+        f"Hq={HEADS} Hkv={KV_HEADS} D={args.head_size} block={BLOCK}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; {rounds} rounds, ~{sample_s}s samples",
         flush=True,
     )
     rows = []
     for d in dtypes:
         for s in specs:
-            rows.append(run_spec(s, d, rounds, sample_s, args.seed))
+            rows.append(run_spec(s, d, rounds, sample_s, args.seed, args.head_size))
             r = rows[-1]
             print(f"  {s} {d}: {r.xyserve_ms:.3f} vs {r.cpu_attn_ms:.3f} ms", flush=True)
     print(table(rows))
