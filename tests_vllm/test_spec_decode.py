@@ -5,10 +5,10 @@ one step: a verify row of up to 1 + ``DRAFTS`` queries per request (issue 25). T
 the target's own tiny model, so its drafts are accepted; vLLM serves the draft's attention with
 its own backend (``CPU_ATTN``), the target's with xyserve's, one KV cache layout for both.
 
-vLLM's ngram drafter is not tested: on this vLLM CPU build its engine fails to start whatever
-the attention backend (the numba it imports leaves an llvmlite object in ``sys.modules`` that
-``register_triton_kernel_overrides`` cannot scan: ``AttributeError: '_lib_fn_wrapper' object
-has no attribute 'get'``).
+vLLM's ngram drafter is not tested: on this vLLM CPU build its engine fails to start, in the
+worker's set-up before any attention backend runs (the numba it imports leaves an llvmlite
+object in ``sys.modules`` that ``register_triton_kernel_overrides`` cannot scan:
+``AttributeError: '_lib_fn_wrapper' object has no attribute 'get'``).
 """
 
 from __future__ import annotations
