@@ -376,3 +376,21 @@ def test_a_tier_the_cpu_lacks_is_a_reason():
     assert _unavailable_in_child({"XYSERVE_CPU_ATTN_TIER": "avx1024"}).startswith(
         "XYSERVE_CPU_ATTN_TIER=avx1024: expected one of avx2, avx512, avx512_bf16"
     )
+
+
+def test_a_compiler_without_avx512_bf16_falls_back_to_avx512():
+    # As with GCC < 10: the avx512_bf16 tier does not compile; the avx512 one serves.
+    if build.host_tier() != "avx512_bf16":
+        pytest.skip(f"this CPU runs {build.host_tier()}")
+    code = (
+        "from xy_inductor.kernels.cpu import build\n"
+        "build._TIER_FLAGS['avx512_bf16'] += ('-mno-such-flag-xyserve',)\n"
+        "build.library()\n"
+        "assert build.loaded_tier() == 'avx512', build.loaded_tier()\n"
+        "print(build.status())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XYSERVE_CPU_ATTN_TIER"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "loaded (avx512 vectors)"
+    assert "CPU attention kernels (avx512_bf16) not built" in out.stderr

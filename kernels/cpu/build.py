@@ -21,6 +21,7 @@ import os
 import platform
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -33,6 +34,7 @@ __all__ = [
     "BuildError",
     "host_tier",
     "library",
+    "loaded_tier",
     "status",
     "tier",
     "why_unavailable",
@@ -129,23 +131,54 @@ def _cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "xy_inductor"
 
 
+@dataclass(frozen=True)
+class _Loaded:
+    module: ModuleType
+    tier: str
+
+
 def library() -> ModuleType:
     """The loaded native module, built once per machine, tier and torch; raises
     ``BuildError`` (every time, with the first failure's reason) when it cannot be."""
     loaded = _load()
     if isinstance(loaded, BuildError):
         raise loaded
-    return loaded
+    return loaded.module
+
+
+def loaded_tier() -> str | None:
+    """The tier of the loaded library (``avx512`` where ``avx512_bf16`` failed to build), or
+    None when none is loaded (yet)."""
+    if _load.cache_info().currsize == 0:
+        return None
+    loaded = _load()
+    return None if isinstance(loaded, BuildError) else loaded.tier
 
 
 @functools.cache
-def _load() -> ModuleType | BuildError:
-    """One attempt per process; a failure is returned, so it is remembered too."""
+def _load() -> _Loaded | BuildError:
+    """One attempt per process; a failure is returned, so it is remembered too. A compiler
+    that cannot build ``avx512_bf16`` (``-mavx512bf16`` needs GCC 10 or Clang 9) falls back to
+    ``avx512``, unless ``XYSERVE_CPU_ATTN_TIER`` asked for that tier."""
     reason = why_unavailable()
     if reason is not None:
         return BuildError(reason)
     vector_tier = tier()
     assert vector_tier is not None
+    candidates = [vector_tier]
+    if vector_tier == "avx512_bf16" and not os.environ.get("XYSERVE_CPU_ATTN_TIER"):
+        candidates.append("avx512")
+    failures = []
+    for candidate in candidates:
+        try:
+            return _Loaded(_build(candidate), candidate)
+        except (OSError, RuntimeError, ImportError) as e:
+            failures.append(f"{candidate}: {e}")
+            log.warning("xyserve: CPU attention kernels (%s) not built: %s", candidate, e)
+    return BuildError(f"building or loading {SOURCE.name} failed: {'; '.join(failures)}")
+
+
+def _build(vector_tier: str) -> ModuleType:
     flags = ["-O3", "-fopenmp", *_TIER_FLAGS[vector_tier]]
     key = hashlib.sha256(
         b"\0".join(
@@ -167,18 +200,14 @@ def _load() -> ModuleType | BuildError:
     directory.mkdir(parents=True, exist_ok=True)
     if not any(directory.glob(f"{name}*.so")):
         log.warning("xyserve: compiling its CPU attention kernels, once per machine and torch")
-    try:
-        return cpp_extension.load(
-            name=name,
-            sources=[str(SOURCE)],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(directory),
-            is_python_module=True,
-        )
-    except (OSError, RuntimeError, ImportError) as e:
-        log.warning("xyserve: CPU attention kernels not built (ATen serves instead): %s", e)
-        return BuildError(f"building or loading {SOURCE.name} failed: {e}")
+    return cpp_extension.load(
+        name=name,
+        sources=[str(SOURCE)],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(directory),
+        is_python_module=True,
+    )
 
 
 def status() -> str:
@@ -191,4 +220,4 @@ def status() -> str:
     loaded = _load()
     if isinstance(loaded, BuildError):
         return f"no: {loaded}"
-    return f"loaded ({tier()} vectors)"
+    return f"loaded ({loaded.tier} vectors)"
