@@ -149,13 +149,7 @@ def kv_layouts(ks, vs, kv_lens, block_size, hkv, d, gen):
 
 def cpu_kernels_built() -> bool:
     """Whether the CPU provider's native kernels load here (built on first use)."""
-    if build.why_unavailable() is not None:
-        return False
-    try:
-        build.library()
-    except build.BuildError:
-        return False
-    return True
+    return build.why_not_loaded() is None
 
 
 def varlen_cpu_path() -> str:

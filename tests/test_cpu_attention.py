@@ -29,12 +29,7 @@ from xy_inductor.runtime import providers
 
 varlen = torch.ops.xyserve.attention_varlen.default
 
-_REASON = build.why_unavailable()
-if _REASON is None:
-    try:
-        build.library()
-    except build.BuildError as e:
-        _REASON = str(e)
+_REASON = build.why_not_loaded()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"CPU kernels: {_REASON}")
 
 # Relative error (norm) against float64 per dtype: fp32 accumulates in fp32; half precision

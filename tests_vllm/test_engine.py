@@ -17,13 +17,7 @@ from xy_inductor.kernels.cpu import build
 def _varlen_path() -> str:
     """The path xyserve's attention takes here: the CPU provider's native kernel where it builds
     (the tiny models' head sizes are multiples of 16), else ATen's rows."""
-    if build.why_unavailable() is not None:
-        return "aten/rows"
-    try:
-        build.library()
-    except build.BuildError:
-        return "aten/rows"
-    return "cpu/paged"
+    return "cpu/paged" if build.why_not_loaded() is None else "aten/rows"
 
 
 FAMILIES = ("llama", "qwen2", "mistral")

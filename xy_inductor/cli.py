@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from collections.abc import Sequence
@@ -153,8 +152,7 @@ def providers_cmd(args: argparse.Namespace) -> int:
     whether the C++ CPU kernels are built (--build builds them now, once per machine)."""
     if args.build:
         ops.load_native()
-        with contextlib.suppress(cpu_build.BuildError):  # status() below says why
-            cpu_build.library()
+        cpu_build.why_not_loaded()  # builds them; status() below says why not
 
     listed = providers.describe()
     width = max(len(name) for name, _ in listed)

@@ -114,16 +114,19 @@ def _declines(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
         return f"head sizes {d}/{dv} are not multiples of {HEAD_MULTIPLE}"
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         return "head dims are not contiguous"
-    try:
-        build.library()
-    except build.BuildError as e:
-        return str(e)
-    return None
+    return build.why_not_loaded()
 
 
-def _row_args(tables: TaskTables, kv_len: torch.Tensor, k_start: torch.Tensor, group: int) -> tuple:
+def _row_args(
+    tables: TaskTables,
+    q_start: torch.Tensor,
+    kv_len: torch.Tensor,
+    k_start: torch.Tensor,
+    group: int,
+) -> tuple:
+    """The kernel's per-row and task arguments, in its order."""
     return (
-        tables.q_start,
+        q_start,
         tables.q_len,
         kv_len,
         k_start,
@@ -131,6 +134,38 @@ def _row_args(tables: TaskTables, kv_len: torch.Tensor, k_start: torch.Tensor, g
         tables.merges,
         tables.max_q_tile * group,
         tables.parts,
+    )
+
+
+def _parallel(tables: TaskTables, group: int, head_sizes: int) -> bool:
+    """Whether a call is worth running over torch's threads (``head_sizes``: D + Dv)."""
+    return tables.row_keys * group * head_sizes >= PARALLEL_MIN_WORK
+
+
+def _launch(
+    call: VarlenAttention | PackedAttention | DenseAttention,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    rows: tuple,
+    causal: bool,
+    window: int,
+    out: torch.Tensor,
+    parallel: bool,
+) -> None:
+    """One call of the native kernel (``attention.cpp``'s ``paged_attention``) into ``out``."""
+    build.library().paged_attention(
+        q,
+        k_cache,
+        v_cache,
+        block_table,
+        *rows,
+        call.softmax_scale,
+        causal,
+        window,
+        out,
+        parallel,
     )
 
 
@@ -144,10 +179,10 @@ def check_attention_varlen(call: VarlenAttention) -> Accept | str:
     group = q.shape[1] // k.shape[2]
     plan = call.plan(menu_for(group))
     tables = task_tables(plan)
-    work = tables.row_keys * group * (k.shape[3] + v.shape[3])
     kv_len = torch.tensor(call.kv_lens, dtype=torch.int32)
-    rows = _row_args(tables, kv_len, _NO_START, group)
-    return Accept("paged", PagedTasks(plan, tables, kv_len, work >= PARALLEL_MIN_WORK, rows))
+    rows = _row_args(tables, tables.q_start, kv_len, _NO_START, group)
+    parallel = _parallel(tables, group, k.shape[3] + v.shape[3])
+    return Accept("paged", PagedTasks(plan, tables, kv_len, parallel, rows))
 
 
 def run_attention_varlen(call: VarlenAttention, accept: Accept) -> torch.Tensor:
@@ -159,18 +194,10 @@ def run_attention_varlen(call: VarlenAttention, accept: Accept) -> torch.Tensor:
         out = q.new_empty((q.shape[0], q.shape[1], v.shape[3]))
     for s0, n in tables.empty:
         out[s0 : s0 + n] = 0
-    build.library().paged_attention(
-        q,
-        k,
-        v,
-        call.block_table,
-        *decision.rows,
-        call.softmax_scale,
-        call.causal,
-        call.window or 0,
-        out,
+    _launch(
+        call, q, k, v, call.block_table, decision.rows, call.causal, call.window or 0, out,
         decision.parallel,
-    )
+    )  # fmt: skip
     return out
 
 
@@ -184,28 +211,21 @@ def check_attention_packed(call: PackedAttention) -> Accept | str:
     if plan.table.q_start != call.starts:
         return "the sequences are not packed back to back"
     tables = task_tables(plan)
-    work = tables.row_keys * group * (k.shape[2] + v.shape[2])
-    rows = _row_args(tables, tables.q_len, tables.q_start, group)
+    rows = _row_args(tables, tables.q_start, tables.q_len, tables.q_start, group)
     table = torch.zeros(len(call.lens), 1, dtype=torch.int32)
-    return Accept("packed", PackedTasks(plan, table, work >= PARALLEL_MIN_WORK, rows))
+    parallel = _parallel(tables, group, k.shape[2] + v.shape[2])
+    return Accept("packed", PackedTasks(plan, table, parallel, rows))
 
 
 def run_attention_packed(call: PackedAttention, accept: Accept) -> torch.Tensor:
     decision: PackedTasks = accept.decision
     q, k, v = call.q, call.k, call.v
     out = q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
-    build.library().paged_attention(
-        q,
-        k[None],  # [1 block, tokens, Hkv, D]: a row's keys start at its first token
-        v[None],
-        decision.block_table,
-        *decision.rows,
-        call.softmax_scale,
-        call.causal,
-        call.window or 0,
-        out,
-        decision.parallel,
-    )
+    # k[None]: [1 block, tokens, Hkv, D], a row's keys starting at its first token
+    _launch(
+        call, q, k[None], v[None], decision.block_table, decision.rows, call.causal,
+        call.window or 0, out, decision.parallel,
+    )  # fmt: skip
     return out
 
 
@@ -244,25 +264,20 @@ def check_attention(call: DenseAttention) -> Accept | str:
         starts.append(first + end - n)
         padding += [(first, end - n), (first + end, lq - end)]
     i32 = torch.int32
-    q_start = torch.tensor(starts, dtype=i32)
-    rows = (
-        q_start,
-        tables.q_len,
+    rows = _row_args(
+        tables,
+        torch.tensor(starts, dtype=i32),
         torch.tensor(found.kv_len, dtype=i32),
         torch.tensor(found.kv_start, dtype=i32),
-        tables.tasks,
-        tables.merges,
-        tables.max_q_tile * group,
-        tables.parts,
+        group,
     )
-    work = tables.row_keys * group * (k.shape[3] + v.shape[3])
     return Accept(
         "dense",
         DenseTasks(
             plan,
             torch.arange(b, dtype=i32)[:, None],
             tuple((first, n) for first, n in padding if n > 0),
-            work >= PARALLEL_MIN_WORK,
+            _parallel(tables, group, k.shape[3] + v.shape[3]),
             rows,
         ),
     )
@@ -279,18 +294,11 @@ def run_attention(call: DenseAttention, accept: Accept) -> torch.Tensor:
     flat = out.transpose(1, 2).view(b * lq, hq, v.shape[3])
     for first, n in decision.padding:
         flat[first : first + n] = 0
-    build.library().paged_attention(
-        tokens.reshape(b * lq, hq, d),
-        k.transpose(1, 2),  # [B blocks, Lk, Hkv, D]
-        v.transpose(1, 2),
-        decision.block_table,
-        *decision.rows,
-        call.softmax_scale,
-        decision.plan.causal,
-        0,
-        flat,
-        decision.parallel,
-    )
+    # k.transpose(1, 2): [B blocks, Lk, Hkv, D], a row's keys starting where its padding ends
+    _launch(
+        call, tokens.reshape(b * lq, hq, d), k.transpose(1, 2), v.transpose(1, 2),
+        decision.block_table, decision.rows, decision.plan.causal, 0, flat, decision.parallel,
+    )  # fmt: skip
     return out
 
 

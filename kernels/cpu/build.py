@@ -37,6 +37,7 @@ __all__ = [
     "loaded_tier",
     "status",
     "tier",
+    "why_not_loaded",
     "why_unavailable",
 ]
 
@@ -144,6 +145,13 @@ def library() -> ModuleType:
     if isinstance(loaded, BuildError):
         raise loaded
     return loaded.module
+
+
+def why_not_loaded() -> str | None:
+    """None when the library is loaded (building or loading it now if this process has not
+    yet), else why it cannot be: ``why_unavailable()``'s reason or the build's failure."""
+    loaded = _load()
+    return str(loaded) if isinstance(loaded, BuildError) else None
 
 
 def loaded_tier() -> str | None:

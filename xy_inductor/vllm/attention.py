@@ -157,10 +157,11 @@ class XyserveMetadataBuilder(AttentionMetadataBuilder[XyserveAttentionMetadata])
         if device.type == "cpu" and cpu_build.why_unavailable() is None:
             # The CPU attention kernels are built (or loaded) now, at engine start, rather than
             # inside the first step; a failure leaves ATen serving, with the reason logged.
-            try:
-                cpu_build.library()
-            except cpu_build.BuildError as e:
-                logger.warning("xyserve: CPU attention kernels unavailable, ATen serves: %s", e)
+            reason = cpu_build.why_not_loaded()
+            if reason is not None:
+                logger.warning(
+                    "xyserve: CPU attention kernels unavailable, ATen serves: %s", reason
+                )
 
     def build(
         self,
