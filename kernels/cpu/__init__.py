@@ -79,12 +79,16 @@ class PagedTasks:
 
     plan: AttentionPlan
     tables: TaskTables
-    kv_len: torch.Tensor
-    """The call's KV lengths, int32: a decision is made per step and shared by its layers."""
     parallel: bool
     """Whether the step is worth running over torch's threads."""
     rows: tuple
     """The kernel's per-row and task arguments, in its order (made once, passed per layer)."""
+
+    @property
+    def kv_len(self) -> torch.Tensor:
+        """The call's KV lengths, int32 (in ``rows``): a decision is made per step and shared by
+        its layers."""
+        return self.rows[2]
 
 
 def _unavailable() -> str | None:
@@ -182,7 +186,7 @@ def check_attention_varlen(call: VarlenAttention) -> Accept | str:
     kv_len = torch.tensor(call.kv_lens, dtype=torch.int32)
     rows = _row_args(tables, tables.q_start, kv_len, _NO_START, group)
     parallel = _parallel(tables, group, k.shape[3] + v.shape[3])
-    return Accept("paged", PagedTasks(plan, tables, kv_len, parallel, rows))
+    return Accept("paged", PagedTasks(plan, tables, parallel, rows))
 
 
 def run_attention_varlen(call: VarlenAttention, accept: Accept) -> torch.Tensor:
