@@ -220,6 +220,10 @@ class VarlenFia:
 
 def check_attention_varlen(call: VarlenAttention) -> Accept | str:
     q, k, v = call.q, call.k_cache, call.v_cache
+    if call.tree is not None:
+        # FIA's one step-wide mask (sparse_mode 3) is causal; a per-row tree mask is not in the
+        # documented contract, so tree verify rows go to a provider that runs them.
+        return "tree verify rows (FIA takes no per-row tree mask)"
     reason = _tensor_reason(q, k, v)
     if reason is not None:
         return reason

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from xy_inductor.kernels.tree_masks import as_int64
+
 __all__ = [
     "AttentionMenu",
     "AttentionPlan",
@@ -160,6 +162,9 @@ class AttentionPlan:
     """Tiles the mask hides entirely, never scheduled."""
     kv_class: tuple
     """The shape class of the planned KV lengths: a run must fall in the same one."""
+    tree: tuple | None = None
+    """Per row, the ancestor bits of its queries (``tree_masks.TreeMasks.rows``), None for a
+    row (or a call) that is plain causal: tree verify rows."""
     cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
     """What providers derive from this plan (a task table on a device, the per-row arrays of
     the last run), keyed by provider and device. Plans are cached per shape class, so this is
@@ -170,9 +175,23 @@ class AttentionPlan:
     def tiles(self) -> int:
         return int(self.row.numel())
 
+    def tree_tensor(self) -> torch.Tensor | None:
+        """The tree rows as the kernels read them: int64 ``[tokens]``, each query's ancestor
+        bits (``-1`` for plain rows), on the host; None for a plan without tree rows."""
+        if self.tree is None:
+            return None
+        found = self.cache.get("tree tensor")
+        if found is None:
+            flat: list[int] = []
+            for n, bits in zip(self.table.q_len, self.tree, strict=True):
+                flat += [-1] * n if bits is None else as_int64(bits)
+            found = self.cache["tree tensor"] = torch.tensor(flat, dtype=torch.int64)
+        return found
+
     def check(self, q_lens: Sequence[int], kv_lens: Sequence[int]) -> None:
         """Raise if a run with these lengths does not fit this plan (FlashInfer's rule: a run
-        must match its plan)."""
+        must match its plan). A plan's tree rows are its own: executors read ``tree`` and
+        ``tree_tensor()`` from the plan, never from the call."""
         if tuple(q_lens) != self.table.q_len:
             raise ValueError(
                 f"attention run does not match its plan: q_lens {tuple(q_lens)} planned as "
@@ -207,8 +226,10 @@ def _row_tiles(
     chunk: int,
     causal: bool,
     window: int | None,
+    tree: tuple[int, ...] | None = None,
 ) -> tuple[list[tuple[int, int, int, int]], int]:
-    """(q0, tile, k0, k1) of every visible tile of one row, and how many were skipped."""
+    """(q0, tile, k0, k1) of every visible tile of one row, and how many were skipped.
+    ``tree``: the ancestor bits of the row's queries (a tree verify row), or None."""
     out = []
     skipped = 0
     offset = kv_len - q_len  # KV position of the row's first query
@@ -221,8 +242,12 @@ def _row_tiles(
     for q0 in range(0, q_len, tile):
         first = offset + q0
         last = offset + min(q0 + tile, q_len) - 1
+        # The row's own tokens (keys from ``offset``) that some query of the tile sees.
+        seen = -1 if tree is None else functools.reduce(int.__or__, tree[q0 : q0 + tile])
         for k0, k1 in itertools.pairwise(bounds):
             hidden = (causal and k0 > last) or (window is not None and k1 - 1 <= first - window)
+            if not hidden and tree is not None and k0 >= offset:
+                hidden = (seen >> (k0 - offset)) & ((1 << (k1 - k0)) - 1) == 0
             if hidden:
                 skipped += 1
             else:
@@ -239,8 +264,9 @@ def _plan(
     window: int | None,
     kv_heads: int,
     menu: AttentionMenu,
+    tree: tuple | None,
 ) -> AttentionPlan:
-    return _build_plan(q_lens, kv_lens, causal, window, kv_heads, menu)
+    return _build_plan(q_lens, kv_lens, causal, window, kv_heads, menu, tree)
 
 
 def _build_plan(
@@ -250,6 +276,7 @@ def _build_plan(
     window: int | None,
     kv_heads: int,
     menu: AttentionMenu,
+    tree: tuple | None = None,
 ) -> AttentionPlan:
     table = TokenTable.build(q_lens, kv_lens, menu.q_tiles, positional=causal or window is not None)
     rows, q0s, tiles, k0s, k1s, ids = [], [], [], [], [], []
@@ -264,6 +291,7 @@ def _build_plan(
             menu.kv_chunk,
             causal,
             window,
+            None if tree is None else tree[r],
         )
         skipped += hidden
         per_q0: dict[int, int] = {}
@@ -313,6 +341,7 @@ def _build_plan(
         worker_load=tuple(worker_load),
         skipped=skipped,
         kv_class=_kv_class(q_lens, kv_lens, menu, causal, window),
+        tree=tree,
     )
 
 
@@ -330,18 +359,25 @@ def plan_attention(
     window: int | None = None,
     kv_heads: int = 1,
     menu: AttentionMenu,
+    tree: tuple | None = None,
 ) -> AttentionPlan:
     """Plan an attention call over rows with these query and KV lengths, for the tile menu of
     the provider that will run it.
 
     ``window``: a query at position p sees keys p - window < j <= p (Mistral's sliding window);
-    None for no window. Cached per shape class: consecutive decode steps get the same plan.
+    None for no window. ``tree``: per row, the ancestor bits of its queries or None
+    (``tree_masks.TreeMasks.rows``; causal only); None when no row is a tree. Cached per shape
+    class: consecutive decode steps get the same plan.
     """
     q_lens, kv_lens = tuple(int(q) for q in q_lens), tuple(int(k) for k in kv_lens)
     if window is not None and window < 1:
         raise ValueError(f"plan_attention: window must be a positive int or None, got {window}")
     if kv_heads < 1:
         raise ValueError(f"plan_attention: kv_heads must be >= 1, got {kv_heads}")
+    if tree is not None and (not causal or len(tree) != len(q_lens)):
+        raise ValueError("plan_attention: tree rows need causal attention and one entry per row")
+    if tree is not None and all(t is None for t in tree):
+        tree = None
     kv_class = _kv_class(q_lens, kv_lens, menu, causal, window)
     # Rows planned by chunk count are planned at their longest length in the class, so a later
     # step's longer (same-class) KV is covered; the kernel masks keys past each real length.
@@ -349,7 +385,7 @@ def plan_attention(
         c[1] * menu.kv_chunk if c[0] == "chunks" else kv
         for kv, c in zip(kv_lens, kv_class, strict=True)
     )
-    return _plan(q_lens, kv_class, planned, causal, window, kv_heads, menu)
+    return _plan(q_lens, kv_class, planned, causal, window, kv_heads, menu, tree)
 
 
 @dataclass(frozen=True)

@@ -198,6 +198,7 @@ class VarlenAttention(_AttentionCall):
         "q",
         "q_lens",
         "scale",
+        "tree",
         "v_cache",
         "window",
     )
@@ -214,6 +215,7 @@ class VarlenAttention(_AttentionCall):
         window: int | None,
         scale: float | None,
         out: torch.Tensor | None = None,
+        tree: tuple | None = None,
     ) -> None:
         self.q = q
         self.k_cache = k_cache
@@ -227,6 +229,9 @@ class VarlenAttention(_AttentionCall):
         # Where the caller wants the result ([tokens, Hq, Dv], checked by the caller): a kernel
         # that can write there does; the caller copies any other result into it.
         self.out = out
+        # Tree verify rows, checked (``tree_masks.parse_tree_mask``): per row the ancestor
+        # bits of its queries, or None; None when no row is a tree.
+        self.tree = tree
 
     @property
     def block_size(self) -> int:
@@ -241,6 +246,7 @@ class VarlenAttention(_AttentionCall):
             window=self.window,
             kv_heads=self.k_cache.shape[2],
             menu=menu,
+            tree=self.tree,
         )
 
 

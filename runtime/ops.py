@@ -36,6 +36,7 @@ from xy_inductor.kernels.calls import (
     attention_output,
 )
 from xy_inductor.kernels.gemm_plan import DEFAULT_MAX_TOKENS, rows_of
+from xy_inductor.kernels.tree_masks import parse_tree_mask
 from xy_inductor.runtime import counters, providers
 from xy_inductor.runtime.arguments import (
     check_attention_args,
@@ -236,6 +237,7 @@ def attention_varlen_impl(
     causal: bool = True,
     window: int | None = None,
     scale: float | None = None,
+    tree_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention for serving: packed queries of many sequences over a paged KV cache.
 
@@ -243,7 +245,9 @@ def attention_varlen_impl(
     being the last tokens of its ``kv_lens[r]`` keys (prefill, decode, chunked or
     prefix-cached prefill and verify rows mix freely). k/v caches ``[blocks, block_size, Hkv,
     D]``; ``block_table[r, j]`` is the block of row r's keys ``j * block_size …``. ``window``:
-    a query at position p sees keys after p - window. Returns ``[tokens, Hq, Dv]``.
+    a query at position p sees keys after p - window. ``tree_mask``: tree verify rows (causal
+    only), int64 ``[tokens]``: bit j of query i's entry set when it sees its row's query token j,
+    ``-1`` for plain causal rows (``kernels/tree_masks.py``). Returns ``[tokens, Hq, Dv]``.
     """
     check_varlen_args(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_table)
     q_lens, kv = _varlen_rows(
@@ -251,14 +255,38 @@ def attention_varlen_impl(
     )
     # Per call, beside the length reads above: the op reads its token table on the host anyway.
     check_block_ids(block_table, kv, k_cache.shape[1], k_cache.shape[0], "xyserve.attention_varlen")
-    call = VarlenAttention(q, k_cache, v_cache, q_lens, kv, block_table, causal, window, scale)
+    tree = None
+    if tree_mask is not None:
+        if not causal:
+            raise ValueError("xyserve.attention_varlen: tree_mask needs causal=True")
+        tree = parse_tree_mask(tree_mask, q_lens, "xyserve.attention_varlen")
+    call = VarlenAttention(
+        q, k_cache, v_cache, q_lens, kv, block_table, causal, window, scale, tree=tree
+    )
     return providers.run("attention_varlen", call)
 
 
 def _attention_varlen_fake(
-    q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_table, causal=True, window=None, scale=None
+    q,
+    k_cache,
+    v_cache,
+    cu_seqlens_q,
+    kv_lens,
+    block_table,
+    causal=True,
+    window=None,
+    scale=None,
+    tree_mask=None,
 ):
     check_varlen_args(q, k_cache, v_cache, cu_seqlens_q, kv_lens, block_table, check_symbolic)
+    if tree_mask is not None:
+        check_symbolic(
+            tree_mask.dim() == 1 and tree_mask.dtype == torch.int64,
+            "{}: tree_mask must be a 1-D int64 tensor, got {}-D {}",
+            "xyserve.attention_varlen",
+            tree_mask.dim(),
+            tree_mask.dtype,
+        )
     return q.new_empty((q.shape[0], q.shape[1], v_cache.shape[3]))
 
 

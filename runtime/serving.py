@@ -33,9 +33,21 @@ import torch
 
 from xy_inductor.kernels.calls import VarlenAttention
 from xy_inductor.kernels.contract import Accept, OpKernel, Provider
+from xy_inductor.kernels.tree_masks import (
+    parse_tree_mask,
+    tree_mask_from_parents,
+    tree_mask_from_paths,
+)
 from xy_inductor.runtime import counters, providers
 
-__all__ = ["SlotWrites", "VarlenStep", "check_block_ids", "row_kinds"]
+__all__ = [
+    "SlotWrites",
+    "VarlenStep",
+    "check_block_ids",
+    "row_kinds",
+    "tree_mask_from_parents",
+    "tree_mask_from_paths",
+]
 
 _OP = "attention_varlen"
 
@@ -83,19 +95,25 @@ def check_block_ids(
 
 
 def row_kinds(
-    q_lens: Sequence[int], kv_lens: Sequence[int], verify_max_q: int | None = None
+    q_lens: Sequence[int],
+    kv_lens: Sequence[int],
+    verify_max_q: int | None = None,
+    tree: tuple | None = None,
 ) -> Counter:
     """How many rows of a step are of each kind, from their lengths: ``prefill`` (every key is
     a query: nothing cached), ``decode`` (one query after cached keys), ``verify`` (2 to
     ``verify_max_q`` queries after cached keys: in an engine running speculative decoding with
     k drafts, ``verify_max_q = k + 1``, the rows vLLM itself treats as decodes), ``chunk``
-    (other queries after cached keys: a later prefill chunk or a prefix-cache hit). Rows
-    without queries are not counted."""
+    (other queries after cached keys: a later prefill chunk or a prefix-cache hit), ``tree``
+    (a row with a tree mask, ``tree_masks.parse_tree_mask``). Rows without queries are not
+    counted."""
     kinds: Counter = Counter()
-    for q, kv in zip(q_lens, kv_lens, strict=True):
+    for r, (q, kv) in enumerate(zip(q_lens, kv_lens, strict=True)):
         if q == 0:
             continue
-        if q >= kv:
+        if tree is not None and tree[r] is not None:
+            kinds["tree"] += 1
+        elif q >= kv:
             kinds["prefill"] += 1
         elif q == 1:
             kinds["decode"] += 1
@@ -124,6 +142,7 @@ class VarlenStep:
         "q_lens",
         "row_kinds",
         "tokens",
+        "tree",
     )
 
     def __init__(
@@ -134,6 +153,7 @@ class VarlenStep:
         *,
         causal: bool = True,
         verify_max_q: int | None = None,
+        tree_mask: torch.Tensor | Sequence[int] | None = None,
     ) -> None:
         where = "VarlenStep"
         self.q_lens = tuple(int(n) for n in q_lens)
@@ -158,6 +178,10 @@ class VarlenStep:
                     f"{where}: row {r} has {n} queries and kv_len {m}; expected 0 <= queries"
                     + (" <= kv_len (they are the row's last tokens)" if causal else " and kv_len")
                 )
+        if tree_mask is not None and not causal:
+            raise ValueError(f"{where}: tree_mask needs causal=True")
+        # Tree verify rows: checked once per step, the same for every layer.
+        self.tree = None if tree_mask is None else parse_tree_mask(tree_mask, self.q_lens, where)
         self.block_table = block_table
         self.causal = bool(causal)
         self.tokens = sum(self.q_lens)
@@ -165,7 +189,7 @@ class VarlenStep:
         # Signature of a layer's tensors -> (the provider list, the chosen provider's name, its
         # kernel, its checker's decision).
         self._decisions: dict[tuple, tuple[tuple[Provider, ...], str, OpKernel, Accept]] = {}
-        self.row_kinds = row_kinds(self.q_lens, self.kv_lens, verify_max_q)
+        self.row_kinds = row_kinds(self.q_lens, self.kv_lens, verify_max_q, self.tree)
         counters.record_varlen_step(self.row_kinds)
 
     @classmethod
@@ -177,6 +201,7 @@ class VarlenStep:
         *,
         causal: bool = True,
         verify_max_q: int | None = None,
+        tree_mask: torch.Tensor | Sequence[int] | None = None,
     ) -> VarlenStep:
         """The step from packed query offsets (``rows + 1`` entries rising from 0) and KV
         lengths, as host tensors or lists (a device tensor here costs one copy per step)."""
@@ -190,6 +215,7 @@ class VarlenStep:
             block_table,
             causal=causal,
             verify_max_q=verify_max_q,
+            tree_mask=tree_mask,
         )
 
     @property
@@ -221,7 +247,7 @@ class VarlenStep:
         active = providers.active_providers()
         call = VarlenAttention(
             q, k_cache, v_cache, self.q_lens, self.kv_lens, self.block_table, self.causal,
-            window, scale, out,
+            window, scale, out, self.tree,
         )  # fmt: skip
         entry = self._decisions.get(key)
         # The entry holds the provider list it was chosen from and is reused only for that very

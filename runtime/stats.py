@@ -76,7 +76,8 @@ class Stats:
     varlen_rows: dict[str, int]
     """Rows of those steps per kind (``VarlenStep.row_kinds``): ``prefill`` (no cached keys),
     ``chunk`` (queries after cached keys: a later chunk or a prefix-cache hit), ``decode`` (one
-    query), ``verify`` (a speculative-decoding request checking its drafts)."""
+    query), ``verify`` (a speculative-decoding request checking its drafts), ``tree`` (a verify
+    row whose drafts form a tree: a tree mask)."""
     varlen_step_kinds: dict[str, int]
     """Per row kind, the steps that had at least one such row."""
     opaque_ops: dict[str, int]

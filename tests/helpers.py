@@ -95,8 +95,12 @@ def compiled_vs_eager(fn: Callable, *args: object, dynamic: bool = False) -> tup
 # -- attention over packed rows: a float64 reference and the caches it reads --------------------
 
 
-def visible(q_len: int, kv_len: int, causal: bool, window: int | None) -> torch.Tensor:
-    """[q_len, kv_len] bool: which keys each query of a row may see."""
+def visible(
+    q_len: int, kv_len: int, causal: bool, window: int | None, parents: list[int] | None = None
+) -> torch.Tensor:
+    """[q_len, kv_len] bool: which keys each query of a row may see. ``parents``: a tree
+    verify row, each query token's parent among the row's queries (-1: none); a query then sees
+    the keys before the row's queries, itself and its ancestors, found by walking up."""
     qpos = torch.arange(q_len)[:, None] + kv_len - q_len
     kpos = torch.arange(kv_len)[None, :]
     ok = torch.ones(q_len, kv_len, dtype=torch.bool)
@@ -104,19 +108,31 @@ def visible(q_len: int, kv_len: int, causal: bool, window: int | None) -> torch.
         ok &= kpos <= qpos
     if window is not None:
         ok &= kpos > qpos - window
+    if parents is not None:
+        offset = kv_len - q_len
+        own = torch.zeros(q_len, kv_len, dtype=torch.bool)
+        own[:, :offset] = True
+        for i in range(q_len):
+            j = i
+            while j != -1:
+                own[i, offset + j] = True
+                j = parents[j]
+        ok &= own
     return ok
 
 
-def packed_reference(q, ks, vs, q_lens, kv_lens, causal, window, scale):
-    """Plain float64 attention row by row: q packed [Tq, Hq, D], ks[r] [kv_len, Hkv, D]."""
+def packed_reference(q, ks, vs, q_lens, kv_lens, causal, window, scale, parents=None):
+    """Plain float64 attention row by row: q packed [Tq, Hq, D], ks[r] [kv_len, Hkv, D].
+    ``parents[r]``: row r's tree (``visible``), or None."""
     outs, start = [], 0
     for r, (ql, kl) in enumerate(zip(q_lens, kv_lens, strict=True)):
         qr = q[start : start + ql].double().transpose(0, 1)
         g = q.shape[1] // ks[r].shape[1]
         kr = ks[r].double().transpose(0, 1).repeat_interleave(g, 0)
         vr = vs[r].double().transpose(0, 1).repeat_interleave(g, 0)
+        tree = None if parents is None else parents[r]
         s = (qr @ kr.transpose(-1, -2) * scale).masked_fill(
-            ~visible(ql, kl, causal, window), float("-inf")
+            ~visible(ql, kl, causal, window, tree), float("-inf")
         )
         m = s.amax(-1, keepdim=True)
         p = torch.exp(s - torch.where(torch.isinf(m), 0, m))

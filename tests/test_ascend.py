@@ -22,6 +22,7 @@ import xy_inductor
 from xy_inductor import hf
 from xy_inductor import workload as wl
 from xy_inductor.kernels import ascend, aten
+from xy_inductor.kernels.tree_masks import tree_mask_from_parents
 from xy_inductor.runtime import providers
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -383,6 +384,8 @@ def test_declines_are_counted_with_their_reason(ascend_first):
     varlen(small[0], small[3], small[4], cu, kv, small[5])  # block size 16
     wide = torch.zeros(*k.shape[:-1], 256, dtype=k.dtype)
     varlen(q, wide[..., ::2], v, cu, kv, table)  # a strided cache
+    tree = torch.tensor([*tree_mask_from_parents([-1, 0, 0, 1, 2]), -1])
+    varlen(q, k, v, cu, kv, table, True, None, None, tree)  # a tree verify row
     qd, kd, vd, _ = padded_rows(1, 4, 2, 5, 5, [5], [0], [5], True, torch.float16, 8)
     bias = torch.randn(1, 4, 5, 5).half()  # ALiBi-like additive bias
     attention(qd, kd, vd, bias, False, None)
@@ -394,12 +397,13 @@ def test_declines_are_counted_with_their_reason(ascend_first):
         "uniform average",
         "block size 16",
         "q or the KV cache is not contiguous",
+        "tree verify rows",
     }
     assert list(declined["attention"]) == [
         "ascend: additive float mask that is not rows of padding (FIA takes bool masks, 1 = "
         "masked; a bias would need pse_shift)"
     ]
-    assert xy_inductor.stats().calls["attention_varlen"] == {"aten": 4}
+    assert xy_inductor.stats().calls["attention_varlen"] == {"aten": 5}
     assert not npu.calls  # FIA was never called with anything it would refuse
 
 

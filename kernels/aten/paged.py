@@ -14,6 +14,7 @@ from xy_inductor.kernels.aten.attention import (
     fused_flash,
 )
 from xy_inductor.kernels.attention_plan import AttentionPlan
+from xy_inductor.kernels.tree_masks import as_int64, tree_visible
 
 __all__ = ["GROUP_SPREAD", "PagedRows", "run_paged"]
 
@@ -66,16 +67,27 @@ def _joint(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
     return k.as_strided((*k.shape[:-1], d + v.shape[-1]), k.stride(), k.storage_offset())
 
 
-def _window_mask(
-    q_len: int, first: int, kv_len: int, causal: bool, window: int, dtype: torch.dtype
+def _row_mask(
+    q_len: int,
+    first: int,
+    kv_len: int,
+    causal: bool,
+    window: int | None,
+    bits: tuple[int, ...] | None,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Additive ``[1, 1, q_len, kv_len - first]`` mask of a windowed row whose gathered keys
-    start at position ``first``."""
+    """Additive ``[1, 1, q_len, kv_len - first]`` mask of a windowed or tree row whose gathered
+    keys start at position ``first``."""
     qpos = torch.arange(kv_len - q_len, kv_len)[:, None]
     kpos = torch.arange(first, kv_len)[None, :]
-    ok = kpos > qpos - window
+    ok = torch.ones(q_len, kv_len - first, dtype=torch.bool)
+    if window is not None:
+        ok &= kpos > qpos - window
     if causal:
         ok &= kpos <= qpos
+    if bits is not None:
+        signed = torch.tensor(as_int64(bits), dtype=torch.int64)
+        ok &= tree_visible(signed[:, None], kpos - (kv_len - q_len))
     return torch.zeros(ok.shape, dtype=dtype).masked_fill(~ok, float("-inf"))[None, None]
 
 
@@ -108,6 +120,7 @@ class PagedRows:
     ) -> None:
         table = plan.table
         causal, window = plan.causal, plan.window
+        tree = plan.tree or (None,) * table.rows
         # What the rows were derived from. The block table is held and compared by identity:
         # an id() could be a later table's, at this one's address once it is freed.
         self.key = (tuple(kv_lens), block_size, dtype)
@@ -138,7 +151,12 @@ class PagedRows:
         for r in long:
             n, kv = table.q_len[r], kv_lens[r]
             blocks, offsets = blocks_of([r], torch.arange(first[r], kv)[None])
-            mask = None if window is None else _window_mask(n, first[r], kv, causal, window, dtype)
+            bits = tree[r]
+            mask = (
+                None
+                if window is None and bits is None
+                else _row_mask(n, first[r], kv, causal, window, bits, dtype)
+            )
             self.long.append((table.q_start[r], n, blocks, offsets, mask))
 
         # (block ids [n, L], slots [n, L], query slots [n, t], valid [n, t], mask or None, the
@@ -168,6 +186,13 @@ class PagedRows:
                 ok = ok & ((kpos <= qpos) | ~valid[:, :, None])
             if window is not None:
                 ok = ok & ((kpos > qpos - window) | ~valid[:, :, None])
+            if any(tree[r] is not None for r in group):
+                bits = torch.full((len(group), t), -1, dtype=torch.int64)
+                for i_row, r in enumerate(group):
+                    if tree[r] is not None:
+                        row_bits = torch.tensor(as_int64(tree[r]), dtype=torch.int64)
+                        bits[i_row, : table.q_len[r]] = row_bits
+                ok = ok & tree_visible(bits[:, :, None], kpos - (kv - n_q)[:, None, None])
             mask = (
                 None
                 if bool(ok.all())

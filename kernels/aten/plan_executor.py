@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from xy_inductor.kernels.attention_plan import AttentionPlan
+from xy_inductor.kernels.tree_masks import tree_visible
 
 __all__ = ["run_plan"]
 
@@ -101,6 +102,9 @@ def run_plan(
     run_sum = torch.zeros_like(run_max)
     tile_of = torch.full((plan.query_tiles,), -1, dtype=torch.int64)
     tile_of[plan.tile_id] = torch.arange(plan.tiles)  # any tile of each query tile, for indexing
+    tree = plan.tree_tensor()
+    if tree is not None:
+        tree = tree.to(device)
 
     for size in plan.q_tile.unique().tolist():
         members = (plan.q_tile == size).nonzero().flatten()
@@ -144,6 +148,9 @@ def run_plan(
                 allowed &= kpos[:, None, :] <= qpos[:, :, None]
             if plan.window is not None:
                 allowed &= kpos[:, None, :] > qpos[:, :, None] - plan.window
+            if tree is not None:  # tree verify rows: a query sees its own ancestors only
+                offset = (kv_len[rows] - q_len[rows])[:, None, None]
+                allowed &= tree_visible(tree[q_rows][:, :, None], kpos[:, None, :] - offset)
             s = s.masked_fill(~allowed[:, None, None], float("-inf"))
             # -- softmax pieces, merged into the query tile's running max and sum -------------
             m = s.amax(dim=-1)  # [n, Hkv, g, T]

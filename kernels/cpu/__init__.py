@@ -62,6 +62,7 @@ DENSE_MIN_SCORES = 1 << 18
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # "Every row's keys start at slot 0 of its block table" (paged calls); never written.
 _NO_START = torch.empty(0, dtype=torch.int32)
+_NO_TREE = torch.empty(0, dtype=torch.int64)  # no tree verify rows
 
 
 @functools.cache
@@ -83,6 +84,9 @@ class PagedTasks:
     """Whether the step is worth running over torch's threads."""
     rows: tuple
     """The kernel's per-row and task arguments, in its order (made once, passed per layer)."""
+    tree: torch.Tensor
+    """The plan's tree verify rows, int64 per query token (``AttentionPlan.tree_tensor``), or
+    empty: no row is a tree."""
 
     @property
     def kv_len(self) -> torch.Tensor:
@@ -157,6 +161,7 @@ def _launch(
     window: int,
     out: torch.Tensor,
     parallel: bool,
+    tree: torch.Tensor = _NO_TREE,
 ) -> None:
     """One call of the native kernel (``attention.cpp``'s ``paged_attention``) into ``out``."""
     build.library().paged_attention(
@@ -168,6 +173,7 @@ def _launch(
         call.softmax_scale,
         causal,
         window,
+        tree,
         out,
         parallel,
     )
@@ -186,7 +192,10 @@ def check_attention_varlen(call: VarlenAttention) -> Accept | str:
     kv_len = torch.tensor(call.kv_lens, dtype=torch.int32)
     rows = _row_args(tables, tables.q_start, kv_len, _NO_START, group)
     parallel = _parallel(tables, group, k.shape[3] + v.shape[3])
-    return Accept("paged", PagedTasks(plan, tables, parallel, rows))
+    tree = plan.tree_tensor()
+    return Accept(
+        "paged", PagedTasks(plan, tables, parallel, rows, _NO_TREE if tree is None else tree)
+    )
 
 
 def run_attention_varlen(call: VarlenAttention, accept: Accept) -> torch.Tensor:
@@ -200,7 +209,7 @@ def run_attention_varlen(call: VarlenAttention, accept: Accept) -> torch.Tensor:
         out[s0 : s0 + n] = 0
     _launch(
         call, q, k, v, call.block_table, decision.rows, call.causal, call.window or 0, out,
-        decision.parallel,
+        decision.parallel, decision.tree,
     )  # fmt: skip
     return out
 

@@ -67,6 +67,7 @@ struct Step {
   float scale;
   bool causal;
   int64_t window;  // <= 0: none
+  const int64_t* tree;  // null: no tree rows; else each query token's ancestor bits (-1: all)
   float* part_o;
   float* part_m;
   float* part_l;
@@ -191,6 +192,17 @@ void run_task(const Step& s, const int32_t* task, std::atomic<int64_t>& bad_bloc
           for (int64_t t = std::max(vhi, a); t < b; ++t) S[i * pr + (t - a) * pt] = kNegInf;
         }
       }
+      // Tree verify rows: among its row's own tokens (from offset) a query sees its ancestors.
+      if (s.tree != nullptr && b > offset) {
+        for (int i = 0; i < R; ++i) {
+          const uint64_t bits = (uint64_t)s.tree[s.q_start[row] + q0 + (r0 + i) / G];
+          if (bits == ~uint64_t{0}) continue;
+          for (int64_t t = std::max(a, offset); t < b; ++t) {
+            const int64_t rel = t - offset;  // >= 64 only past the query itself: hidden anyway
+            if (rel >= 64 || !((bits >> rel) & 1u)) S[i * pr + (t - a) * pt] = kNegInf;
+          }
+        }
+      }
       if (few) {
         for (int i = 0; i < R; ++i)
           softmax_step(S + (int64_t)i * kSpan, n, mrun[i], lrun[i], O + (int64_t)i * Dv, Dv);
@@ -291,14 +303,16 @@ void check_cpu(const at::Tensor& t, const char* name) {
 // k_start int32 [rows] or empty: where row r's key 0 sits in the slots its block table names
 // (packed and dense calls: the row's first token in one block holding every token);
 // tasks int32 [T, 8] and merges int32 [Mg, 6] from tasks.py; part_rows: rows of a partial
-// slot; parts: partial slots; out [tokens, Hq, Dv] (last dim contiguous). parallel: run over
+// slot; parts: partial slots; tree: int64 [tokens] ancestor bits of tree verify rows (-1 for
+// plain rows) or empty; out [tokens, Hq, Dv] (last dim contiguous). parallel: run over
 // torch's threads (else on the calling thread).
 void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& block_table, const at::Tensor& q_start,
                      const at::Tensor& q_len, const at::Tensor& kv_len,
                      const at::Tensor& k_start, const at::Tensor& tasks,
                      const at::Tensor& merges, int64_t part_rows, int64_t parts, double scale,
-                     bool causal, int64_t window, at::Tensor& out, bool parallel) {
+                     bool causal, int64_t window, const at::Tensor& tree, at::Tensor& out,
+                     bool parallel) {
   for (auto* t : {&q, &k_cache, &v_cache, &block_table, &q_start, &q_len, &kv_len, &tasks,
                   &merges, static_cast<const at::Tensor*>(&out)})
     check_cpu(*t, "every argument");
@@ -338,6 +352,11 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   TORCH_CHECK(k_start.numel() == 0 || k_start.numel() == rows,
               "xyserve cpu attention: k_start must be empty or one entry per row");
   const int32_t* ks = k_start.numel() ? k_start.data_ptr<int32_t>() : nullptr;
+  check_cpu(tree, "tree");
+  TORCH_CHECK(tree.numel() == 0 || (tree.scalar_type() == at::kLong && tree.is_contiguous()
+                                    && tree.numel() == q.size(0) && causal),
+              "xyserve cpu attention: tree must be empty or int64 [tokens] (causal only)");
+  const int64_t* tr = tree.numel() ? tree.data_ptr<int64_t>() : nullptr;
   for (int64_t r = 0; r < rows; ++r) {
     TORCH_CHECK(ql[r] >= 0 && kl[r] >= 0 && qs[r] >= 0 && qs[r] + ql[r] <= q.size(0),
                 "xyserve cpu attention: row ", r, " has queries outside q");
@@ -367,7 +386,7 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
          out.data_ptr(), out.stride(0), out.stride(1),
          block_table.data_ptr(), block_table.scalar_type() == at::kInt, block_table.stride(0),
          block_table.stride(1), k_cache.size(0),
-         qs, ql, kl, ks, (int)D, (int)Dv, (int)(hq / hkv), (int)bs, (float)scale, causal, window,
+         qs, ql, kl, ks, (int)D, (int)Dv, (int)(hq / hkv), (int)bs, (float)scale, causal, window, tr,
          parts > 0 ? part_o.data_ptr<float>() : nullptr,
          parts > 0 ? part_m.data_ptr<float>() : nullptr,
          parts > 0 ? part_l.data_ptr<float>() : nullptr, part_rows};

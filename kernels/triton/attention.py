@@ -47,13 +47,14 @@ def _attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr,
     table_ptr, task_ptr, worker_start_ptr,
     row_q_base_ptr, row_o_base_ptr, row_q_len_ptr, row_kv_len_ptr, row_kv_off_ptr,
+    row_token_ptr, tree_ptr,
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ot, stride_oh,
     stride_table,
     scale, window,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_TREE: tl.constexpr,
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, KV_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
@@ -91,6 +92,9 @@ def _attention_kernel(
         )  # fmt: skip
         if UPCAST:
             q = q.to(tl.float32)
+        if HAS_TREE:  # each query's ancestor bits among its row's own tokens (-1: all)
+            token = tl.load(row_token_ptr + row) + qi
+            bits = tl.load(tree_ptr + token, mask=m_ok, other=-1)
 
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -128,6 +132,11 @@ def _attention_kernel(
                 ok = ok & (n[None, :] <= qpos[:, None])
             if HAS_WINDOW:
                 ok = ok & (n[None, :] > qpos[:, None] - window)
+            if HAS_TREE:
+                rel = n - (kv_len - q_len)  # the key's index among the row's own tokens
+                shift = tl.minimum(tl.maximum(rel, 0), 63).to(tl.int64)
+                seen = ((bits[:, None] >> shift[None, :]) & 1) != 0
+                ok = ok & ((rel < 0)[None, :] | seen)
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -244,18 +253,30 @@ def _tables(plan: AttentionPlan, device: torch.device) -> _Tables:
 
 
 def _row_arrays(plan: AttentionPlan, device: torch.device, values: tuple) -> torch.Tensor:
-    """``[5, rows]`` int64 on ``device``: query base, output base, query length, KV length and
-    dense-cache offset of each row. Copied when the values change, else the last copy (every
-    layer of a step has the same rows). Rows are padded to an even count so that each array
-    starts 16-byte aligned, like the tables."""
+    """``[6, rows]`` int64 on ``device``: query base, output base, query length, KV length,
+    dense-cache offset and first query token of each row. Copied when the values change, else
+    the last copy (every layer of a step has the same rows). Rows are padded to an even count
+    so that each array starts 16-byte aligned, like the tables."""
     key = ("triton rows", device)
     last = plan.cache.get(key)
     if last is not None and last[0] == values:
         return last[1]
     arrays = torch.tensor(values, dtype=torch.int64)
-    arrays = torch.cat([arrays, arrays.new_zeros(5, arrays.shape[1] % 2)], dim=1).to(device)
+    arrays = torch.cat([arrays, arrays.new_zeros(6, arrays.shape[1] % 2)], dim=1).to(device)
     plan.cache[key] = (values, arrays)
     return arrays
+
+
+def _tree(plan: AttentionPlan, device: torch.device) -> torch.Tensor | None:
+    """The plan's tree masks (int64 per query token) on ``device``, copied once per plan."""
+    host = plan.tree_tensor()
+    if host is None:
+        return None
+    key = ("triton tree", device)
+    found = plan.cache.get(key)
+    if found is None:
+        found = plan.cache[key] = host.to(device)
+    return found
 
 
 def _dense_block_table(plan: AttentionPlan, device: torch.device) -> torch.Tensor:
@@ -342,8 +363,11 @@ def triton_attention(
         o_base = tuple(s * out.stride(0) for s in table.q_start)
         q_strides = (q.stride(0), q.stride(1))
         o_strides = (out.stride(0), out.stride(1))
-    row_arrays = _row_arrays(plan, device, (q_base, o_base, table.q_len, tuple(kv_lens), kv_off))
-    q_base_t, o_base_t, q_len_t, kv_len_t, kv_off_t = row_arrays.unbind(0)
+    row_arrays = _row_arrays(
+        plan, device, (q_base, o_base, table.q_len, tuple(kv_lens), kv_off, table.q_start)
+    )
+    q_base_t, o_base_t, q_len_t, kv_len_t, kv_off_t, token_t = row_arrays.unbind(0)
+    tree = _tree(plan, device)
 
     # -- launch: the tasks, then the merges of split query tiles -----------------------------
     out.zero_()  # padding slots and rows with no task (every key hidden) read as zeros
@@ -356,12 +380,13 @@ def triton_attention(
         q, k, v, out, part_o, part_lse,
         block_table, tables.tasks, tables.starts,
         q_base_t, o_base_t, q_len_t, kv_len_t, kv_off_t,
+        token_t, token_t if tree is None else tree,
         *q_strides,
         *strides_k, *strides_v,
         *o_strides,
         block_table.stride(0),
         scale, plan.window or 0,
-        CAUSAL=plan.causal, HAS_WINDOW=plan.window is not None,
+        CAUSAL=plan.causal, HAS_WINDOW=plan.window is not None, HAS_TREE=tree is not None,
         G=group, D=d, DV=dv, KV_BLOCK=kv_block,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         UPCAST=q.device.type != "cuda" and q.dtype != torch.float32,
