@@ -187,6 +187,29 @@ def test_tree_masks_from_parents_and_paths():
         tree_mask_from_parents([-1, 2, 0])
 
 
+def test_paths_give_the_mask_of_vllms_tree_attention_bias():
+    """vLLM's former ``TREE_ATTN`` backend (``vllm/v1/attention/backends/tree_attn.py``,
+    ``_prepare_tree_attn_bias``) let token i (0: the root, then one token per path of
+    ``speculative_token_tree`` sorted by depth) attend to token j when j is the root, i itself,
+    or a node whose path is a prefix of i's. The same rule, written independently here, on
+    random sorted trees."""
+    rng = random.Random("paths")
+    for _ in range(200):
+        parents = random_tree(rng)
+        paths: list[tuple[int, ...]] = [()]
+        for p in parents[1:]:
+            siblings = sum(1 for q in paths[1:] if q[:-1] == paths[p])
+            paths.append((*paths[p], siblings))
+        choices = sorted(paths[1:], key=lambda t: (len(t), t))  # vLLM's order
+        tokens = [(), *choices]
+        want = [
+            sum(1 << j for j, other in enumerate(tokens) if mine[: len(other)] == other)
+            for mine in tokens
+        ]
+        got = [m & ((1 << 64) - 1) for m in tree_mask_from_paths(choices)]
+        assert got == want
+
+
 @pytest.mark.parametrize(
     ("mask", "q_lens", "match"),
     [
