@@ -16,6 +16,11 @@ Run it in the vLLM environment (``make vllm-venv``):
 
 ``--kv-cache-mib 32`` and ``1024`` on the same prompts compare the cost of a larger cache (it
 must not change the time: each step reads only its rows' blocks).
+
+``--spec self`` runs speculative decoding in both engines (``--num-speculative-tokens``, 3 by
+default): the target model is its own draft (``method: draft_model``), so every draft is
+accepted and each decode step of the target is a verify row of 1 + k queries. The draft's
+attention is vLLM's own in both engines; the rows xyserve ran are printed per kind. vLLM's ngram drafter does not start on this vLLM CPU build (docs/vllm.md).
 """
 
 from __future__ import annotations
@@ -126,6 +131,12 @@ def child(spec: dict) -> dict:
     }
     if spec["backend"]:
         engine["attention_config"] = {"backend": spec["backend"]}
+    if spec.get("spec") == "self":
+        engine["speculative_config"] = {
+            "method": "draft_model",
+            "model": spec["model"],
+            "num_speculative_tokens": spec["num_speculative_tokens"],
+        }
     llm = LLM(**engine)
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in spec["lengths"]]
@@ -181,6 +192,7 @@ def child(spec: dict) -> dict:
         "attention_s": totals["attention_s"] if spec["breakdown"] else None,
         "xyserve_calls": stats.paths.get("attention_varlen", {}),
         "xyserve_steps": stats.varlen_steps,
+        "xyserve_rows": dict(stats.varlen_rows),
     }
 
 
@@ -220,6 +232,10 @@ def main() -> None:
     parser.add_argument("--kv-cache-mib", type=int, default=256)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument(
+        "--spec", choices=["none", "self"], default="none", help="speculative decoding"
+    )
+    parser.add_argument("--num-speculative-tokens", type=int, default=3)
+    parser.add_argument(
         "--backends", nargs="+", choices=sorted(BACKENDS), default=["vllm", "xyserve"]
     )
     parser.add_argument("--breakdown", action="store_true", help="time the attention layers")
@@ -249,14 +265,18 @@ def main() -> None:
                     "output_tokens": args.output_tokens, "dtype": args.dtype,
                     "max_num_batched_tokens": args.max_num_batched_tokens,
                     "kv_cache_mib": args.kv_cache_mib, "breakdown": args.breakdown,
-                    "profile": args.profile,
+                    "profile": args.profile, "spec": args.spec,
+                    "num_speculative_tokens": args.num_speculative_tokens,
                 }  # fmt: skip
                 results[name].append(run_child(spec, args.cpus))
     print(
         f"model {args.model} ({MODELS[args.model]}), {args.dtype}, {args.requests} requests, "
         f"prompt tokens {sum(lengths)} (median {statistics.median(lengths)}, max {max(lengths)}), "
         f"{args.output_tokens} output tokens each, max_num_batched_tokens "
-        f"{args.max_num_batched_tokens}, KV cache {args.kv_cache_mib} MiB, CPUs {args.cpus}; "
+        f"{args.max_num_batched_tokens}, KV cache {args.kv_cache_mib} MiB, CPUs {args.cpus}, "
+        f"speculation {args.spec}"
+        + (f" ({args.num_speculative_tokens} drafts)" if args.spec != "none" else "")
+        + "; "
         "medians of "
         f"{args.rounds} rounds, each engine in a fresh process"
     )
@@ -279,6 +299,7 @@ def main() -> None:
         print(f"\nxyserve / vLLM output tokens/s: {ratio:.2f}x")
         runs = results["xyserve"]
         print(f"xyserve: {runs[0]['xyserve_steps']} steps, calls {runs[0]['xyserve_calls']}")
+        print(f"xyserve rows per kind (one run): {runs[0]['xyserve_rows']}")
 
 
 if __name__ == "__main__":
