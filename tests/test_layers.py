@@ -23,7 +23,8 @@ FOLDERS |= {"runtime": "xy_inductor.runtime", "kernels": "xy_inductor.kernels"}
 RANK = {"kernels": 0, "runtime": 1, "lowering": 2, "front end": 3}
 # The kernels' contract: what every provider consumes; it imports no provider.
 CONTRACT = {
-    f"xy_inductor.kernels.{m}" for m in ("contract", "calls", "attention_plan", "gemm_plan")
+    f"xy_inductor.kernels.{m}"
+    for m in ("contract", "calls", "attention_plan", "gemm_plan", "tree_masks")
 }
 # Packages a module may need that a user may not have: importing such a module inside a function
 # keeps the package optional.
