@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +46,7 @@ __all__ = [
     "DenseRows",
     "TokenTable",
     "choose_q_tile",
+    "mask_row_stats",
     "plan_attention",
     "plans_built",
     "rows_from_mask",
@@ -401,44 +402,68 @@ class DenseRows:
     causal: bool
 
 
-def rows_from_mask(mask: torch.Tensor, batch: int, lq: int, lk: int) -> DenseRows | None:
-    """The rows a dense mask describes, if it is exactly "each row's queries see a contiguous
-    range of keys, causally (the queries are the range's last tokens) or fully", as left- or
-    right-padded batches and static caches make; None for any other mask (sliding windows,
-    bidirectional blocks, per-head biases), which then runs as one dense call.
-
-    ``mask`` is ``[B or 1, 1, Lq, Lk]``: bool (True = attend) or additive with only 0 and -inf.
-    Costs a few passes over the mask, far less than attention over it. Never cached on the
-    tensor: its contents can change without its version counter moving (``.data`` writes,
-    NumPy views, custom kernels, CUDA-graph replays).
-    """
-    if mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (lq, lk):
-        return None
-    if mask.shape[0] not in (1, batch):
-        return None
+def mask_row_stats(mask: torch.Tensor) -> torch.Tensor | None:
+    """Per query of a ``[Bm, 1, Lq, Lk]`` mask (bool, True = attend, or additive with only 0 and
+    -inf): int32 ``[Bm, Lq, 3]``, the first and last key it sees and how many (0, 0, 0 when
+    none); None when an additive mask holds any other value. A native kernel may compute the
+    same in one pass (the CPU provider's ``mask_row_stats``); this is the ATen version."""
     if mask.dtype == torch.bool:
         allowed = mask[:, 0]
     else:
         allowed = mask[:, 0] == 0
         if not bool((allowed | (mask[:, 0] == float("-inf"))).all()):
             return None
-    allowed = allowed.expand(batch, lq, lk)
-    q_any = allowed.any(dim=-1)  # [B, Lq]
-    q_len = q_any.sum(dim=-1)
+    lk = allowed.shape[-1]
+    count = allowed.sum(-1, dtype=torch.int32)
+    first = allowed.int().argmax(-1)
+    last = torch.where(count > 0, lk - 1 - allowed.flip(-1).int().argmax(-1), 0)
+    return torch.stack([first.int(), last.int(), count], dim=-1)
+
+
+def rows_from_mask(
+    mask: torch.Tensor,
+    batch: int,
+    lq: int,
+    lk: int,
+    stats: Callable[[torch.Tensor], torch.Tensor | None] = mask_row_stats,
+) -> DenseRows | None:
+    """The rows a dense mask describes, if it is exactly "each row's queries see a contiguous
+    range of keys, causally (the queries are the range's last tokens) or fully", as left- or
+    right-padded batches and static caches make; None for any other mask (sliding windows,
+    bidirectional blocks, per-head biases), which then runs as one dense call.
+
+    ``mask`` is ``[B or 1, 1, Lq, Lk]``: bool (True = attend) or additive with only 0 and -inf.
+    ``stats`` reads it (``mask_row_stats``: one pass in a native kernel); the decision below
+    reads only those ``[B, Lq, 3]`` numbers. Never cached on the tensor: its contents can change
+    without its version counter moving (``.data`` writes, NumPy views, custom kernels,
+    CUDA-graph replays).
+    """
+    if mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (lq, lk):
+        return None
+    if mask.shape[0] not in (1, batch):
+        return None
+    found = stats(mask)
+    if found is None:
+        return None
+    first, last, count = found.long().expand(batch, lq, 3).unbind(-1)  # [B, Lq] each
+    has = count > 0
+    q_len = has.sum(-1)
     # The last query slot that sees anything, + 1 (0 for a row that sees nothing).
-    q_end = torch.where(q_len > 0, lq - q_any.flip(-1).int().argmax(dim=-1), 0)
-    last = allowed[torch.arange(batch), (q_end - 1).clamp_min(0)]  # [B, Lk]: keys of the last query
-    kv_len = torch.where(q_len > 0, last.sum(dim=-1), 0)
-    kv_start = torch.where(kv_len > 0, last.int().argmax(dim=-1), 0)
+    q_end = torch.where(q_len > 0, lq - has.flip(-1).int().argmax(-1), 0)
     qi = torch.arange(lq)[None, :] - (q_end - q_len)[:, None]  # index of the query in its row
-    kj = torch.arange(lk)[None, :] - kv_start[:, None]  # index of the key in its row
-    inside = ((qi >= 0) & (qi < q_len[:, None]))[:, :, None] & ((kj >= 0) & (kj < kv_len[:, None]))[
-        :, None, :
-    ]
+    in_row = (qi >= 0) & (qi < q_len[:, None])
+    if not torch.equal(has, in_row):
+        return None  # the queries that see keys are not one run
+    at_last = (q_end - 1).clamp_min(0)[:, None]
+    kv_len = torch.where(q_len > 0, count.gather(1, at_last)[:, 0], 0)
+    kv_start = torch.where(kv_len > 0, first.gather(1, at_last)[:, 0], 0)
+    # Every query of a row sees one run of keys, starting at the row's first key.
+    if not bool(((last - first + 1 == count) & (first == kv_start[:, None]) | ~has).all()):
+        return None
     rows = tuple(tuple(int(x) for x in t.tolist()) for t in (q_end, q_len, kv_start, kv_len))
-    causal = inside & (kj[:, None, :] <= (kv_len - q_len)[:, None, None] + qi[:, :, None])
-    if bool((q_len <= kv_len).all()) and torch.equal(causal, allowed):
+    causal_count = (kv_len - q_len)[:, None] + qi + 1
+    if bool((q_len <= kv_len).all()) and bool(((count == causal_count) | ~in_row).all()):
         return DenseRows(*rows, causal=True)
-    if torch.equal(inside, allowed):
+    if bool(((count == kv_len[:, None]) | ~in_row).all()):
         return DenseRows(*rows, causal=False)
     return None

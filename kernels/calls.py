@@ -16,7 +16,7 @@ version counter moving (``.data`` writes, NumPy views, kernels, CUDA-graph repla
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -24,6 +24,7 @@ from xy_inductor.kernels.attention_plan import (
     AttentionMenu,
     AttentionPlan,
     DenseRows,
+    mask_row_stats,
     plan_attention,
     rows_from_mask,
 )
@@ -37,6 +38,10 @@ __all__ = [
     "VarlenAttention",
     "attention_output",
 ]
+
+
+MaskStats = Callable[[torch.Tensor], torch.Tensor | None]
+"""Reads a dense mask into per-query stats (``attention_plan.mask_row_stats``)."""
 
 
 def attention_output(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -154,18 +159,20 @@ class DenseAttention(_AttentionCall):
         b, _, lq, _ = self.q.shape
         return b * lq * self.k.shape[2]
 
-    def rows(self) -> DenseRows | None:
+    def rows(self, stats: MaskStats = mask_row_stats) -> DenseRows | None:
         """The call as rows of a token table (each sequence's queries and contiguous keys,
-        causal or full), or None when its mask is anything else. Analysed once per call."""
+        causal or full), or None when its mask is anything else. Analysed once per call: the
+        first checker to ask reads the mask, with its own ``stats`` (a provider's one-pass
+        kernel, ``attention_plan.mask_row_stats`` by default)."""
         if self._rows is False:
-            self._rows = self._find_rows()
+            self._rows = self._find_rows(stats)
         return self._rows
 
-    def _find_rows(self) -> DenseRows | None:
+    def _find_rows(self, stats: MaskStats) -> DenseRows | None:
         b, _, lq, _ = self.q.shape
         lk = self.k.shape[2]
         if self.attn_mask is not None:
-            return rows_from_mask(self.attn_mask, b, lq, lk)
+            return rows_from_mask(self.attn_mask, b, lq, lk, stats)
         if self.is_causal and lq != lk:
             return None  # SDPA aligns is_causal top-left; a row's queries end at its last key
         return DenseRows((lq,) * b, (lq,) * b, (0,) * b, (lk,) * b, causal=self.is_causal)

@@ -143,3 +143,61 @@ def test_a_mask_changed_behind_the_version_counter_is_read_again(plan_everything
     torch.testing.assert_close(attention_impl(q, k, v, mask), want)
     assert planned_calls() == 2  # that call ran as one SDPA call
     assert xy_inductor.stats().paths["attention"]["aten/sdpa"] == 1
+
+
+def _mask_of(rows, lq: int, lk: int) -> torch.Tensor:
+    """The bool mask that ``DenseRows`` describe, built from their definition."""
+    mask = torch.zeros(len(rows.q_len), 1, lq, lk, dtype=torch.bool)
+    for r, (end, n, k0, m) in enumerate(
+        zip(rows.q_end, rows.q_len, rows.kv_start, rows.kv_len, strict=True)
+    ):
+        for i in range(n):
+            seen = m - n + i + 1 if rows.causal else m
+            mask[r, 0, end - n + i, k0 : k0 + seen] = True
+    return mask
+
+
+def random_rows_mask(gen: torch.Generator, lq: int, lk: int) -> tuple[torch.Tensor, bool]:
+    """A mask of rows of padding (left or right, causal or full, some rows empty), or one with
+    a flaw (a hole, an extra key, a query outside the run, a shifted start)."""
+    b = int(torch.randint(1, 4, (1,), generator=gen))
+    causal = bool(torch.randint(0, 2, (1,), generator=gen))
+    q_lens, kv_lens, starts = [], [], []
+    for _ in range(b):
+        q = int(torch.randint(0, (min(lq, lk) if causal else lq) + 1, (1,), generator=gen))
+        m = int(torch.randint(q if causal else 0, lk + 1, (1,), generator=gen))
+        if m == 0:
+            q = 0  # queries that see no key are not a row's
+        q_lens.append(q)
+        kv_lens.append(m)
+        starts.append(int(torch.randint(0, lk - m + 1, (1,), generator=gen)))
+    left = bool(torch.randint(0, 2, (1,), generator=gen))
+    mask = padded_mask(lq, lk, q_lens, starts, kv_lens, causal, left)
+    flawed = bool(torch.randint(0, 2, (1,), generator=gen))
+    if flawed:
+        r = int(torch.randint(0, b, (1,), generator=gen))
+        i, j = (int(torch.randint(0, n, (1,), generator=gen)) for n in (lq, lk))
+        mask[r, 0, i, j] = ~mask[r, 0, i, j]
+    return mask, flawed
+
+
+def test_rows_are_exactly_the_mask_on_random_masks():
+    """Sound (rows found are the mask, bit for bit) and complete (every unflawed mask of rows is
+    recognised) over random masks, bool and additive, batch 1 broadcast too."""
+    gen = torch.Generator().manual_seed(0)
+    found = 0
+    for _ in range(300):
+        lq, lk = (int(torch.randint(1, 12, (1,), generator=gen)) for _ in range(2))
+        mask, flawed = random_rows_mask(gen, lq, lk)
+        b = mask.shape[0]
+        for given in (mask, torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))):
+            rows = rows_from_mask(given, b, lq, lk)
+            if rows is not None:
+                assert torch.equal(_mask_of(rows, lq, lk), mask)
+                found += 1
+            else:
+                assert flawed  # an unflawed mask is rows: it must be recognised
+        if b == 1:
+            rows = rows_from_mask(mask, 3, lq, lk)  # one mask for a batch of 3
+            assert rows is None or torch.equal(_mask_of(rows, lq, lk), mask.expand(3, -1, -1, -1))
+    assert found > 300

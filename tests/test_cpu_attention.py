@@ -23,6 +23,7 @@ from xy_inductor.kernels import aten
 from xy_inductor.kernels import cpu as cpu_provider
 from xy_inductor.kernels.aten import native
 from xy_inductor.kernels.aten.menus import PLANNED_MIN_SCORES
+from xy_inductor.kernels.attention_plan import mask_row_stats
 from xy_inductor.kernels.calls import VarlenAttention
 from xy_inductor.kernels.cpu import build
 from xy_inductor.runtime import providers
@@ -389,3 +390,39 @@ def test_a_compiler_without_avx512_bf16_falls_back_to_avx512():
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "loaded (avx512 vectors)"
     assert "CPU attention kernels (avx512_bf16) not built" in out.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32, torch.bfloat16, torch.float16])
+def test_the_one_pass_mask_scan_gives_atens_stats(dtype):
+    """``mask_rows.h`` against ``attention_plan.mask_row_stats`` on masks of runs with holes,
+    rows seeing nothing, strided and broadcast views, and additive values that are not rows
+    (finite, NaN, -0.0 counts as 0)."""
+    gen = torch.Generator().manual_seed(1)
+    native = cpu_provider._mask_stats
+    for case in range(60):
+        b, lq, lk = 3, int(torch.randint(1, 40, (1,), generator=gen)), 70
+        start = torch.randint(0, lk, (b, lq, 1), generator=gen)
+        stop = start + torch.randint(0, lk, (b, lq, 1), generator=gen)
+        j = torch.arange(lk)
+        allowed = (j >= start) & (j < stop)
+        allowed &= torch.rand(b, lq, lk, generator=gen) > 0.02  # holes
+        allowed = allowed[:, None]
+        if dtype == torch.bool:
+            mask = allowed
+        else:
+            mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf")).to(dtype)
+            if case % 5 == 1:
+                mask[0, 0, 0, int(torch.randint(0, lk, (1,), generator=gen))] = -1e4
+            if case % 5 == 2:
+                mask[-1, 0, -1, -1] = float("nan")
+            if case % 5 == 3:
+                mask = mask.masked_fill(allowed, -0.0)
+        if case % 4 == 1:
+            mask = mask[:1].expand(b, 1, lq, lk)  # one mask for the batch
+        if case % 4 == 2:
+            mask = mask.transpose(2, 3).contiguous().transpose(2, 3)  # keys strided
+        want = mask_row_stats(mask)
+        got = native(mask)
+        assert (got is None) == (want is None), case
+        if want is not None:
+            assert torch.equal(got, want), case

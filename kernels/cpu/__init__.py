@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from xy_inductor.kernels.attention_plan import AttentionMenu, AttentionPlan
+from xy_inductor.kernels.attention_plan import AttentionMenu, AttentionPlan, mask_row_stats
 from xy_inductor.kernels.calls import DenseAttention, PackedAttention, VarlenAttention
 from xy_inductor.kernels.contract import Accept, OpKernel, Provider
 from xy_inductor.kernels.cpu import build
@@ -257,10 +257,21 @@ class DenseTasks:
     """The kernel's per-row and task arguments, in its order."""
 
 
+def _mask_stats(mask: torch.Tensor) -> torch.Tensor | None:
+    """``attention_plan.mask_row_stats`` in one pass over the mask (``mask_rows.h``)."""
+    if not mask.is_cpu or mask.dtype not in (torch.bool, *_DTYPES):
+        return mask_row_stats(mask)
+    stats = build.library().mask_row_stats(mask)
+    return None if bool((stats[..., 2] < 0).any()) else stats
+
+
 def check_attention(call: DenseAttention) -> Accept | str:
     q, k, v = call.q, call.k, call.v
     if call.scores < DENSE_MIN_SCORES:
         return f"fewer than {DENSE_MIN_SCORES} scores (one SDPA call costs less)"
+    if build.why_not_loaded() is None:
+        # Read here even if this provider declines below: the providers after it reuse rows.
+        call.rows(_mask_stats)
     reason = _declines(q, k, v)
     if reason is not None:
         return reason

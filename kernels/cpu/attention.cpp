@@ -30,6 +30,7 @@
 #include "attention_micro.h"
 #include "attention_dpbf16.h"
 #include "attention_pairs.h"
+#include "mask_rows.h"
 
 namespace {
 
@@ -414,4 +415,6 @@ int64_t vector_width() { return kVL; }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "xyserve meta-attention over a paged cache");
   m.def("vector_width", &vector_width);
+  m.def("mask_row_stats", &xyserve_mask::mask_row_stats,
+        "per query of a dense mask: first and last key seen, and how many");
 }
