@@ -49,8 +49,9 @@ HEADS, KV_HEADS, HEAD_SIZE, BLOCK = 8, 2, 128, 128  # HEAD_SIZE: the default of 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # (seq_lens, query_lens): the decoder rows of vLLM's BATCH_SPECS (tests/v1/attention/
-# test_attention_backends.py); the encoder-only rows are left out (no causal cache). Two more of
-# our own: a sliding window over mixed_medium, and prefills with no cached context.
+# test_attention_backends.py); the encoder-only rows are left out (no causal cache). Three more
+# of our own: a sliding window over mixed_medium, prefills with no cached context, and the
+# verify rows of speculative decoding (1 + 3 drafts per request).
 SPECS: dict[str, tuple[list[int], list[int]]] = {
     "small_decode": ([32, 40], [1, 1]),
     "small_prefill": ([32, 40], [8, 8]),
@@ -65,6 +66,7 @@ SPECS: dict[str, tuple[list[int], list[int]]] = {
     "single_prefill": ([1024], [64]),
     "window_medium": ([512, 1024, 2048, 512, 1024, 2048], [1, 1, 1, 7, 7, 7]),
     "prefill_no_context": ([128, 256, 512], [128, 256, 512]),
+    "verify_medium": ([256, 512, 1024, 2048] * 4, [4] * 16),
 }
 WINDOWS = {"window_medium": 256}
 """Specs run with a sliding window (a query at p sees the keys after p - window)."""
