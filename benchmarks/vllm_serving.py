@@ -20,7 +20,8 @@ must not change the time: each step reads only its rows' blocks).
 ``--spec self`` runs speculative decoding in both engines (``--num-speculative-tokens``, 3 by
 default): the target model is its own draft (``method: draft_model``), so every draft is
 accepted and each decode step of the target is a verify row of 1 + k queries. The draft's
-attention is vLLM's own in both engines; the rows xyserve ran are printed per kind. vLLM's ngram drafter does not start on this vLLM CPU build (docs/vllm.md).
+attention is vLLM's own in both engines; the rows xyserve ran are printed per kind. vLLM's
+ngram drafter does not start on this vLLM CPU build (docs/vllm.md).
 """
 
 from __future__ import annotations

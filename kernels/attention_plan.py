@@ -405,19 +405,29 @@ class DenseRows:
 def mask_row_stats(mask: torch.Tensor) -> torch.Tensor | None:
     """Per query of a ``[Bm, 1, Lq, Lk]`` mask (bool, True = attend, or additive with only 0 and
     -inf): int32 ``[Bm, Lq, 3]``, the first and last key it sees and how many (0, 0, 0 when
-    none); None when an additive mask holds any other value. A native kernel may compute the
+    none; a count of -1 when its keys are not one run); None when an additive mask holds any
+    other value. A native kernel may compute the
     same in one pass (the CPU provider's ``mask_row_stats``); this is the ATen version."""
     if mask.dtype == torch.bool:
         allowed = mask[:, 0]
     else:
         allowed = mask[:, 0] == 0
-        if not bool((allowed | (mask[:, 0] == float("-inf"))).all()):
+        if not bool((allowed | torch.isneginf(mask[:, 0])).all()):
             return None
     lk = allowed.shape[-1]
-    count = allowed.sum(-1, dtype=torch.int32)
-    first = allowed.int().argmax(-1)
-    last = torch.where(count > 0, lk - 1 - allowed.flip(-1).int().argmax(-1), 0)
-    return torch.stack([first.int(), last.int(), count], dim=-1)
+    # Sums along the key dim are slow in ATen: find each query's first and last key (argmax of
+    # the bytes), then compare the mask with the runs they span, once; a query whose keys are
+    # not one run gets a count that no run has (``rows_from_mask`` then declines the mask).
+    seen = allowed.contiguous().view(torch.uint8)
+    first = seen.argmax(-1)
+    has = seen.gather(-1, first[..., None])[..., 0].bool()
+    last = torch.where(has, lk - 1 - seen.flip(-1).argmax(-1), 0)
+    keys = torch.arange(lk, device=mask.device)
+    runs = (keys >= first[..., None]) & (keys <= last[..., None]) & has[..., None]
+    count = torch.where(has, last - first + 1, 0)
+    if not torch.equal(runs, allowed):
+        count = torch.where((runs != allowed).any(-1), -1, count)
+    return torch.stack([first, last, count], dim=-1).int()
 
 
 def rows_from_mask(
@@ -443,8 +453,8 @@ def rows_from_mask(
     if mask.shape[0] not in (1, batch):
         return None
     found = stats(mask)
-    if found is None:
-        return None
+    if found is None or bool((found[..., 2] < 0).any()):
+        return None  # a value other than 0 and -inf, or a query whose keys are not one run
     first, last, count = found.long().expand(batch, lq, 3).unbind(-1)  # [B, Lq] each
     has = count > 0
     q_len = has.sum(-1)
