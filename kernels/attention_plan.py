@@ -46,7 +46,6 @@ __all__ = [
     "DenseRows",
     "TokenTable",
     "choose_q_tile",
-    "mask_row_stats",
     "plan_attention",
     "plans_built",
     "rows_from_mask",
@@ -402,40 +401,12 @@ class DenseRows:
     causal: bool
 
 
-def mask_row_stats(mask: torch.Tensor) -> torch.Tensor | None:
-    """Per query of a ``[Bm, 1, Lq, Lk]`` mask (bool, True = attend, or additive with only 0 and
-    -inf): int32 ``[Bm, Lq, 3]``, the first and last key it sees and how many (0, 0, 0 when
-    none; a count of -1 when its keys are not one run); None when an additive mask holds any
-    other value. A native kernel may compute the
-    same in one pass (the CPU provider's ``mask_row_stats``); this is the ATen version."""
-    if mask.dtype == torch.bool:
-        allowed = mask[:, 0]
-    else:
-        allowed = mask[:, 0] == 0
-        if not bool((allowed | torch.isneginf(mask[:, 0])).all()):
-            return None
-    lk = allowed.shape[-1]
-    # Sums along the key dim are slow in ATen: find each query's first and last key (argmax of
-    # the bytes), then compare the mask with the runs they span, once; a query whose keys are
-    # not one run gets a count that no run has (``rows_from_mask`` then declines the mask).
-    seen = allowed.contiguous().view(torch.uint8)
-    first = seen.argmax(-1)
-    has = seen.gather(-1, first[..., None])[..., 0].bool()
-    last = torch.where(has, lk - 1 - seen.flip(-1).argmax(-1), 0)
-    keys = torch.arange(lk, device=mask.device)
-    runs = (keys >= first[..., None]) & (keys <= last[..., None]) & has[..., None]
-    count = torch.where(has, last - first + 1, 0)
-    if not torch.equal(runs, allowed):
-        count = torch.where((runs != allowed).any(-1), -1, count)
-    return torch.stack([first, last, count], dim=-1).int()
-
-
 def rows_from_mask(
     mask: torch.Tensor,
     batch: int,
     lq: int,
     lk: int,
-    stats: Callable[[torch.Tensor], torch.Tensor | None] = mask_row_stats,
+    scan: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
 ) -> DenseRows | None:
     """The rows a dense mask describes, if it is exactly "each row's queries see a contiguous
     range of keys, causally (the queries are the range's last tokens) or fully", as left- or
@@ -443,19 +414,53 @@ def rows_from_mask(
     bidirectional blocks, per-head biases), which then runs as one dense call.
 
     ``mask`` is ``[B or 1, 1, Lq, Lk]``: bool (True = attend) or additive with only 0 and -inf.
-    ``stats`` reads it (``mask_row_stats``: one pass in a native kernel); the decision below
-    reads only those ``[B, Lq, 3]`` numbers. Never cached on the tensor: its contents can change
-    without its version counter moving (``.data`` writes, NumPy views, custom kernels,
-    CUDA-graph replays).
+    ``scan``: a provider's one-pass reading of the mask into per-query stats (the CPU
+    provider's ``mask_row_stats``: int32 ``[Bm, Lq, 3]``, the first and last key each query sees
+    and how many, a count of -1 where an additive value is neither 0 nor -inf), or None when it
+    cannot read this mask; without one, a few ATen passes over the mask. Never cached on the
+    tensor: its contents can change without its version counter moving (``.data`` writes,
+    NumPy views, custom kernels, CUDA-graph replays).
     """
     if mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (lq, lk):
         return None
     if mask.shape[0] not in (1, batch):
         return None
-    found = stats(mask)
-    if found is None or bool((found[..., 2] < 0).any()):
-        return None  # a value other than 0 and -inf, or a query whose keys are not one run
-    first, last, count = found.long().expand(batch, lq, 3).unbind(-1)  # [B, Lq] each
+    stats = scan(mask) if scan is not None else None
+    if stats is not None:
+        return _rows_from_stats(stats, batch, lq)
+    if mask.dtype == torch.bool:
+        allowed = mask[:, 0]
+    else:
+        allowed = mask[:, 0] == 0
+        if not bool((allowed | (mask[:, 0] == float("-inf"))).all()):
+            return None
+    allowed = allowed.expand(batch, lq, lk)
+    q_any = allowed.any(dim=-1)  # [B, Lq]
+    q_len = q_any.sum(dim=-1)
+    # The last query slot that sees anything, + 1 (0 for a row that sees nothing).
+    q_end = torch.where(q_len > 0, lq - q_any.flip(-1).int().argmax(dim=-1), 0)
+    last = allowed[torch.arange(batch), (q_end - 1).clamp_min(0)]  # [B, Lk]: keys of the last query
+    kv_len = torch.where(q_len > 0, last.sum(dim=-1), 0)
+    kv_start = torch.where(kv_len > 0, last.int().argmax(dim=-1), 0)
+    qi = torch.arange(lq)[None, :] - (q_end - q_len)[:, None]  # index of the query in its row
+    kj = torch.arange(lk)[None, :] - kv_start[:, None]  # index of the key in its row
+    inside = ((qi >= 0) & (qi < q_len[:, None]))[:, :, None] & ((kj >= 0) & (kj < kv_len[:, None]))[
+        :, None, :
+    ]
+    rows = tuple(tuple(int(x) for x in t.tolist()) for t in (q_end, q_len, kv_start, kv_len))
+    causal = inside & (kj[:, None, :] <= (kv_len - q_len)[:, None, None] + qi[:, :, None])
+    if bool((q_len <= kv_len).all()) and torch.equal(causal, allowed):
+        return DenseRows(*rows, causal=True)
+    if torch.equal(inside, allowed):
+        return DenseRows(*rows, causal=False)
+    return None
+
+
+def _rows_from_stats(stats: torch.Tensor, batch: int, lq: int) -> DenseRows | None:
+    """``rows_from_mask``'s decision from per-query stats (first key, last key, count)."""
+    if bool((stats[..., 2] < 0).any()):
+        return None  # an additive value other than 0 and -inf
+    first, last, count = stats.long().expand(batch, lq, 3).unbind(-1)  # [B, Lq] each
     has = count > 0
     q_len = has.sum(-1)
     # The last query slot that sees anything, + 1 (0 for a row that sees nothing).
@@ -467,7 +472,7 @@ def rows_from_mask(
     at_last = (q_end - 1).clamp_min(0)[:, None]
     kv_len = torch.where(q_len > 0, count.gather(1, at_last)[:, 0], 0)
     kv_start = torch.where(kv_len > 0, first.gather(1, at_last)[:, 0], 0)
-    # Every query of a row sees one run of keys, starting at the row's first key.
+    # Every query of a row sees one run of keys (no holes), starting at the row's first key.
     if not bool(((last - first + 1 == count) & (first == kv_start[:, None]) | ~has).all()):
         return None
     rows = tuple(tuple(int(x) for x in t.tolist()) for t in (q_end, q_len, kv_start, kv_len))

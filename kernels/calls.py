@@ -24,7 +24,6 @@ from xy_inductor.kernels.attention_plan import (
     AttentionMenu,
     AttentionPlan,
     DenseRows,
-    mask_row_stats,
     plan_attention,
     rows_from_mask,
 )
@@ -40,8 +39,9 @@ __all__ = [
 ]
 
 
-MaskStats = Callable[[torch.Tensor], torch.Tensor | None]
-"""Reads a dense mask into per-query stats (``attention_plan.mask_row_stats``)."""
+MaskScan = Callable[[torch.Tensor], torch.Tensor | None]
+"""A provider's one-pass reading of a dense mask into per-query stats, or None when it cannot
+read that mask (``attention_plan.rows_from_mask``)."""
 
 
 def attention_output(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -159,20 +159,19 @@ class DenseAttention(_AttentionCall):
         b, _, lq, _ = self.q.shape
         return b * lq * self.k.shape[2]
 
-    def rows(self, stats: MaskStats = mask_row_stats) -> DenseRows | None:
+    def rows(self, scan: MaskScan | None = None) -> DenseRows | None:
         """The call as rows of a token table (each sequence's queries and contiguous keys,
         causal or full), or None when its mask is anything else. Analysed once per call: the
-        first checker to ask reads the mask, with its own ``stats`` (a provider's one-pass
-        kernel, ``attention_plan.mask_row_stats`` by default)."""
+        first checker to ask reads the mask, with its own ``scan`` if it has one."""
         if self._rows is False:
-            self._rows = self._find_rows(stats)
+            self._rows = self._find_rows(scan)
         return self._rows
 
-    def _find_rows(self, stats: MaskStats) -> DenseRows | None:
+    def _find_rows(self, scan: MaskScan | None) -> DenseRows | None:
         b, _, lq, _ = self.q.shape
         lk = self.k.shape[2]
         if self.attn_mask is not None:
-            return rows_from_mask(self.attn_mask, b, lq, lk, stats)
+            return rows_from_mask(self.attn_mask, b, lq, lk, scan)
         if self.is_causal and lq != lk:
             return None  # SDPA aligns is_causal top-left; a row's queries end at its last key
         return DenseRows((lq,) * b, (lq,) * b, (0,) * b, (lk,) * b, causal=self.is_causal)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import cpu_kernels_built
 
 import xy_inductor
 from xy_inductor import hf
 from xy_inductor import workload as wl
 from xy_inductor.kernels import aten
+from xy_inductor.kernels import cpu as cpu_provider
 from xy_inductor.kernels.attention_plan import rows_from_mask
 from xy_inductor.runtime import providers
 from xy_inductor.runtime.ops import attention_impl
@@ -181,9 +183,17 @@ def random_rows_mask(gen: torch.Generator, lq: int, lk: int) -> tuple[torch.Tens
     return mask, flawed
 
 
-def test_rows_are_exactly_the_mask_on_random_masks():
+SCANS = {"aten": None}
+if cpu_kernels_built():
+    SCANS["native"] = cpu_provider._mask_stats
+
+
+@pytest.mark.parametrize("scan", sorted(SCANS))
+def test_rows_are_exactly_the_mask_on_random_masks(scan):
     """Sound (rows found are the mask, bit for bit) and complete (every unflawed mask of rows is
-    recognised) over random masks, bool and additive, batch 1 broadcast too."""
+    recognised) over random masks, bool and additive, batch 1 broadcast too; with ATen's passes
+    and with the CPU provider's one-pass scan."""
+    scan = SCANS[scan]
     gen = torch.Generator().manual_seed(0)
     found = 0
     for _ in range(300):
@@ -191,13 +201,13 @@ def test_rows_are_exactly_the_mask_on_random_masks():
         mask, flawed = random_rows_mask(gen, lq, lk)
         b = mask.shape[0]
         for given in (mask, torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))):
-            rows = rows_from_mask(given, b, lq, lk)
+            rows = rows_from_mask(given, b, lq, lk, scan)
             if rows is not None:
                 assert torch.equal(_mask_of(rows, lq, lk), mask)
                 found += 1
             else:
                 assert flawed  # an unflawed mask is rows: it must be recognised
         if b == 1:
-            rows = rows_from_mask(mask, 3, lq, lk)  # one mask for a batch of 3
+            rows = rows_from_mask(mask, 3, lq, lk, scan)  # one mask for a batch of 3
             assert rows is None or torch.equal(_mask_of(rows, lq, lk), mask.expand(3, -1, -1, -1))
     assert found > 300

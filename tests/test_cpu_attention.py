@@ -23,7 +23,7 @@ from xy_inductor.kernels import aten
 from xy_inductor.kernels import cpu as cpu_provider
 from xy_inductor.kernels.aten import native
 from xy_inductor.kernels.aten.menus import PLANNED_MIN_SCORES
-from xy_inductor.kernels.attention_plan import mask_row_stats
+from xy_inductor.kernels.attention_plan import rows_from_mask
 from xy_inductor.kernels.calls import VarlenAttention
 from xy_inductor.kernels.cpu import build
 from xy_inductor.runtime import providers
@@ -392,21 +392,36 @@ def test_a_compiler_without_avx512_bf16_falls_back_to_avx512():
     assert "CPU attention kernels (avx512_bf16) not built" in out.stderr
 
 
+def _stats_oracle(mask: torch.Tensor) -> torch.Tensor:
+    """What ``mask_rows.h`` must return, by plain ATen reductions."""
+    m = mask[:, 0].float()
+    allowed = mask[:, 0] if mask.dtype == torch.bool else m == 0
+    bad = (~allowed & ~torch.isneginf(m)).any(-1) if mask.dtype != torch.bool else None
+    count = allowed.sum(-1)
+    first = torch.where(count > 0, allowed.int().argmax(-1), 0)
+    last = torch.where(count > 0, mask.shape[-1] - 1 - allowed.flip(-1).int().argmax(-1), 0)
+    if bad is not None:
+        count = torch.where(bad, -1, count)
+    return torch.stack([first, last, count], -1).int()
+
+
 @pytest.mark.parametrize("dtype", [torch.bool, torch.float32, torch.bfloat16, torch.float16])
-def test_the_one_pass_mask_scan_gives_atens_stats(dtype):
-    """``mask_rows.h`` against ``attention_plan.mask_row_stats`` (which gives -1 for a query
-    whose keys are not one run, the scan their real count) on masks of runs with holes,
-    rows seeing nothing, strided and broadcast views, and additive values that are not rows
-    (finite, NaN, -0.0 counts as 0)."""
+def test_the_one_pass_mask_scan_matches_aten(dtype):
+    """``mask_rows.h`` against plain ATen reductions, and the rows decided from it against
+    ``rows_from_mask``'s ATen passes, on masks of runs with holes, rows seeing nothing, strided
+    and broadcast views, and additive values that are not rows (finite, NaN; -0.0 is 0)."""
     gen = torch.Generator().manual_seed(1)
-    native = cpu_provider._mask_stats
+    scan = cpu_provider._mask_stats
+    decided = 0
     for case in range(60):
         b, lq, lk = 3, int(torch.randint(1, 40, (1,), generator=gen)), 70
-        start = torch.randint(0, lk, (b, lq, 1), generator=gen)
-        stop = start + torch.randint(0, lk, (b, lq, 1), generator=gen)
+        start = torch.randint(0, lk, (b, 1, 1), generator=gen)
+        stop = start + torch.randint(0, lk, (b, 1, 1), generator=gen)
         j = torch.arange(lk)
-        allowed = (j >= start) & (j < stop)
-        allowed &= torch.rand(b, lq, lk, generator=gen) > 0.02  # holes
+        i = torch.arange(lq)[:, None]
+        allowed = (j >= start) & (j < stop) & ((j <= start + i) | (case % 3 == 0))
+        if case % 2:
+            allowed &= torch.rand(b, lq, lk, generator=gen) > 0.02  # holes
         allowed = allowed[:, None]
         if dtype == torch.bool:
             mask = allowed
@@ -422,11 +437,8 @@ def test_the_one_pass_mask_scan_gives_atens_stats(dtype):
             mask = mask[:1].expand(b, 1, lq, lk)  # one mask for the batch
         if case % 4 == 2:
             mask = mask.transpose(2, 3).contiguous().transpose(2, 3)  # keys strided
-        want = mask_row_stats(mask)
-        got = native(mask)
-        assert (got is None) == (want is None), case
-        if want is not None:
-            runs = want[..., 2] >= 0  # ATen marks a query whose keys are not one run with -1
-            assert torch.equal(got[runs], want[runs]), case
-            holey = got[..., 1] - got[..., 0] + 1 != got[..., 2]
-            assert torch.equal(holey & (got[..., 2] > 0), ~runs), case
+        assert torch.equal(scan(mask), _stats_oracle(mask)), case
+        rows = rows_from_mask(mask, b, lq, lk, scan)
+        assert rows == rows_from_mask(mask, b, lq, lk), case
+        decided += rows is not None
+    assert decided >= 10

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from xy_inductor.kernels.attention_plan import AttentionMenu, AttentionPlan, mask_row_stats
+from xy_inductor.kernels.attention_plan import AttentionMenu, AttentionPlan
 from xy_inductor.kernels.calls import DenseAttention, PackedAttention, VarlenAttention
 from xy_inductor.kernels.contract import Accept, OpKernel, Provider
 from xy_inductor.kernels.cpu import build
@@ -258,11 +258,11 @@ class DenseTasks:
 
 
 def _mask_stats(mask: torch.Tensor) -> torch.Tensor | None:
-    """``attention_plan.mask_row_stats`` in one pass over the mask (``mask_rows.h``)."""
+    """A dense mask's per-query stats in one pass (``mask_rows.h``; ``rows_from_mask``), or
+    None for a mask the scan does not read (ATen's passes then do)."""
     if not mask.is_cpu or mask.dtype not in (torch.bool, *_DTYPES):
-        return mask_row_stats(mask)
-    stats = build.library().mask_row_stats(mask)
-    return None if bool((stats[..., 2] < 0).any()) else stats
+        return None
+    return build.library().mask_row_stats(mask)
 
 
 def check_attention(call: DenseAttention) -> Accept | str:
