@@ -15,7 +15,7 @@ consecutive steps do). The paged line runs the same decode through a paged KV ca
 with the generic executor, which gathers its blocks: for information, with no target. The
 padded batch also runs as the op a model calls (``torch.ops.xyserve.attention`` with the mask:
 its reading into rows included) on the ATen provider and on the CPU provider's native kernel
-(issue 24's target: ≥ 4× SDPA with the dense mask).
+(issue 24's target: ≥ 4× SDPA with the dense mask), and the mask read alone each way.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from xy_inductor.kernels import aten, cpu
 from xy_inductor.kernels.aten.attention import run_dense
 from xy_inductor.kernels.aten.menus import ATTENTION_MENU
 from xy_inductor.kernels.aten.plan_executor import run_plan
-from xy_inductor.kernels.attention_plan import _plan, plan_attention
+from xy_inductor.kernels.attention_plan import _plan, plan_attention, rows_from_mask
 from xy_inductor.runtime import providers
 
 H, D = 8, 64
@@ -85,16 +85,19 @@ def left_padded(gen: torch.Generator, rounds: int) -> list[tuple]:
     err_cpu = (on_cpu() - want).abs().max().item() if cpu.PROVIDER.unavailable() is None else None
     err_aten = (on_aten() - want).abs().max().item()
     fns = [lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), ours, bound, on_aten]
+    fns.append(lambda: rows_from_mask(mask, b, length, length))
     if err_cpu is not None:
-        fns.append(on_cpu)
-    sdpa, mine, per_seq, op_aten, *op_cpu = median_ms(fns, rounds)
+        fns += [on_cpu, lambda: rows_from_mask(mask, b, length, length, cpu._mask_stats)]
+    sdpa, mine, per_seq, op_aten, read_aten, *op_cpu = median_ms(fns, rounds)
     rows = [
         ("left-padded 4 (64..2048), dense mask", sdpa, mine, 3.0, err),
         ("  bound: SDPA is_causal per sequence", sdpa, per_seq, None, float("nan")),
         ("  the op on ATen (mask read included)", sdpa, op_aten, None, err_aten),
+        ("    of which the mask read (ATen passes)", sdpa, read_aten, None, float("nan")),
     ]
     if op_cpu:
         rows.append(("  the op on the CPU provider (same)", sdpa, op_cpu[0], 4.0, err_cpu))
+        rows.append(("    of which the mask read (one scan)", sdpa, op_cpu[1], None, float("nan")))
     return rows
 
 
