@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,14 @@ def test_importing_a_lower_layer_leaves_the_front_end_alone():
     assert "xy_inductor.kernels.aten.native" in loaded  # the scan sees what was imported
     front_end = [m for m in loaded if layer(m) == "front end" and m != "xy_inductor"]
     assert front_end == []
+
+
+def test_every_native_source_is_installed_with_its_package():
+    """The C++ sources are compiled on the user's machine from the installed package: a source
+    or header missing from ``package-data`` builds here (a source checkout) and fails there."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    data = config["tool"]["setuptools"]["package-data"]
+    for folder, package in (("kernels/aten", "xy_inductor.kernels.aten"),
+                            ("kernels/cpu", "xy_inductor.kernels.cpu")):  # fmt: skip
+        sources = {p.name for p in (ROOT / folder).iterdir() if p.suffix in (".cpp", ".h")}
+        assert sources and sources <= set(data[package]), (package, sources - set(data[package]))
