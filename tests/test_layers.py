@@ -13,10 +13,10 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"xy_inductor": "xy_inductor", "lowering": "xy_inductor.lowering"}
