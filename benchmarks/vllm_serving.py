@@ -20,8 +20,8 @@ must not change the time: each step reads only its rows' blocks).
 ``--spec self`` runs speculative decoding in both engines (``--num-speculative-tokens``, 3 by
 default): the target model is its own draft (``method: draft_model``), so every draft is
 accepted and each decode step of the target is a verify row of 1 + k queries. The draft's
-attention is vLLM's own in both engines; the rows xyserve ran are printed per kind. vLLM's
-ngram drafter does not start on this vLLM CPU build (docs/vllm.md).
+attention is vLLM's own in both engines; the rows xyserve ran are printed per kind.
+``--spec ngram`` drafts by prompt lookup instead (vLLM's ngram drafter, up to 3 tokens matched).
 """
 
 from __future__ import annotations
@@ -128,7 +128,8 @@ def child(spec: dict) -> dict:
         "max_num_batched_tokens": spec["max_num_batched_tokens"],
         "kv_cache_memory_bytes": spec["kv_cache_mib"] << 20,
         "enforce_eager": True,
-        "disable_log_stats": True,
+        # Speculation's acceptance counters need vLLM's stats (both engines alike).
+        "disable_log_stats": spec.get("spec", "none") == "none",
     }
     if spec["backend"]:
         engine["attention_config"] = {"backend": spec["backend"]}
@@ -137,6 +138,13 @@ def child(spec: dict) -> dict:
             "method": "draft_model",
             "model": spec["model"],
             "num_speculative_tokens": spec["num_speculative_tokens"],
+        }
+    elif spec.get("spec") == "ngram":
+        engine["speculative_config"] = {
+            "method": "ngram",
+            "num_speculative_tokens": spec["num_speculative_tokens"],
+            "prompt_lookup_max": 3,
+            "prompt_lookup_min": 1,
         }
     llm = LLM(**engine)
     rng = random.Random(1)
@@ -178,6 +186,14 @@ def child(spec: dict) -> dict:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
         print(f"-- profile ({spec['backend'] or 'vllm'}) --\n{text.getvalue()}", file=sys.stderr)
+    drafts = {}
+    if spec.get("spec", "none") != "none":
+        drafts = {
+            m.name.removeprefix("vllm:spec_decode_"): int(m.value)
+            for m in llm.get_metrics()
+            if m.name.startswith("vllm:spec_decode_num")
+            and isinstance(getattr(m, "value", None), int | float)
+        }
     tokens = sum(len(t) for t in seen.values())
     ttft = [t[0] for t in seen.values()]
     itl = [b - a for t in seen.values() for a, b in itertools.pairwise(t)]
@@ -194,6 +210,7 @@ def child(spec: dict) -> dict:
         "xyserve_calls": stats.paths.get("attention_varlen", {}),
         "xyserve_steps": stats.varlen_steps,
         "xyserve_rows": dict(stats.varlen_rows),
+        "drafts": drafts,
     }
 
 
@@ -233,7 +250,7 @@ def main() -> None:
     parser.add_argument("--kv-cache-mib", type=int, default=256)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument(
-        "--spec", choices=["none", "self"], default="none", help="speculative decoding"
+        "--spec", choices=["none", "self", "ngram"], default="none", help="speculative decoding"
     )
     parser.add_argument("--num-speculative-tokens", type=int, default=3)
     parser.add_argument(
@@ -301,6 +318,9 @@ def main() -> None:
         runs = results["xyserve"]
         print(f"xyserve: {runs[0]['xyserve_steps']} steps, calls {runs[0]['xyserve_calls']}")
         print(f"xyserve rows per kind (one run): {runs[0]['xyserve_rows']}")
+    for name, runs in results.items():
+        if runs[0]["drafts"]:
+            print(f"{name} drafts (one run, including warm-up): {runs[0]['drafts']}")
 
 
 if __name__ == "__main__":

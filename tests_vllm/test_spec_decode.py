@@ -1,14 +1,12 @@
 """Speculative decoding through xyserve's backend: verify rows in a real vLLM engine.
 
-A draft model proposes ``DRAFTS`` tokens per request and step; the target model checks them in
-one step: a verify row of up to 1 + ``DRAFTS`` queries per request (issue 25). The draft here is
-the target's own tiny model, so its drafts are accepted; vLLM serves the draft's attention with
-its own backend (``CPU_ATTN``), the target's with xyserve's, one KV cache layout for both.
+A drafter proposes ``DRAFTS`` tokens per request and step; the target model checks them in one
+step: a verify row of up to 1 + ``DRAFTS`` queries per request (issue 25). Two drafters:
 
-vLLM's ngram drafter is not tested: on this vLLM CPU build its engine fails to start, in the
-worker's set-up before any attention backend runs (the numba it imports leaves an llvmlite
-object in ``sys.modules`` that ``register_triton_kernel_overrides`` cannot scan:
-``AttributeError: '_lib_fn_wrapper' object has no attribute 'get'``).
+- a draft model, the target's own tiny model, so its drafts are accepted; vLLM serves the
+  draft's attention with its own backend (``CPU_ATTN``), the target's with xyserve's, one KV
+  cache layout for both;
+- vLLM's ngram drafter (prompt lookup), on prompts that repeat a phrase.
 """
 
 from __future__ import annotations
@@ -69,3 +67,46 @@ def test_draft_model_verify_rows_give_the_tokens_of_vllm_and_of_no_speculation(
     ]
     assert mixed, xy_spec["steps"][:20]
     assert stats["varlen_step_kinds"].get("verify", 0) > 0
+
+
+# vLLM's ngram drafter: prompt lookup, no draft model. Its prompts repeat a phrase, and the tiny
+# random model soon repeats itself too, so some of its output is found in its own context.
+NGRAM = {"method": "ngram", "num_speculative_tokens": DRAFTS, "prompt_lookup_max": 3,
+         "prompt_lookup_min": 1}  # fmt: skip
+
+
+def _repeating_prompts() -> list[list[int]]:
+    rng = random.Random(11)
+    phrases = [[rng.randrange(FIRST_WORD, VOCAB) for _ in range(n)] for n in (2, 3, 4, 5)]
+    short = [(p * 8)[: 4 * len(p) + 1] for p in phrases]
+    long = [[rng.randrange(FIRST_WORD, VOCAB) for _ in range(n)] for n in (150, 230)]
+    return short + long
+
+
+def test_ngram_verify_rows_give_the_tokens_of_vllm_and_of_no_speculation(run_engines, model_dir):
+    """The engine that runs the ngram drafter is the last of its process: once numba is
+    imported (by the drafter), vLLM 0.32's ``register_triton_kernel_overrides`` fails the next
+    engine's start in that process, scanning an llvmlite object in ``sys.modules``
+    (``AttributeError: '_lib_fn_wrapper' object has no attribute 'get'``)."""
+    prompts = _repeating_prompts()
+    [vllm_spec] = run_engines(model_dir("llama"), _run(None, NGRAM, prompts))
+    xy_plain, xy_spec = run_engines(
+        model_dir("llama"), _run("CUSTOM", None, prompts), _run("CUSTOM", NGRAM, prompts)
+    )
+    for report in (vllm_spec, xy_spec, xy_plain):
+        assert "error" not in report, report.get("traceback")
+    assert xy_spec["tokens"] == vllm_spec["tokens"]
+    assert xy_spec["tokens"] == xy_plain["tokens"]
+    counters = xy_spec["spec_decode"]
+    assert counters.get("vllm:spec_decode_num_draft_tokens", 0) > 0, counters
+    assert counters.get("vllm:spec_decode_num_accepted_tokens", 0) > 0, counters
+    [worker] = xy_spec["workers"]
+    assert set(worker["layers"].values()) == {"XyserveAttentionImpl"}
+    assert worker["stats"]["varlen_rows"].get("verify", 0) > 0, worker["stats"]["varlen_rows"]
+    mixed = [
+        s
+        for s in xy_spec["steps"]
+        if any(1 < q <= 1 + DRAFTS < kv for q, kv in zip(s["q"], s["kv"], strict=True))
+        and any(q > 1 + DRAFTS for q in s["q"])
+    ]
+    assert mixed, xy_spec["steps"][:20]
