@@ -163,7 +163,7 @@ class AttentionPlan:
     kv_class: tuple
     """The shape class of the planned KV lengths: a run must fall in the same one."""
     tree: tuple | None = None
-    """Per row, the ancestor bits of its queries (``tree_masks.TreeMasks.rows``), None for a
+    """Per row, the ancestor bits of its queries (``tree_masks.parse_tree_mask``), None for a
     row (or a call) that is plain causal: tree verify rows."""
     cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
     """What providers derive from this plan (a task table on a device, the per-row arrays of
@@ -366,7 +366,7 @@ def plan_attention(
 
     ``window``: a query at position p sees keys p - window < j <= p (Mistral's sliding window);
     None for no window. ``tree``: per row, the ancestor bits of its queries or None
-    (``tree_masks.TreeMasks.rows``; causal only); None when no row is a tree. Cached per shape
+    (``tree_masks.parse_tree_mask``; causal only); None when no row is a tree. Cached per shape
     class: consecutive decode steps get the same plan.
     """
     q_lens, kv_lens = tuple(int(q) for q in q_lens), tuple(int(k) for k in kv_lens)
