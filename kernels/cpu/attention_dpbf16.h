@@ -24,25 +24,6 @@ inline __m512 dp(__m512 acc, __m512i a, __m512i b) {
   return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
 }
 
-// Sixteen sums at once: lane 4 * j + i of the result is the sum of v[4 * j + i]'s lanes. Pairs
-// within 128-bit lanes, then the lanes themselves: 45 operations for 16 sums, where
-// hsum4_store takes 13 (and four scalar stores) for 4.
-inline __m512 hsum16(const __m512 (&v)[16]) {
-  __m512 x[8], y[4];
-  for (int i = 0; i < 8; ++i)
-    x[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
-                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  for (int j = 0; j < 4; ++j)
-    y[j] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * j], x[2 * j + 1], 0x44),
-                         _mm512_shuffle_ps(x[2 * j], x[2 * j + 1], 0xEE));
-  // y[j]'s four 128-bit lanes each hold partial sums of v[4j .. 4j + 3]: add the lanes.
-  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], 0x88),
-                                   _mm512_shuffle_f32x4(y[0], y[1], 0xDD));
-  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(y[2], y[3], 0x88),
-                                   _mm512_shuffle_f32x4(y[2], y[3], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
-}
-
 // Few rows: S[m * lds + t] = scale * dot(Q[m], K[t]); Q [M][D] bf16 as given; D % 32 == 0.
 // Blocks of 4 rows × 4 keys keep 16 sums in registers and reduce them together (hsum16): at
 // head size 64 the reduction, not the dot product, is most of the work.
