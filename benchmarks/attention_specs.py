@@ -68,6 +68,8 @@ SPECS: dict[str, tuple[list[int], list[int]]] = {
     "prefill_no_context": ([128, 256, 512], [128, 256, 512]),
     "verify_medium": ([256, 512, 1024, 2048] * 4, [4] * 16),
 }
+BEYOND_TARGET = ("verify_medium",)
+"""Specs added after issue 24 set its geomean target over the others."""
 WINDOWS = {"window_medium": 256}
 """Specs run with a sliding window (a query at p sees the keys after p - window)."""
 BANDWIDTH_SPEC = "large_decode"
@@ -363,6 +365,11 @@ def table(rows: list[Row]) -> str:
     for d in dict.fromkeys(r.dtype for r in rows):
         g = geomean([r.ratio for r in rows if r.dtype == d])
         lines.append(f"geomean {d}: xyserve at {g:.2f}x CPU_ATTN's speed (CPU_ATTN/xyserve)")
+        target = [r.ratio for r in rows if r.dtype == d and r.spec not in BEYOND_TARGET]
+        if len(target) < len([r for r in rows if r.dtype == d]) and target:
+            lines.append(
+                f"  without {', '.join(BEYOND_TARGET)} (issue 24's set): {geomean(target):.2f}x"
+            )
     return "\n".join(lines)
 
 
