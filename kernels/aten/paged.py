@@ -14,7 +14,7 @@ from xy_inductor.kernels.aten.attention import (
     fused_flash,
 )
 from xy_inductor.kernels.attention_plan import AttentionPlan
-from xy_inductor.kernels.tree_masks import as_int64, tree_visible
+from xy_inductor.kernels.tree_masks import tree_visible
 
 __all__ = ["GROUP_SPREAD", "PagedRows", "run_paged"]
 
@@ -73,11 +73,11 @@ def _row_mask(
     kv_len: int,
     causal: bool,
     window: int | None,
-    bits: tuple[int, ...] | None,
+    bits: torch.Tensor | None,
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Additive ``[1, 1, q_len, kv_len - first]`` mask of a windowed or tree row whose gathered
-    keys start at position ``first``."""
+    keys start at position ``first``; ``bits``: a tree row's int64 ancestor bits per query."""
     qpos = torch.arange(kv_len - q_len, kv_len)[:, None]
     kpos = torch.arange(first, kv_len)[None, :]
     ok = torch.ones(q_len, kv_len - first, dtype=torch.bool)
@@ -86,8 +86,7 @@ def _row_mask(
     if causal:
         ok &= kpos <= qpos
     if bits is not None:
-        signed = torch.tensor(as_int64(bits), dtype=torch.int64)
-        ok &= tree_visible(signed[:, None], kpos - (kv_len - q_len))
+        ok &= tree_visible(bits[:, None], kpos - (kv_len - q_len))
     return torch.zeros(ok.shape, dtype=dtype).masked_fill(~ok, float("-inf"))[None, None]
 
 
@@ -120,7 +119,7 @@ class PagedRows:
     ) -> None:
         table = plan.table
         causal, window = plan.causal, plan.window
-        tree = plan.tree or (None,) * table.rows
+        bits = plan.tree_tensor()  # int64 ancestor bits per query token, or None
         # What the rows were derived from. The block table is held and compared by identity:
         # an id() could be a later table's, at this one's address once it is freed.
         self.key = (tuple(kv_lens), block_size, dtype)
@@ -151,11 +150,12 @@ class PagedRows:
         for r in long:
             n, kv = table.q_len[r], kv_lens[r]
             blocks, offsets = blocks_of([r], torch.arange(first[r], kv)[None])
-            bits = tree[r]
+            s0 = table.q_start[r]
+            row_bits = None if bits is None or plan.tree[r] is None else bits[s0 : s0 + n]
             mask = (
                 None
-                if window is None and bits is None
-                else _row_mask(n, first[r], kv, causal, window, bits, dtype)
+                if window is None and row_bits is None
+                else _row_mask(n, first[r], kv, causal, window, row_bits, dtype)
             )
             self.long.append((table.q_start[r], n, blocks, offsets, mask))
 
@@ -186,13 +186,9 @@ class PagedRows:
                 ok = ok & ((kpos <= qpos) | ~valid[:, :, None])
             if window is not None:
                 ok = ok & ((kpos > qpos - window) | ~valid[:, :, None])
-            if any(tree[r] is not None for r in group):
-                bits = torch.full((len(group), t), -1, dtype=torch.int64)
-                for i_row, r in enumerate(group):
-                    if tree[r] is not None:
-                        row_bits = torch.tensor(as_int64(tree[r]), dtype=torch.int64)
-                        bits[i_row, : table.q_len[r]] = row_bits
-                ok = ok & tree_visible(bits[:, :, None], kpos - (kv - n_q)[:, None, None])
+            if bits is not None and any(plan.tree[r] is not None for r in group):
+                seen = tree_visible(bits[q_slots][:, :, None], kpos - (kv - n_q)[:, None, None])
+                ok = ok & (seen | ~valid[:, :, None])
             mask = (
                 None
                 if bool(ok.all())
