@@ -45,12 +45,19 @@ def _causal_bits(i: int) -> int:
 
 
 def parse_tree_mask(
-    tree_mask: torch.Tensor | Sequence[int], q_lens: Sequence[int], where: str
+    tree_mask: torch.Tensor | Sequence[int],
+    q_lens: Sequence[int],
+    where: str,
+    *,
+    causal: bool = True,
 ) -> tuple[tuple[int, ...] | None, ...] | None:
     """Check ``tree_mask`` (int64 ``[tokens]``, host or device: one read) against the rows'
-    query counts. Returns, per row, the ancestor bits of each query (unsigned, only bits
-    ``<= i``) or None for a plain causal row; None when no row is a tree. Raises
-    ``ValueError`` naming the token and the rule it breaks."""
+    query counts and the call's causality (tree rows refine causal attention). Returns, per
+    row, the ancestor bits of each query (unsigned, only bits ``<= i``) or None for a plain
+    causal row; None when no row is a tree. Raises ``ValueError`` naming the token and the rule
+    it breaks."""
+    if not causal:
+        raise ValueError(f"{where}: tree_mask needs causal=True")
     if isinstance(tree_mask, torch.Tensor):
         if tree_mask.dim() != 1 or tree_mask.dtype != torch.int64:
             raise ValueError(

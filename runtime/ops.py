@@ -257,9 +257,7 @@ def attention_varlen_impl(
     check_block_ids(block_table, kv, k_cache.shape[1], k_cache.shape[0], "xyserve.attention_varlen")
     tree = None
     if tree_mask is not None:
-        if not causal:
-            raise ValueError("xyserve.attention_varlen: tree_mask needs causal=True")
-        tree = parse_tree_mask(tree_mask, q_lens, "xyserve.attention_varlen")
+        tree = parse_tree_mask(tree_mask, q_lens, "xyserve.attention_varlen", causal=causal)
     call = VarlenAttention(
         q, k_cache, v_cache, q_lens, kv, block_table, causal, window, scale, tree=tree
     )

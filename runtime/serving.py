@@ -178,10 +178,12 @@ class VarlenStep:
                     f"{where}: row {r} has {n} queries and kv_len {m}; expected 0 <= queries"
                     + (" <= kv_len (they are the row's last tokens)" if causal else " and kv_len")
                 )
-        if tree_mask is not None and not causal:
-            raise ValueError(f"{where}: tree_mask needs causal=True")
         # Tree verify rows: checked once per step, the same for every layer.
-        self.tree = None if tree_mask is None else parse_tree_mask(tree_mask, self.q_lens, where)
+        self.tree = (
+            None
+            if tree_mask is None
+            else parse_tree_mask(tree_mask, self.q_lens, where, causal=causal)
+        )
         self.block_table = block_table
         self.causal = bool(causal)
         self.tokens = sum(self.q_lens)
