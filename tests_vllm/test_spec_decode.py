@@ -33,6 +33,34 @@ def _run(backend, spec, prompts):
     return {"backend": backend, "prompts": prompts, "max_tokens": 24, "engine": engine}
 
 
+def _check_speculation(vllm_spec: dict, xy_spec: dict, xy_plain: dict) -> None:
+    """What a speculative run through xyserve must show, whatever drafted: the tokens of vLLM's
+    backend with the same drafter and of no speculation, drafts proposed and accepted (vLLM's
+    own counters, not assumed), every layer on xyserve, verify rows counted, and a step that
+    verified drafts while another request's prompt was being prefilled."""
+    for report in (vllm_spec, xy_spec, xy_plain):
+        assert "error" not in report, report.get("traceback")
+    assert xy_spec["tokens"] == vllm_spec["tokens"]
+    assert xy_spec["tokens"] == xy_plain["tokens"]
+    counters = xy_spec["spec_decode"]
+    assert counters.get("vllm:spec_decode_num_draft_tokens", 0) > 0, counters
+    assert counters.get("vllm:spec_decode_num_accepted_tokens", 0) > 0, counters
+    [worker] = xy_spec["workers"]
+    assert set(worker["layers"].values()) == {"XyserveAttentionImpl"}
+    stats = worker["stats"]
+    assert stats["varlen_rows"].get("verify", 0) > 0, stats["varlen_rows"]
+    assert stats["varlen_step_kinds"].get("verify", 0) > 0
+    assert "verify" not in xy_plain["workers"][0]["stats"]["varlen_rows"]
+    # (The recorded steps include a draft model's, built by CPU_ATTN's builder.)
+    mixed = [
+        s
+        for s in xy_spec["steps"]
+        if any(1 < q <= 1 + DRAFTS < kv for q, kv in zip(s["q"], s["kv"], strict=True))
+        and any(q > 1 + DRAFTS for q in s["q"])
+    ]
+    assert mixed, xy_spec["steps"][:20]
+
+
 def test_draft_model_verify_rows_give_the_tokens_of_vllm_and_of_no_speculation(
     run_engines, model_dir
 ):
@@ -44,29 +72,7 @@ def test_draft_model_verify_rows_give_the_tokens_of_vllm_and_of_no_speculation(
         _run("CUSTOM", spec, prompts),
         _run("CUSTOM", None, prompts),
     )
-    for report in (vllm_spec, xy_spec, xy_plain):
-        assert "error" not in report, report.get("traceback")
-    assert xy_spec["tokens"] == vllm_spec["tokens"]
-    assert xy_spec["tokens"] == xy_plain["tokens"]
-    # Drafts were proposed and accepted (vLLM's own counters, not assumed).
-    counters = xy_spec["spec_decode"]
-    assert counters.get("vllm:spec_decode_num_draft_tokens", 0) > 0, counters
-    assert counters.get("vllm:spec_decode_num_accepted_tokens", 0) > 0, counters
-    [worker] = xy_spec["workers"]
-    assert set(worker["layers"].values()) == {"XyserveAttentionImpl"}
-    stats = worker["stats"]
-    assert stats["varlen_rows"].get("verify", 0) > 0, stats["varlen_rows"]
-    assert "verify" not in xy_plain["workers"][0]["stats"]["varlen_rows"]
-    # Some step verified drafts while another request's prompt was being prefilled. (The
-    # recorded steps include the draft model's, built by CPU_ATTN's builder.)
-    mixed = [
-        s
-        for s in xy_spec["steps"]
-        if any(1 < q <= 1 + DRAFTS < kv for q, kv in zip(s["q"], s["kv"], strict=True))
-        and any(q > 1 + DRAFTS for q in s["q"])
-    ]
-    assert mixed, xy_spec["steps"][:20]
-    assert stats["varlen_step_kinds"].get("verify", 0) > 0
+    _check_speculation(vllm_spec, xy_spec, xy_plain)
 
 
 # vLLM's ngram drafter: prompt lookup, no draft model. Its prompts repeat a phrase, and the tiny
@@ -93,20 +99,4 @@ def test_ngram_verify_rows_give_the_tokens_of_vllm_and_of_no_speculation(run_eng
     xy_plain, xy_spec = run_engines(
         model_dir("llama"), _run("CUSTOM", None, prompts), _run("CUSTOM", NGRAM, prompts)
     )
-    for report in (vllm_spec, xy_spec, xy_plain):
-        assert "error" not in report, report.get("traceback")
-    assert xy_spec["tokens"] == vllm_spec["tokens"]
-    assert xy_spec["tokens"] == xy_plain["tokens"]
-    counters = xy_spec["spec_decode"]
-    assert counters.get("vllm:spec_decode_num_draft_tokens", 0) > 0, counters
-    assert counters.get("vllm:spec_decode_num_accepted_tokens", 0) > 0, counters
-    [worker] = xy_spec["workers"]
-    assert set(worker["layers"].values()) == {"XyserveAttentionImpl"}
-    assert worker["stats"]["varlen_rows"].get("verify", 0) > 0, worker["stats"]["varlen_rows"]
-    mixed = [
-        s
-        for s in xy_spec["steps"]
-        if any(1 < q <= 1 + DRAFTS < kv for q, kv in zip(s["q"], s["kv"], strict=True))
-        and any(q > 1 + DRAFTS for q in s["q"])
-    ]
-    assert mixed, xy_spec["steps"][:20]
+    _check_speculation(vllm_spec, xy_spec, xy_plain)
